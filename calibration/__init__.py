@@ -1,0 +1,1 @@
+"""Calibration data in, block-by-block statistics out."""

@@ -1,0 +1,153 @@
+"""The notebook surface: one function per CLI command, same names and arguments, returning result objects that
+show as tables in a notebook (`_repr_html_`) and as text in a terminal (`str`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from compress.errors import ArtifactError, InputError
+from compress.pipeline import RunResult
+from compress.recipe import Recipe, load_recipe
+from compress.tables import html_table, text_table
+
+
+def validate(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load and check a recipe (and `--set` overrides) without reading any model."""
+    return load_recipe(recipe, overrides)
+
+
+def run(recipe: str | Path | dict | Recipe, out: str | Path | None = None, overwrite: bool = False,
+        overrides: list[str] | tuple[str, ...] = (), log=print) -> RunResult:
+    """Run a recipe end to end; writes the artifact to `out` (default artifacts/<recipe name>/)."""
+    from compress import pipeline
+
+    return pipeline.run(load_recipe(recipe, overrides), out=out, overwrite=overwrite, log=log)
+
+
+@dataclass
+class VerifyResult:
+    artifact: Path
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"{self.artifact}: OK (every file and tensor matches the manifest)"
+        return f"{self.artifact}: {len(self.problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+    def to_dict(self) -> dict:
+        return {"artifact": str(self.artifact), "ok": self.ok, "problems": self.problems}
+
+
+def verify(artifact: str | Path) -> VerifyResult:
+    """Check an artifact folder against its manifest; each problem names the file or tensor."""
+    import export
+
+    return VerifyResult(Path(artifact), export.verify(artifact))
+
+
+def _manifest(artifact: Path) -> dict:
+    problems = []
+    import export.loader as L
+
+    manifest, problems = L._read_manifest(artifact)
+    if manifest is None:
+        raise ArtifactError(f"{artifact}: " + "; ".join(problems))
+    return manifest
+
+
+@dataclass
+class InspectResult:
+    artifact: Path
+    manifest: dict
+    report: dict
+
+    def layer_rows(self) -> list[dict]:
+        return [{"layer": i, "q_heads": l["num_attention_heads"], "kv_heads": l["num_key_value_heads"],
+                 "mlp": l["intermediate_size"], "bias": ",".join(b.removesuffix("_proj") for b in l["bias"]) or "-"}
+                for i, l in enumerate(self.manifest["architecture"]["layers"])]
+
+    def summary(self) -> dict:
+        r = self.report
+        return {
+            "source": self.manifest["source"]["identity"],
+            "passes": ", ".join(p["name"] for p in r.get("passes", [])),
+            "decoder params removed": r.get("decoder_params", {}).get("removed"),
+            "stock config": r.get("stock_config"),
+            "weights MB": round(sum(f["bytes"] for n, f in self.manifest["files"].items()
+                                    if n.endswith(".safetensors")) / 2**20, 1),
+            "format": f"{self.manifest['format']} v{self.manifest['format_version']}",
+        }
+
+    def __str__(self) -> str:
+        s = self.summary()
+        head = "\n".join(f"{k:>24}: {v}" for k, v in s.items())
+        return f"{self.artifact}\n{head}\n\n{text_table(self.layer_rows())}"
+
+    def _repr_html_(self) -> str:
+        return html_table([self.summary()], title=str(self.artifact)) + html_table(self.layer_rows(), title="layers")
+
+    def to_dict(self) -> dict:
+        return {"artifact": str(self.artifact), "summary": self.summary(), "layers": self.layer_rows()}
+
+
+def inspect(artifact: str | Path) -> InspectResult:
+    """What an artifact holds: source, passes, per-layer widths, size."""
+    artifact = Path(artifact)
+    manifest = _manifest(artifact)
+    report_path = artifact / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    return InspectResult(artifact, manifest, report)
+
+
+@dataclass
+class EvalResult:
+    artifact: Path
+    rows: list[dict] = field(default_factory=list)
+    protocol: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.artifact}\n{text_table(self.rows)}\n\nperplexity: {self.protocol}"
+
+    def _repr_html_(self) -> str:
+        return html_table(self.rows, title=str(self.artifact))
+
+    def to_dict(self) -> dict:
+        return {"artifact": str(self.artifact), "protocol": self.protocol, "rows": self.rows}
+
+
+def eval(artifact: str | Path, max_windows: int | None = None, new_tokens: int = 32) -> EvalResult:  # noqa: A001
+    """Dense source vs artifact side by side: held-out perplexity per text, parameters, size on disk, CPU tokens/s."""
+    import export
+    from compress import evaluate as ev
+    from compress.models import load_model, resolve_model
+    from compress.pipeline import EvalSets, weights_bytes
+
+    artifact = Path(artifact)
+    manifest = _manifest(artifact)
+    recipe = load_recipe(manifest["recipe"])
+    if max_windows is not None:
+        recipe = load_recipe(recipe, [f"evaluate.max_windows={max_windows}"])
+    src = manifest["source"]
+    try:
+        source = resolve_model(src["name"])
+    except InputError as err:
+        raise InputError(f"{artifact}: its source model {src['name']!r} is not available here: {err}") from None
+    dense, tokenizer = load_model(source)
+    compressed = export.load(artifact, dtype=torch.float32)
+    sets = EvalSets.build(recipe, tokenizer)
+    prompt = next(iter(sets.windows.values()))[:1, :16]
+    rows = []
+    for label, model, path in (("dense", dense, source.path), ("compressed", compressed, artifact)):
+        row = {"model": label, **{f"ppl {k}": round(v, 3) for k, v in sets.perplexities(model, 4).items()},
+               "params": ev.count_parameters(model), "weights MB": round(weights_bytes(path) / 2**20, 1),
+               "tokens/s": round(ev.generation_tokens_per_second(model, prompt, new_tokens), 1)}
+        rows.append(row)
+    return EvalResult(artifact, rows, ev.PPL_PROTOCOL)

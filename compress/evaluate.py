@@ -1,0 +1,53 @@
+"""Perplexity on held-out windows, forward and generation speed, and parameter counts."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PPL_PROTOCOL = "non-overlapping windows of seq_len from the start of the text; mean token NLL over all predicted tokens"
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """exp(mean next-token NLL) over every window (N, T); each window is scored on its own (no context carried)."""
+    nll, count = 0.0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        ids = windows[start : start + batch_size]
+        logits = model(input_ids=ids, use_cache=False).logits.float()  # (B, T, V)
+        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+        count += ids[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def forward_seconds(model: nn.Module, n_tokens: int = 2048, repeats: int = 3, vocab: int | None = None) -> float:
+    """Best-of-`repeats` wall time of one forward pass over (1, n_tokens) tokens, after a warm-up."""
+    vocab = vocab or model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, n_tokens), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids[:, :128], use_cache=False)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@torch.no_grad()
+def generation_tokens_per_second(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 32) -> float:
+    """Greedy generation speed at batch 1 (new tokens / second), after a short warm-up."""
+    kwargs = dict(do_sample=False, pad_token_id=model.config.eos_token_id if model.config.eos_token_id is not None else 0)
+    model.generate(prompt, max_new_tokens=4, min_new_tokens=4, **kwargs)
+    t0 = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+    return (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - t0)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -1,0 +1,149 @@
+"""The Llama-family adapter: where blocks, attention, MLP and norms are, and the one place that does surgery on them.
+
+Llama, Mistral, Qwen2 and Qwen3 (q/k norms) share the layout `model.model.layers[i].{self_attn.{q,k,v,o}_proj,
+mlp.{gate,up,down}_proj}`, grouped-query attention included. Attention is pruned by whole key-value groups: a group
+is one key head, one value head and the `n_heads / n_kv_heads` query heads that read them, so every kept group keeps
+all its query heads and the per-layer query-to-key ratio, which the attention kernels assume, never changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compress.errors import InputError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def check_supported(config: dict, where: str) -> None:
+    """Refuse anything but the Llama family before any weight is read, naming the architecture."""
+    archs = config.get("architectures") or [f"<model_type {config.get('model_type')!r}>"]
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise InputError(
+            f"{where}: architecture {', '.join(archs)} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """Widths of one decoder block; `bias` names the projections that carry a bias."""
+
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    bias: tuple[str, ...]
+
+    @property
+    def group_size(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def to_dict(self) -> dict:
+        return {
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "bias": list(self.bias),
+        }
+
+
+def blocks(model: nn.Module) -> nn.ModuleList:
+    return model.model.layers
+
+
+def linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """The seven projections of a block, by their short name."""
+    attn, mlp = block.self_attn, block.mlp
+    return {**{n: getattr(attn, n) for n in ATTN}, **{n: getattr(mlp, n) for n in MLP}}
+
+
+def block_shape(block: nn.Module) -> BlockShape:
+    attn = block.self_attn
+    hd = attn.head_dim
+    n_heads = attn.q_proj.out_features // hd
+    n_kv = attn.k_proj.out_features // hd
+    return BlockShape(
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        head_dim=hd,
+        intermediate_size=block.mlp.up_proj.out_features,
+        bias=tuple(n for n, lin in linears(block).items() if lin.bias is not None),
+    )
+
+
+def block_params(shape: BlockShape, hidden: int) -> int:
+    """Projection weights of a block (biases not counted): attention q/k/v/o + MLP gate/up/down."""
+    attn = (2 * shape.num_attention_heads + 2 * shape.num_key_value_heads) * shape.head_dim * hidden
+    return attn + 3 * shape.intermediate_size * hidden
+
+
+def group_params(shape: BlockShape, hidden: int) -> int:
+    """Weights one key-value group removes: its query heads' q rows and o columns, one k and one v head."""
+    return (2 * shape.group_size + 2) * shape.head_dim * hidden
+
+
+def channel_params(hidden: int) -> int:
+    """Weights one MLP channel removes: a gate row, an up row, a down column."""
+    return 3 * hidden
+
+
+def _slice_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
+    """Keep rows (outputs) and/or columns (inputs) of a linear layer, in place."""
+    w = lin.weight.data
+    if rows is not None:
+        w = w[rows]
+        if lin.bias is not None:
+            lin.bias = nn.Parameter(lin.bias.data[rows].clone(), requires_grad=False)
+        lin.out_features = int(rows.numel())
+    if cols is not None:
+        w = w[:, cols]
+        lin.in_features = int(cols.numel())
+    lin.weight = nn.Parameter(w.clone().contiguous(), requires_grad=False)
+
+
+def add_output_bias(lin: nn.Linear, bias: torch.Tensor) -> None:
+    """Add `bias` (out,) to a linear's output, creating the bias if the layer had none."""
+    bias = bias.to(lin.weight.dtype)
+    if lin.bias is None:
+        lin.bias = nn.Parameter(bias.clone(), requires_grad=False)
+    else:
+        lin.bias = nn.Parameter(lin.bias.data + bias, requires_grad=False)
+
+
+def prune_attention_groups(block: nn.Module, keep_groups: torch.Tensor, o_bias: torch.Tensor | None = None) -> None:
+    """Keep key-value groups `keep_groups` (sorted indices); add `o_bias` (hidden,) to o_proj if given."""
+    attn = block.self_attn
+    shape = block_shape(block)
+    if keep_groups.numel() < 1:
+        raise ValueError("a block keeps at least one key-value group")
+    hd, m = shape.head_dim, shape.group_size
+    kv_dims = (keep_groups[:, None] * hd + torch.arange(hd)).reshape(-1)  # (kept_groups * hd,)
+    q_heads = (keep_groups[:, None] * m + torch.arange(m)).reshape(-1)  # (kept_groups * m,)
+    q_dims = (q_heads[:, None] * hd + torch.arange(hd)).reshape(-1)  # (kept_groups * m * hd,)
+    _slice_linear(attn.q_proj, rows=q_dims)
+    _slice_linear(attn.k_proj, rows=kv_dims)
+    _slice_linear(attn.v_proj, rows=kv_dims)
+    _slice_linear(attn.o_proj, cols=q_dims)
+    if o_bias is not None:
+        add_output_bias(attn.o_proj, o_bias)
+    attn.num_key_value_groups = m  # unchanged ratio; set explicitly for attention kernels that read it
+
+
+def prune_mlp_channels(block: nn.Module, keep: torch.Tensor, down_bias: torch.Tensor | None = None) -> None:
+    """Keep MLP channels `keep` (sorted indices); add `down_bias` (hidden,) to down_proj if given."""
+    if keep.numel() < 1:
+        raise ValueError("a block keeps at least one MLP channel")
+    mlp = block.mlp
+    _slice_linear(mlp.gate_proj, rows=keep)
+    _slice_linear(mlp.up_proj, rows=keep)
+    _slice_linear(mlp.down_proj, cols=keep)
+    if down_bias is not None:
+        add_output_bias(mlp.down_proj, down_bias)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = int(keep.numel())

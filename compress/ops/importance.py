@@ -1,0 +1,51 @@
+"""Structured importance scores for the input channels of o_proj and down_proj (FLAP, Wanda-sp)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Metric = Literal["wifv", "ifv", "wifn", "wanda"]
+
+
+def channel_scores(metric: Metric, W: torch.Tensor, mean_sq: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """Score per input channel j of W (out, in) from its input statistics (each (in,)); returns (in,) float64.
+
+    wifv  (FLAP default): var_j * sum_i W_ij^2   -- fluctuation of the input, weighted by the column's energy
+    ifv:                  var_j
+    wifn:                 mean_i |W_ij| * sqrt(E[x_j^2])
+    wanda (Wanda-sp):     sum_i |W_ij| * sqrt(E[x_j^2])
+    """
+    W = W.to(torch.float64)
+    if metric == "wifv":
+        return var * W.pow(2).sum(0)
+    if metric == "ifv":
+        return var.clone()
+    if metric == "wifn":
+        return (W.abs() * mean_sq.sqrt()[None, :]).mean(0)
+    if metric == "wanda":
+        return (W.abs() * mean_sq.sqrt()[None, :]).sum(0)
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def group_scores(channel: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Mean channel score of each of `n_groups` equal, contiguous groups: (in,) -> (n_groups,)."""
+    return channel.view(n_groups, -1).mean(1)
+
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std within one layer's scores (FLAP); a constant or single score maps to 0."""
+    if x.numel() < 2:
+        return torch.zeros_like(x)
+    std = x.std()
+    if not torch.isfinite(std) or std == 0:
+        return torch.zeros_like(x)
+    return (x - x.mean()) / std
+
+
+def compensation_bias(W: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """The output shift removing input channels `removed` causes, W[:, R] @ mean[R]: (out,) float64.
+
+    Adding it as a bias restores the mean output (FLAP's baseline bias compensation)."""
+    return W.to(torch.float64)[:, removed] @ mean.to(torch.float64)[removed]

@@ -1,0 +1,17 @@
+"""Passes: `run(model, ctx) -> PassReport`. The registry maps each config class to its pass class."""
+
+from __future__ import annotations
+
+from compress.passes.base import Pass, PassContext
+from compress.passes.prune_flap import FlapPass
+from compress.passes.prune_wanda import WandaSpPass
+from compress.recipe import FlapConfig, WandaSpConfig
+
+PASSES: dict[type, type[Pass]] = {FlapConfig: FlapPass, WandaSpConfig: WandaSpPass}
+
+
+def make_pass(config) -> Pass:
+    return PASSES[type(config)](config)
+
+
+__all__ = ["PASSES", "Pass", "PassContext", "make_pass"]

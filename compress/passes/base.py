@@ -1,0 +1,29 @@
+"""What every pass receives and returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from compress.plan import PassReport, Plan
+
+
+@dataclass
+class PassContext:
+    """Calibration windows (N, T) int64, the plan to record decisions in, and run settings."""
+
+    calibration: torch.Tensor
+    plan: Plan
+    batch_size: int
+    seed: int
+    cache: Path | None = None
+
+
+class Pass(Protocol):
+    def __init__(self, config) -> None: ...
+
+    def run(self, model: nn.Module, ctx: PassContext) -> PassReport: ...

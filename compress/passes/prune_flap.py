@@ -1,0 +1,20 @@
+"""FLAP (An et al., AAAI 2024): fluctuation-based adaptive structured pruning with bias compensation."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from compress.passes.base import PassContext
+from compress.passes.structured import structured_prune
+from compress.plan import PassReport
+from compress.recipe import FlapConfig
+
+
+class FlapPass:
+    def __init__(self, config: FlapConfig):
+        self.config = config
+
+    def run(self, model: nn.Module, ctx: PassContext) -> PassReport:
+        c = self.config
+        return structured_prune(model, ctx, name="flap", metric=c.metric, standardized=True, structure=c.structure,
+                                target=c.target, round_to=c.round_to, compensate=c.compensate)

@@ -1,0 +1,20 @@
+"""Wanda-sp, the structured baseline: channel score sum_i |W_ij| * ||x_j||, no standardization, no compensation."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from compress.passes.base import PassContext
+from compress.passes.structured import structured_prune
+from compress.plan import PassReport
+from compress.recipe import WandaSpConfig
+
+
+class WandaSpPass:
+    def __init__(self, config: WandaSpConfig):
+        self.config = config
+
+    def run(self, model: nn.Module, ctx: PassContext) -> PassReport:
+        c = self.config
+        return structured_prune(model, ctx, name="wanda_sp", metric="wanda", standardized=False, structure=c.structure,
+                                target=c.target, round_to=c.round_to, compensate=False)

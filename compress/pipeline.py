@@ -1,0 +1,266 @@
+"""run(recipe) -> RunResult: load -> calibrate -> passes -> evaluate -> export -> reload and compare."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from calibration.sources import eval_windows, load_corpus, sample_windows, tokenize
+from compress import evaluate as ev
+from compress.errors import CompressError, InputError
+from compress.models import ModelSource, llama, load_model, resolve_model
+from compress.passes import PassContext, make_pass
+from compress.plan import Plan
+from compress.recipe import Recipe
+from compress.tables import html_table, markdown_table, text_table
+from export.interop import artifact_config
+from export.loader import load as load_artifact
+from export.writer import ArtifactExistsError, ArtifactWriter
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+LOGIT_TOLERANCE = 1e-4  # reloaded vs in-memory, fp32
+EVAL_BATCH = 2  # windows per forward in perplexity: logits are (B, T, vocab) fp32, 100 MB per window of 256 here
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def source_dtype(path: Path) -> torch.dtype:
+    """The floating dtype the source checkpoint stores its weights in."""
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            for k in st.keys():
+                dt = st.get_slice(k).get_dtype()
+                if dt in _ST_DTYPES:
+                    return _ST_DTYPES[dt]
+    return torch.float32
+
+
+def decoder_params(model) -> int:
+    hidden = model.config.hidden_size
+    return sum(llama.block_params(llama.block_shape(b), hidden) for b in llama.blocks(model))
+
+
+def weights_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+@dataclass
+class EvalSets:
+    """Held-out token windows per named text."""
+
+    windows: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, recipe: Recipe, tokenizer) -> "EvalSets":
+        e, c = recipe.evaluate, recipe.calibration
+        sets = cls()
+        corpus = load_corpus(c.source, c.field)
+        label = f"{Path(corpus.name).name}-heldout"
+        sets.windows[label] = eval_windows(tokenize(tokenizer, corpus.split("heldout")), e.seq_len, e.max_windows, label)
+        for name in e.extra:
+            extra = load_corpus(name)
+            sets.windows[Path(name).name] = eval_windows(tokenize(tokenizer, extra.split("all")), e.seq_len,
+                                                         e.max_windows, name)
+        return sets
+
+    def perplexities(self, model, batch_size: int) -> dict[str, float]:
+        return {name: ev.perplexity(model, w, batch_size) for name, w in self.windows.items()}
+
+
+@dataclass
+class RunResult:
+    """What `compress run` produced: the artifact folder and its report."""
+
+    artifact: Path
+    report: dict
+
+    def quality_rows(self) -> list[dict]:
+        return self.report.get("quality", [])
+
+    def summary_rows(self) -> list[dict]:
+        r = self.report
+        return [
+            {"": "decoder params", "dense": r["decoder_params"]["dense"], "compressed": r["decoder_params"]["compressed"]},
+            {"": "all params", "dense": r["params"]["dense"], "compressed": r["params"]["compressed"]},
+            {"": "weights MB", "dense": round(r["weights_bytes"]["dense"] / 2**20, 1),
+             "compressed": round(r["weights_bytes"]["compressed"] / 2**20, 1)},
+        ]
+
+    def __str__(self) -> str:
+        r = self.report
+        parts = [f"artifact: {self.artifact}", text_table(self.summary_rows())]
+        if self.quality_rows():
+            parts.append(text_table(self.quality_rows()))
+        parts.append(f"reload max |logit diff| {r['verify']['max_abs_logit_diff']:.2e}; stock config: "
+                     f"{'yes' if r['stock_config'] else 'no (' + r['stock_config_reason'] + ')'}; "
+                     f"{r['seconds']:.0f} s; peak memory {r['peak_memory_mb']:.0f} MB")
+        return "\n\n".join(parts)
+
+    def _repr_html_(self) -> str:
+        return (f"<p>artifact: <code>{self.artifact}</code></p>" + html_table(self.summary_rows(), title="size")
+                + html_table(self.quality_rows(), title="held-out perplexity"))
+
+    def to_dict(self) -> dict:
+        return {"artifact": str(self.artifact), **self.report}
+
+
+def _model_card(recipe: Recipe, source: ModelSource, report: dict) -> str:
+    lines = [
+        f"# {recipe.name}",
+        "",
+        f"Compressed from **{source.identity}** with `compress` ({', '.join(p['name'] for p in report['passes'])}).",
+        "",
+        "## Results",
+        "",
+        markdown_table(report["quality"]) if report["quality"] else "(evaluation disabled)",
+        "",
+        f"Perplexity protocol: {ev.PPL_PROTOCOL}; seq_len {recipe.evaluate.seq_len}, "
+        f"at most {recipe.evaluate.max_windows} windows per text. Recovery = dense / compressed perplexity.",
+        "",
+        markdown_table(RunResult(Path("."), report).summary_rows()),
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "import export",
+        "model = export.load('PATH')  # our runtime; any structure",
+        "```",
+    ]
+    if report["stock_config"]:
+        lines += ["", "Stock transformers reads it too: `AutoModelForCausalLM.from_pretrained('PATH')`."]
+    else:
+        lines += ["", f"Not a stock transformers layout: {report['stock_config_reason']}."]
+    lines += ["", "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _state_for_export(model, layers: list[dict], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Model weights in the export dtype, with zero biases where the stock config implies a bias we did not add."""
+    state = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    for i, (block, spec) in enumerate(zip(llama.blocks(model), layers)):
+        for name, lin in llama.linears(block).items():
+            sub = "self_attn" if name in llama.ATTN else "mlp"
+            key = f"model.layers.{i}.{sub}.{name}.bias"
+            if name in spec["bias"] and key not in state:
+                state[key] = torch.zeros(lin.out_features, dtype=dtype)
+    return state
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise InputError(f"output {out} exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out} exists and is not a folder")
+
+
+def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, log=print) -> RunResult:
+    """Run a validated recipe end to end and write the artifact; see ARCHITECTURE.md for the data flow."""
+    t0 = time.perf_counter()
+    out = Path(out) if out is not None else Path("artifacts") / recipe.name
+    _check_output(out, overwrite)  # before any work, so nothing is computed only to be refused
+    torch.manual_seed(recipe.seed)
+    source = resolve_model(recipe.model)
+    model, tokenizer = load_model(source, recipe.trust_remote_code)
+    cal = recipe.calibration
+    corpus = load_corpus(cal.source, cal.field)
+    calib = sample_windows(tokenize(tokenizer, corpus.split("calibration")), cal.windows, cal.seq_len, recipe.seed,
+                           f"calibration source {corpus.name!r} (calibration split)")
+    eval_sets = EvalSets.build(recipe, tokenizer) if recipe.evaluate.enabled else EvalSets()
+    log(f"model {source.identity}: {len(llama.blocks(model))} blocks; calibration {tuple(calib.shape)} tokens "
+        f"from {corpus.name}")
+    dense_ppl = eval_sets.perplexities(model, EVAL_BATCH)
+    dense_params, dense_decoder = ev.count_parameters(model), decoder_params(model)
+
+    plan = Plan()
+    ctx = PassContext(calibration=calib, plan=plan, batch_size=cal.batch_size, seed=recipe.seed)
+    reports = []
+    for i, cfg in enumerate(recipe.passes):
+        p = make_pass(cfg)
+        plan.passes.append(cfg.pass_)
+        rep = p.run(model, ctx)
+        reports.append(rep)
+        log(f"\npasses[{i}] {rep.name}: {rep.summary}\n{text_table(rep.rows)}")
+
+    dtype = source_dtype(source.path) if recipe.export.dtype == "auto" else _DTYPES[recipe.export.dtype]
+    model.to(dtype).to(torch.float32)  # the in-memory model now holds exactly what the artifact stores
+    comp_ppl = eval_sets.perplexities(model, EVAL_BATCH)
+    quality = [
+        {"text": name, "dense ppl": round(dense_ppl[name], 3), "compressed ppl": round(comp_ppl[name], 3),
+         "recovery": round(dense_ppl[name] / comp_ppl[name], 4)}
+        for name in dense_ppl
+    ]
+    layers = [llama.block_shape(b).to_dict() for b in llama.blocks(model)]
+    config, layers, why_not_stock = artifact_config(model.config.to_dict(), layers)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    state = _state_for_export(model, layers, dtype)
+    report = {
+        "recipe": recipe.to_dict(),
+        "source": {"name": source.name, "identity": source.identity, "path": str(source.path)},
+        "passes": [r.to_dict() for r in reports],
+        "quality": quality,
+        "perplexity_protocol": ev.PPL_PROTOCOL,
+        "params": {"dense": dense_params, "compressed": ev.count_parameters(model)},
+        "decoder_params": {"dense": dense_decoder, "compressed": decoder_params(model),
+                           "removed": round(1 - decoder_params(model) / dense_decoder, 4)},
+        "stock_config": why_not_stock is None,
+        "stock_config_reason": why_not_stock or "",
+        "fallbacks": [f for r in reports for f in r.fallbacks],
+        "export_dtype": str(dtype).removeprefix("torch."),
+    }
+    try:
+        with ArtifactWriter(out, overwrite=overwrite) as w:
+            w.write_json("config.json", config)
+            w.write_weights(state, recipe.export.shard_size_mb * 2**20)
+            w.copy_tokenizer(source.path)
+            w.write_text("recipe.yaml", recipe.to_yaml())
+            w.write_json("plan.json", plan.to_dict())
+            manifest_fields = dict(
+                source=report["source"], architecture={"base_model_type": model.config.model_type, "layers": layers},
+                recipe=recipe.to_dict(), seed=recipe.seed,
+            )
+            w.write_manifest(**manifest_fields)
+            report["verify"] = _compare_reload(model, w.tmp, calib[:2])
+            report["weights_bytes"] = {"dense": weights_bytes(source.path), "compressed": weights_bytes(w.tmp)}
+            report["seconds"] = round(time.perf_counter() - t0, 1)
+            report["peak_memory_mb"] = round(peak_memory_mb(), 1)
+            w.write_json("report.json", report)
+            w.write_text("README.md", _model_card(recipe, source, report))
+            w.write_manifest()
+            w.commit()
+    except ArtifactExistsError as err:
+        raise InputError(str(err)) from None
+    return RunResult(out, report)
+
+
+@torch.no_grad()
+def _compare_reload(model, folder: Path, ids: torch.Tensor) -> dict:
+    """Reload the written folder with the runtime loader and compare logits with the in-memory model (fp32)."""
+    reloaded = load_artifact(folder, dtype=torch.float32)
+    want = model(input_ids=ids, use_cache=False).logits
+    got = reloaded(input_ids=ids, use_cache=False).logits
+    diff = float((want - got).abs().max())
+    if not diff < LOGIT_TOLERANCE:
+        raise CompressError(f"reloaded artifact differs from the in-memory model: max |logit diff| {diff:.3e} "
+                            f">= {LOGIT_TOLERANCE}; not writing it")
+    return {"max_abs_logit_diff": diff, "windows": int(ids.shape[0]), "tolerance": LOGIT_TOLERANCE}
+
+
+def log_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def read_report(artifact: Path) -> dict:
+    return json.loads((artifact / "report.json").read_text())

@@ -1,0 +1,25 @@
+"""Shared fixtures: tiny seeded models of each supported architecture, with a byte-level tokenizer trained in code."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+from tests.tiny import make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session", params=["llama", "mistral", "qwen2", "qwen3"])
+def tiny_any(request, tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)
