@@ -1,0 +1,88 @@
+"""End to end on tiny models of every supported architecture: budget met, artifact reloads with identical logits,
+stock transformers loads the uniform (stock-config) case and refuses the per-layer one."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import export
+from compress import api
+
+SMALL = ["calibration.windows=8", "calibration.seq_len=64", "evaluate.seq_len=64", "evaluate.max_windows=4"]
+
+
+def _recipe(model, structure, **flap):
+    return {"name": "tiny", "model": str(model),
+            "passes": [{"pass": "flap", "target": 0.3, "structure": structure, **flap}]}
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("structure", ["adaptive", "uniform"])
+def test_run_reload_equal(tiny_any, tmp_path, structure):
+    res = api.run(_recipe(tiny_any, structure), out=tmp_path / "art", overrides=SMALL, log=lambda *_: None)
+    rep = res.report
+    assert abs(rep["decoder_params"]["removed"] - 0.3) < (0.01 if structure == "adaptive" else 0.02)
+    assert rep["verify"]["max_abs_logit_diff"] < 1e-4
+    assert {q["text"] for q in rep["quality"]} == {"pydoc-heldout", "licenses"}
+    assert export.verify(res.artifact) == []
+    model = export.load(res.artifact)
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    out = model.generate(ids[:1, :8], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 13)
+    manifest = json.loads((res.artifact / "manifest.json").read_text())
+    assert manifest["source"]["path"] == str(tiny_any.resolve())
+    assert set(manifest["files"]) >= {"config.json", "model.safetensors", "recipe.yaml", "report.json", "README.md",
+                                      "tokenizer.json", "plan.json"}
+    assert "| pydoc-heldout |" in (res.artifact / "README.md").read_text()
+
+
+def test_uniform_llama_loads_in_stock_transformers(tiny_llama, tmp_path):
+    res = api.run(_recipe(tiny_llama, "uniform"), out=tmp_path / "art", overrides=SMALL, log=lambda *_: None)
+    assert res.report["stock_config"] is True
+    cfg = json.loads((res.artifact / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["attention_bias"] and cfg["mlp_bias"]
+    stock = AutoModelForCausalLM.from_pretrained(res.artifact, dtype=torch.float32).eval()
+    ours = export.load(res.artifact)
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+    assert (_logits(stock, ids) - _logits(ours, ids)).abs().max() < 1e-4
+    assert stock.model.layers[0].self_attn.q_proj.bias.abs().max() == 0  # zero biases where none were added
+
+
+def test_no_compensation_uniform_llama_has_no_biases(tiny_llama, tmp_path):
+    res = api.run(_recipe(tiny_llama, "uniform", compensate=False), out=tmp_path / "art", overrides=SMALL,
+                  log=lambda *_: None)
+    cfg = json.loads((res.artifact / "config.json").read_text())
+    assert cfg["attention_bias"] is False and cfg["mlp_bias"] is False
+
+
+def test_adaptive_artifact_is_refused_by_stock_transformers(tiny_llama, tmp_path):
+    res = api.run(_recipe(tiny_llama, "adaptive"), out=tmp_path / "art", overrides=SMALL, log=lambda *_: None)
+    cfg = json.loads((res.artifact / "config.json").read_text())
+    assert cfg["model_type"] == "compress_pruned" and len(cfg["layers"]) == 3
+    widths = {(l["num_key_value_heads"], l["intermediate_size"]) for l in cfg["layers"]}
+    assert len(widths) > 1
+    with pytest.raises((ValueError, KeyError)):
+        AutoModelForCausalLM.from_pretrained(res.artifact)
+
+
+def test_wanda_sp_baseline_runs(tiny_llama, tmp_path):
+    recipe = {"name": "tiny", "model": str(tiny_llama), "passes": [{"pass": "wanda_sp", "target": 0.3}]}
+    res = api.run(recipe, out=tmp_path / "art", overrides=SMALL, log=lambda *_: None)
+    assert res.report["passes"][0]["summary"]["compensated"] is False
+    assert res.report["stock_config"] is True  # uniform, no biases
+
+
+def test_inspect_and_eval(tiny_llama, tmp_path):
+    res = api.run(_recipe(tiny_llama, "adaptive"), out=tmp_path / "art", overrides=SMALL, log=lambda *_: None)
+    ins = api.inspect(res.artifact)
+    assert len(ins.layer_rows()) == 3 and "flap" in str(ins)
+    ev = api.eval(res.artifact, max_windows=2, new_tokens=4)
+    dense, comp = ev.rows
+    assert dense["params"] > comp["params"] and dense["weights MB"] > comp["weights MB"]
+    assert comp["ppl pydoc-heldout"] == pytest.approx(res.report["quality"][0]["compressed ppl"], rel=0.2)
