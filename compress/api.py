@@ -150,4 +150,6 @@ def eval(artifact: str | Path, max_windows: int | None = None, new_tokens: int =
                "params": ev.count_parameters(model), "weights MB": round(weights_bytes(path) / 2**20, 1),
                "tokens/s": round(ev.generation_tokens_per_second(model, prompt, new_tokens), 1)}
         rows.append(row)
-    return EvalResult(artifact, rows, ev.PPL_PROTOCOL)
+    for key in [k for k in rows[0] if k.startswith("ppl ")]:
+        rows[1][f"recovery {key[4:]}"] = round(rows[0][key] / rows[1][key], 4)
+    return EvalResult(artifact, rows, ev.PPL_PROTOCOL + "; recovery = dense / compressed perplexity")

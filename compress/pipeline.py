@@ -195,7 +195,9 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
         log(f"\npasses[{i}] {rep.name}: {rep.summary}\n{text_table(rep.rows)}")
 
     dtype = source_dtype(source.path) if recipe.export.dtype == "auto" else _DTYPES[recipe.export.dtype]
-    model.to(dtype).to(torch.float32)  # the in-memory model now holds exactly what the artifact stores
+    with torch.no_grad():  # the in-memory weights now hold exactly what the artifact stores (buffers such as
+        for p in model.parameters():  # rotary frequencies are computed, not stored, so they stay as they are)
+            p.copy_(p.to(dtype))
     comp_ppl = eval_sets.perplexities(model, EVAL_BATCH)
     quality = [
         {"text": name, "dense ppl": round(dense_ppl[name], 3), "compressed ppl": round(comp_ppl[name], 3),
@@ -223,7 +225,7 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     try:
         with ArtifactWriter(out, overwrite=overwrite) as w:
             w.write_json("config.json", config)
-            w.write_weights(state, recipe.export.shard_size_mb * 2**20)
+            w.write_weights(state, int(recipe.export.shard_size_mb * 2**20))
             w.copy_tokenizer(source.path)
             w.write_text("recipe.yaml", recipe.to_yaml())
             w.write_json("plan.json", plan.to_dict())

@@ -38,7 +38,7 @@ class EvaluateConfig(_Strict):
 
 class ExportConfig(_Strict):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    shard_size_mb: int = Field(2000, ge=1)
+    shard_size_mb: float = Field(2000, gt=0)
 
 
 class _PruneBase(_Strict):

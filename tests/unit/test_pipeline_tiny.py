@@ -85,4 +85,27 @@ def test_inspect_and_eval(tiny_llama, tmp_path):
     ev = api.eval(res.artifact, max_windows=2, new_tokens=4)
     dense, comp = ev.rows
     assert dense["params"] > comp["params"] and dense["weights MB"] > comp["weights MB"]
+    assert comp["recovery pydoc-heldout"] == pytest.approx(dense["ppl pydoc-heldout"] / comp["ppl pydoc-heldout"], rel=1e-3)
     assert comp["ppl pydoc-heldout"] == pytest.approx(res.report["quality"][0]["compressed ppl"], rel=0.2)
+
+
+def test_sharded_untied_artifact_round_trips(tmp_path):
+    from tests.tiny import make_tiny_model
+
+    src = make_tiny_model(tmp_path / "untied", "llama", tie_word_embeddings=False)
+    res = api.run(_recipe(src, "adaptive"), out=tmp_path / "art", log=lambda *_: None,
+                  overrides=SMALL + ["export.shard_size_mb=0.25"])
+    shards = sorted(p.name for p in res.artifact.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and (res.artifact / "model.safetensors.index.json").is_file()
+    manifest = json.loads((res.artifact / "manifest.json").read_text())
+    assert "lm_head.weight" in manifest["tensors"]  # untied: stored
+    assert res.report["verify"]["max_abs_logit_diff"] < 1e-4 and export.verify(res.artifact) == []
+
+
+def test_bfloat16_export_matches_rounded_model(tiny_llama, tmp_path):
+    res = api.run(_recipe(tiny_llama, "uniform"), out=tmp_path / "art", log=lambda *_: None,
+                  overrides=SMALL + ["export.dtype=bfloat16"])
+    manifest = json.loads((res.artifact / "manifest.json").read_text())
+    assert {t["dtype"] for t in manifest["tensors"].values()} == {"bfloat16"}
+    assert res.report["verify"]["max_abs_logit_diff"] < 1e-4
+    assert export.load(res.artifact, dtype="bfloat16").model.embed_tokens.weight.dtype == torch.bfloat16
