@@ -1,0 +1,109 @@
+"""Uniform integer quantization grids and exact bit packing into int32 words.
+
+Shapes: a weight W is (out, in); groups run along the input dimension, `group_size` columns each; scales and zero
+points are (out, n_groups). Codes are unsigned integers in [0, 2^bits - 1]; w ~ scale * (code - zero).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """bits; group_size (-1: one group per output row); symmetric grid; GPTQ column order and damping."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {self.bits}")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def groups(self, in_features: int) -> int:
+        g = in_features if self.group_size == -1 else self.group_size
+        return -(-in_features // g)
+
+
+def grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per row of w (rows, cols), each (rows, 1); the grid always contains 0 exactly."""
+    maxq = 2**bits - 1
+    w = w.float()
+    xmin = w.min(1, keepdim=True).values.clamp(max=0)
+    xmax = w.max(1, keepdim=True).values.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    flat = (xmax - xmin) == 0  # an all-zero row: any positive scale reproduces it
+    xmin = torch.where(flat, torch.full_like(xmin, -1.0), xmin)
+    xmax = torch.where(flat, torch.ones_like(xmax), xmax)
+    scale = (xmax - xmin) / maxq
+    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin / scale)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes (same shape as w, int32) in [0, maxq]."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq).to(torch.int32)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (codes.float() - zero)
+
+
+def rtn(W: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest per group: (codes (out, in) int32, scale (out, G), zero (out, G))."""
+    out_f, in_f = W.shape
+    g = in_f if spec.group_size == -1 else spec.group_size
+    codes = torch.empty(out_f, in_f, dtype=torch.int32)
+    scales, zeros = [], []
+    for start in range(0, in_f, g):
+        s, z = grid(W[:, start : start + g], spec.bits, spec.sym)
+        codes[:, start : start + g] = quantize(W[:, start : start + g].float(), s, z, spec.maxq)
+        scales.append(s)
+        zeros.append(z)
+    return codes, torch.cat(scales, 1), torch.cat(zeros, 1)
+
+
+def pack(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """Pack unsigned `bits`-wide codes along `dim` into int32 words as one continuous little-endian bit stream
+    (value i occupies bits [i*bits, (i+1)*bits), low bits first; a 3-bit value may straddle two words).
+    The packed dim has ceil(n * bits / 32) words."""
+    codes = codes.movedim(dim, -1).to(torch.int64)
+    n = codes.shape[-1]
+    n_words = -(-n * bits // 32)
+    pos = torch.arange(n, dtype=torch.int64) * bits
+    word, shift = pos // 32, pos % 32
+    words = torch.zeros(*codes.shape[:-1], n_words + 1, dtype=torch.int64)
+    words.index_add_(-1, word, codes << shift)  # bits never overlap, so adding is OR
+    spill = (shift + bits) > 32  # the high part of a value that crosses into the next word
+    if spill.any():
+        words.index_add_(-1, word[spill] + 1, codes[..., spill] >> (32 - shift[spill]))
+    words = words[..., :n_words] & 0xFFFFFFFF
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # same bits, as signed int32
+    return words.movedim(-1, dim)
+
+
+def unpack(words: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch.Tensor:
+    """Inverse of `pack`: the first `n` codes along `dim`, as int32."""
+    w = words.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
+    w = torch.cat([w, torch.zeros_like(w[..., :1])], -1)
+    pos = torch.arange(n, dtype=torch.int64) * bits
+    word, shift = pos // 32, pos % 32
+    lo = w[..., word] >> shift
+    hi = w[..., word + 1] << (32 - shift)  # only matters where the value straddles words
+    vals = (lo | torch.where(shift + bits > 32, hi, torch.zeros_like(hi))) & (2**bits - 1)
+    return vals.to(torch.int32).movedim(-1, dim)
