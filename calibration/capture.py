@@ -19,21 +19,22 @@ class LinearStats:
     n: int = 0
     total: torch.Tensor | None = None  # (in,) sum of x
     total_sq: torch.Tensor | None = None  # (in,) sum of x^2
-    xtx: torch.Tensor | None = None  # (in, in) sum of x x^T, only when asked for
+    xtx: torch.Tensor | None = None  # (in, in) sum of x x^T in float32, only when asked for
     want_xtx: bool = False
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, in)
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, in)
         if self.total is None:
             self.total = torch.zeros(x.shape[1], dtype=torch.float64)
             self.total_sq = torch.zeros(x.shape[1], dtype=torch.float64)
             if self.want_xtx:
-                self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+                self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32)
         self.n += x.shape[0]
         self.total += x.sum(0)
         self.total_sq += (x * x).sum(0)
-        if self.want_xtx:
-            self.xtx += x.T @ x
+        if self.want_xtx:  # float32 matmul: fast, and its rounding is far below the damping GPTQ adds
+            x32 = x.float()
+            self.xtx += x32.T @ x32
 
     @property
     def mean(self) -> torch.Tensor:

@@ -54,10 +54,9 @@ def verify(artifact: str | Path) -> VerifyResult:
 
 
 def _manifest(artifact: Path) -> dict:
-    problems = []
-    import export.loader as L
+    from export.loader import read_manifest
 
-    manifest, problems = L._read_manifest(artifact)
+    manifest, problems = read_manifest(artifact)
     if manifest is None:
         raise ArtifactError(f"{artifact}: " + "; ".join(problems))
     return manifest
@@ -127,7 +126,7 @@ def eval(artifact: str | Path, max_windows: int | None = None, new_tokens: int =
     """Dense source vs artifact side by side: held-out perplexity per text, parameters, size on disk, CPU tokens/s."""
     import export
     from compress import evaluate as ev
-    from compress.models import load_model, resolve_model
+    from compress.models import DEFAULT_MODELS, load_model, resolve_model
     from compress.pipeline import EvalSets, weights_bytes
 
     artifact = Path(artifact)
@@ -136,8 +135,8 @@ def eval(artifact: str | Path, max_windows: int | None = None, new_tokens: int =
     if max_windows is not None:
         recipe = load_recipe(recipe, [f"evaluate.max_windows={max_windows}"])
     src = manifest["source"]
-    try:
-        source = resolve_model(src["name"])
+    try:  # a packaged name resolves anywhere; a local folder by the absolute path recorded at run time
+        source = resolve_model(src["name"] if src["name"] in DEFAULT_MODELS else src["path"])
     except InputError as err:
         raise InputError(f"{artifact}: its source model {src['name']!r} is not available here: {err}") from None
     dense, tokenizer = load_model(source)

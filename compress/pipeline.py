@@ -20,9 +20,9 @@ from compress.passes import PassContext, make_pass
 from compress.plan import Plan
 from compress.recipe import Recipe
 from compress.tables import html_table, markdown_table, text_table
-from export.interop import artifact_config
+from export.interop import artifact_config, quantized_tensors
 from export.loader import load as load_artifact
-from export.writer import ArtifactExistsError, ArtifactWriter
+from export.writer import ArtifactExistsError, ArtifactWriter, sha256_file
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -145,9 +145,13 @@ def _model_card(recipe: Recipe, source: ModelSource, report: dict) -> str:
     return "\n".join(lines)
 
 
-def _state_for_export(model, layers: list[dict], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Model weights in the export dtype, with zero biases where the stock config implies a bias we did not add."""
+def _state_for_export(model, layers: list[dict], dtype: torch.dtype, plan: Plan) -> dict[str, torch.Tensor]:
+    """Model weights in the export dtype (quantized linears packed), with zero biases where the stock config implies
+    a bias we did not add."""
     state = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    for name, q in plan.quantized.items():
+        del state[f"{name}.weight"]
+        state.update(quantized_tensors(name, q, dtype))
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     for i, (block, spec) in enumerate(zip(llama.blocks(model), layers)):
@@ -157,6 +161,19 @@ def _state_for_export(model, layers: list[dict], dtype: torch.dtype) -> dict[str
             if name in spec["bias"] and key not in state:
                 state[key] = torch.zeros(lin.out_features, dtype=dtype)
     return state
+
+
+def _round_to_export(model, plan: Plan, dtype: torch.dtype) -> None:
+    """Make the in-memory weights exactly what the artifact stores: parameters rounded to the export dtype, and each
+    quantized weight rebuilt from its codes with scales rounded to that dtype. Buffers (rotary frequencies) are
+    computed at load, not stored, and stay as they are."""
+    named = llama.named_linears(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(dtype))
+        for name, q in plan.quantized.items():
+            q.scale = q.scale.to(dtype).float()
+            named[name][2].weight.copy_(q.dequantize())
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
@@ -189,15 +206,14 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     reports = []
     for i, cfg in enumerate(recipe.passes):
         p = make_pass(cfg)
+        ctx.index = i
         plan.passes.append(cfg.pass_)
         rep = p.run(model, ctx)
         reports.append(rep)
         log(f"\npasses[{i}] {rep.name}: {rep.summary}\n{text_table(rep.rows)}")
 
     dtype = source_dtype(source.path) if recipe.export.dtype == "auto" else _DTYPES[recipe.export.dtype]
-    with torch.no_grad():  # the in-memory weights now hold exactly what the artifact stores (buffers such as
-        for p in model.parameters():  # rotary frequencies are computed, not stored, so they stay as they are)
-            p.copy_(p.to(dtype))
+    _round_to_export(model, plan, dtype)
     comp_ppl = eval_sets.perplexities(model, EVAL_BATCH)
     quality = [
         {"text": name, "dense ppl": round(dense_ppl[name], 3), "compressed ppl": round(comp_ppl[name], 3),
@@ -205,12 +221,14 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
         for name in dense_ppl
     ]
     layers = [llama.block_shape(b).to_dict() for b in llama.blocks(model)]
-    config, layers, why_not_stock = artifact_config(model.config.to_dict(), layers)
+    schemes = {n: q.scheme() for n, q in plan.quantized.items()}
+    config, layers, why_not_stock = artifact_config(model.config.to_dict(), layers, schemes)
     config["dtype"] = str(dtype).removeprefix("torch.")
-    state = _state_for_export(model, layers, dtype)
+    state = _state_for_export(model, layers, dtype, plan)
     report = {
         "recipe": recipe.to_dict(),
-        "source": {"name": source.name, "identity": source.identity, "path": str(source.path)},
+        "source": {"name": source.name, "identity": source.identity, "path": str(source.path),
+                   "sha256": {p.name: sha256_file(p) for p in sorted(source.path.glob("*.safetensors"))}},
         "passes": [r.to_dict() for r in reports],
         "quality": quality,
         "perplexity_protocol": ev.PPL_PROTOCOL,
@@ -231,6 +249,7 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
             w.write_json("plan.json", plan.to_dict())
             manifest_fields = dict(
                 source=report["source"], architecture={"base_model_type": model.config.model_type, "layers": layers},
+                quantization=schemes,
                 recipe=recipe.to_dict(), seed=recipe.seed,
             )
             w.write_manifest(**manifest_fields)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compress.errors import RecipeError
 
@@ -59,6 +60,9 @@ class FlapConfig(_PruneBase):
 
     pass_: Literal["flap"] = Field("flap", alias="pass")
     metric: Literal["wifv", "ifv", "wifn"] = "wifv"
+    # FLAP standardizes head scores within a layer; with grouped-query attention a key-value group's score is then
+    # the mean of its query heads' standardized scores ("head"), or groups are standardized among themselves ("group")
+    standardize: Literal["head", "group"] = "head"
     compensate: bool = True
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -71,7 +75,78 @@ class WandaSpConfig(_PruneBase):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
-PassConfig = Annotated[Union[FlapConfig, WandaSpConfig], Field(discriminator="pass_")]
+class MixedBits(_Strict):
+    """Layer-wise mixed precision: an average code width over the quantized weights, met by ranking layers."""
+
+    average: float = Field(..., gt=0)
+    choices: list[Literal[2, 3, 4, 8]] = [2, 3, 4, 8]
+    importance: Literal["lim", "zd", "random"] = "lim"
+    zd_threshold: float = Field(3.0, gt=0, description="zd: z-score above which a weight counts as an outlier")
+
+    @model_validator(mode="after")
+    def _reachable(self) -> "MixedBits":
+        if len(set(self.choices)) < 1:
+            raise ValueError("choices is empty")
+        lo, hi = min(self.choices), max(self.choices)
+        if not lo <= self.average <= hi:
+            raise ValueError(f"average {self.average} cannot be met with choices {sorted(set(self.choices))}: "
+                             f"it must lie in [{lo}, {hi}]")
+        return self
+
+
+class QuantOverride(_Strict):
+    """Settings for the modules whose name matches `pattern` (regex, searched), applied in order."""
+
+    pattern: str
+    bits: Literal[2, 3, 4, 8] | None = None
+    group_size: int | None = None
+    sym: bool | None = None
+
+
+class _QuantBase(_Strict):
+    bits: Literal[2, 3, 4, 8] | MixedBits = 4
+    group_size: int = Field(128, description="input columns per scale; -1 for one scale per output row")
+    sym: bool = True
+    targets: list[str] = [r"\.(self_attn|mlp)\."]  # regexes searched in module names (model.layers.3.mlp.up_proj)
+    ignore: list[str] = []
+    overrides: list[QuantOverride] = []
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError("group_size is a positive number of input columns, or -1")
+        return v
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _regex(cls, v: list[str]) -> list[str]:
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as err:
+                raise ValueError(f"{p!r} is not a valid regex: {err}") from None
+        return v
+
+
+class GptqConfig(_QuantBase):
+    """GPTQ (Frantar et al., 2022), block by block, each block calibrated on the already-quantized blocks' outputs."""
+
+    pass_: Literal["gptq"] = Field("gptq", alias="pass")
+    act_order: bool = False
+    static_groups: bool = True  # with act_order: group boundaries stay contiguous, so kernels need no g_idx gather
+    damp: float = Field(0.01, gt=0, lt=1)
+    block_size: int = Field(128, ge=1)
+
+
+class RtnConfig(_QuantBase):
+    """Round-to-nearest per group: the baseline every quantizer is compared against."""
+
+    pass_: Literal["rtn"] = Field("rtn", alias="pass")
+
+
+PassConfig = Annotated[Union[FlapConfig, WandaSpConfig, GptqConfig, RtnConfig], Field(discriminator="pass_")]
 
 
 class Recipe(_Strict):
@@ -116,14 +191,20 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 
 def _format_validation(err: ValidationError, where: str) -> str:
-    lines = []
+    """One line per problem: `<file>: <field path>: <what is wrong>`; union branches that do not apply are dropped."""
+    found: dict[str, list[str]] = {}
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"] if p not in ("flap", "wanda_sp"))
-        path = path.replace("pass_", "pass")
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"{where}: {path or '<root>'}: {msg}")
+        parts = [str(p) for p in e["loc"]]
+        parts = [p for p in parts if p not in ("flap", "wanda_sp", "gptq", "rtn") and "[" not in p and p != "MixedBits"]
+        path = ".".join(parts).replace("pass_", "pass") or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        found.setdefault(path, [])
+        if msg not in found[path]:
+            found[path].append(msg)
+    lines = []
+    for path, msgs in found.items():
+        specific = [m for m in msgs if not m.startswith("Input should be a valid dictionary")]
+        lines += [f"{where}: {path}: {m}" for m in (specific or msgs)]
     return "\n".join(lines)
 
 

@@ -6,6 +6,11 @@ import html
 from typing import Any, Sequence
 
 
+def _columns(rows: Sequence[dict]) -> list[str]:
+    """Every key of every row, in first-seen order."""
+    return list(dict.fromkeys(k for r in rows for k in r))
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
@@ -17,7 +22,7 @@ def _fmt(v: Any) -> str:
 def text_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
     if not rows:
         return "(empty)"
-    columns = list(columns or rows[0].keys())
+    columns = list(columns or _columns(rows))
     cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
@@ -29,7 +34,7 @@ def text_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> st
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
     if not rows:
         return ""
-    columns = list(columns or rows[0].keys())
+    columns = list(columns or _columns(rows))
     out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     out += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(out)
@@ -38,7 +43,7 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -
 def html_table(rows: Sequence[dict], columns: Sequence[str] | None = None, title: str = "") -> str:
     if not rows:
         return ""
-    columns = list(columns or rows[0].keys())
+    columns = list(columns or _columns(rows))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c, '')))}</td>" for c in columns) + "</tr>" for r in rows

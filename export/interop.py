@@ -4,8 +4,12 @@ the biases fit the stock flags; otherwise the documented `compress_pruned` per-l
 from __future__ import annotations
 
 import copy
+import re
+
+import torch
 
 from export.format import ATTN, MLP, PRUNED_ARCHITECTURE, PRUNED_MODEL_TYPE, stock_bias
+from export.packing import pack
 
 
 def _bias_flags(model_type: str, needed: set[str]) -> dict | None:
@@ -31,10 +35,63 @@ def _config_refusal(config: dict) -> str | None:
     return None
 
 
-def artifact_config(base: dict, layers: list[dict]) -> tuple[dict, list[dict], str | None]:
+def _layer_regex(names: list[str]) -> list[str]:
+    """Compact compressed-tensors targets: whole layers as one regex, other modules by exact name."""
+    by_layer: dict[int, set[str]] = {}
+    for n in names:
+        by_layer.setdefault(int(n.split(".")[2]), set()).add(n)
+    full = sorted(i for i, ns in by_layer.items() if len(ns) == len(ATTN) + len(MLP))
+    out = []
+    if full:
+        out.append(r"re:^model\.layers\.(?:" + "|".join(map(str, full)) + r")\.(?:self_attn|mlp)\.[a-z]+_proj$")
+    out += ["re:^" + re.escape(n) + "$" for i, ns in sorted(by_layer.items()) if i not in full for n in sorted(ns)]
+    return out
+
+
+def compressed_tensors_config(schemes: dict[str, dict]) -> tuple[dict | None, str | None]:
+    """compressed-tensors `pack-quantized` quantization_config for {module name: {bits, group_size, sym, ordered}},
+    one config group per distinct scheme; (None, why) when the format cannot express the schemes."""
+    if any(not s["ordered"] for s in schemes.values()):
+        return None, ("act-order without static groups needs a g_idx, which compressed-tensors no longer reads "
+                      "(use static_groups: true)")
+    if any(not s["sym"] for s in schemes.values()):
+        return None, ("asymmetric pack-quantized zero points do not load in stock transformers 5 with "
+                      "compressed-tensors 0.20 (a known upstream gap, llm-compressor#1618); symmetric schemes do")
+    groups: dict[tuple, list[str]] = {}
+    for name, s in schemes.items():
+        groups.setdefault((s["bits"], s["group_size"], s["sym"]), []).append(name)
+    config_groups = {}
+    for k, ((bits, group, sym), names) in enumerate(sorted(groups.items())):
+        config_groups[f"group_{k}"] = {
+            "targets": _layer_regex(names),
+            "weights": {"num_bits": bits, "type": "int", "symmetric": sym,
+                        "strategy": "channel" if group == -1 else "group",
+                        "group_size": None if group == -1 else group, "dynamic": False, "actorder": None,
+                        "observer": "minmax"},
+            "input_activations": None, "output_activations": None,
+        }
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": config_groups, "ignore": ["lm_head"], "kv_cache_scheme": None}, None
+
+
+def quantized_tensors(name: str, q, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of one quantized linear in compressed-tensors naming (q: a record with bits, sym, shape, packed,
+    scale, zero, g_idx, ordered_groups)."""
+    out = {f"{name}.weight_packed": q.packed, f"{name}.weight_scale": q.scale.to(dtype),
+           f"{name}.weight_shape": torch.tensor(q.shape, dtype=torch.int64)}
+    if not q.sym:
+        out[f"{name}.weight_zero_point"] = pack(q.zero, q.bits, dim=0)
+    if not q.ordered_groups:
+        out[f"{name}.weight_g_idx"] = q.g_idx
+    return out
+
+
+def artifact_config(base: dict, layers: list[dict], quant: dict[str, dict] | None = None
+                    ) -> tuple[dict, list[dict], str | None]:
     """(config.json content, layers with the biases the config implies, why not stock or None).
 
-    Stock form: widths in the config's own fields, zero biases filled in where the stock flags add some."""
+    Stock form: widths in the config's own fields, zero biases filled in where the stock flags add some, and a
+    compressed-tensors quantization_config when modules are quantized."""
     config = copy.deepcopy(base)
     for key in ("quantization_config", "auto_map", "_name_or_path", "transformers_version"):
         config.pop(key, None)
@@ -47,6 +104,9 @@ def artifact_config(base: dict, layers: list[dict]) -> tuple[dict, list[dict], s
         why = "layers have different widths; a stock config expresses one width for all"
     elif flags is None:
         why = f"{model_type} has no config flag for biases on {sorted(needed - set(stock_bias(model_type, {})))}"
+    qconfig, qwhy = compressed_tensors_config(quant) if quant else (None, None)
+    if why is None and qwhy is not None:
+        why = qwhy
     if why is None:
         (heads, kv, head_dim, inter), = widths
         stock = {**config, "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim,
@@ -54,6 +114,8 @@ def artifact_config(base: dict, layers: list[dict]) -> tuple[dict, list[dict], s
         why = _config_refusal(stock)
         if why is None:
             bias = list(stock_bias(model_type, stock))
+            if qconfig is not None:
+                stock["quantization_config"] = qconfig
             return stock, [{**l, "bias": bias} for l in layers], None
     config["base_model_type"] = model_type
     config["model_type"] = PRUNED_MODEL_TYPE

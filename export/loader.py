@@ -12,11 +12,15 @@ from safetensors import safe_open
 from torch import nn
 
 from export.format import ArtifactError, CONFIG, FORMAT_NAME, FORMAT_VERSION, MANIFEST, PRUNED_MODEL_TYPE
+from export.qlinear import QuantLinear
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+             "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
 
-def _read_manifest(path: Path) -> tuple[dict | None, list[str]]:
+def read_manifest(path: Path) -> tuple[dict | None, list[str]]:
+    """(manifest, []) or (None, [why it cannot be read])."""
     if not path.is_dir():
         return None, [f"{path}: no such artifact folder"]
     mpath = path / MANIFEST
@@ -66,7 +70,7 @@ def _check(path: Path, manifest: dict, hashes: bool) -> list[str]:
                     shape, dtype = list(found[name].get_shape()), found[name].get_dtype()
                     if shape != meta["shape"]:
                         problems.append(f"{fname}: tensor {name} has shape {shape}, manifest says {meta['shape']}")
-                    want = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(meta["dtype"], meta["dtype"])
+                    want = _ST_NAMES.get(meta["dtype"], meta["dtype"])
                     if dtype != want:
                         problems.append(f"{fname}: tensor {name} has dtype {dtype}, manifest says {meta['dtype']}")
                 for name in sorted(set(found) - set(expected)):
@@ -79,17 +83,18 @@ def _check(path: Path, manifest: dict, hashes: bool) -> list[str]:
 def verify(path: str | Path) -> list[str]:
     """Every problem with an artifact folder (missing, truncated or altered file, missing or extra tensor); [] if none."""
     path = Path(path)
-    manifest, problems = _read_manifest(path)
+    manifest, problems = read_manifest(path)
     if manifest is None:
         return problems
     return _check(path, manifest, hashes=True)
 
 
-def _build_skeleton(config: dict, layers: list[dict]) -> nn.Module:
+def _build_skeleton(config: dict, layers: list[dict], quantization: dict[str, dict]) -> nn.Module:
     """The model with every weight on the meta device and each block's widths as the manifest says."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = dict(config)
+    cfg.pop("quantization_config", None)  # our loader builds QuantLinear itself, from the manifest
     if cfg.get("model_type") == PRUNED_MODEL_TYPE:
         cfg["model_type"] = cfg.pop("base_model_type")
         cfg.pop("layers", None)
@@ -116,6 +121,13 @@ def _build_skeleton(config: dict, layers: list[dict]) -> nn.Module:
         block.self_attn.scaling = hd**-0.5
         if hasattr(block.mlp, "intermediate_size"):
             block.mlp.intermediate_size = inter
+    for name, scheme in quantization.items():  # packed linears keep their compressed-tensors buffers
+        parent_name, short = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, short)
+        setattr(parent, short, QuantLinear(old.in_features, old.out_features, scheme["bits"], scheme["group_size"],
+                                           scheme["sym"], bias=old.bias is not None, g_idx=not scheme["ordered"],
+                                           device="meta"))
     return model
 
 
@@ -125,11 +137,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     from safetensors.torch import load_file
 
     path = Path(path)
-    manifest, problems = _read_manifest(path)
+    manifest, problems = read_manifest(path)
     if manifest is None or (problems := _check(path, manifest, hashes=check_hashes)):
         raise ArtifactError(f"{path}: " + "; ".join(problems))
     config = json.loads((path / CONFIG).read_text())
-    model = _build_skeleton(config, manifest["architecture"]["layers"])
+    model = _build_skeleton(config, manifest["architecture"]["layers"], manifest.get("quantization", {}))
     state: dict[str, torch.Tensor] = {}
     for fname in sorted({m["file"] for m in manifest["tensors"].values()}):
         state.update(load_file(path / fname))

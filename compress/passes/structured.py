@@ -4,6 +4,7 @@ statistics block by block, score key-value groups and MLP channels, decide what 
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 import torch
 from torch import nn
@@ -16,21 +17,35 @@ from compress.ops.structure import LayerKeep, LayerScores, global_threshold, uni
 from compress.passes.base import PassContext
 from compress.plan import PassReport
 
+StandardizeAt = Literal["head", "group"] | None
 
-def _layer_scores(block: nn.Module, o: LinearStats, down: LinearStats, metric: Metric, hidden: int) -> LayerScores:
+
+def _layer_scores(block: nn.Module, o: LinearStats, down: LinearStats, metric: Metric, hidden: int,
+                  standardize_at: StandardizeAt) -> LayerScores:
+    """Scores of a layer's key-value groups and MLP channels.
+
+    standardize_at: None (raw scores), "head" (standardize the query heads' scores within the layer, as FLAP does,
+    then average them per key-value group), or "group" (average per group first, then standardize the groups)."""
     shape = llama.block_shape(block)
     lin = llama.linears(block)
     attn_ch = channel_scores(metric, lin["o_proj"].weight, o.total_sq / o.n, o.var)  # (heads * head_dim,)
     mlp_ch = channel_scores(metric, lin["down_proj"].weight, down.total_sq / down.n, down.var)  # (intermediate,)
+    heads = group_scores(attn_ch, shape.num_attention_heads)  # (heads,) mean over each head's channels
+    if standardize_at == "head":
+        groups = group_scores(standardize(heads), shape.num_key_value_heads)
+    elif standardize_at == "group":
+        groups = standardize(group_scores(heads, shape.num_key_value_heads))
+    else:
+        groups = group_scores(heads, shape.num_key_value_heads)
     return LayerScores(
-        groups=group_scores(attn_ch, shape.num_key_value_heads),
-        channels=mlp_ch,
+        groups=groups,
+        channels=standardize(mlp_ch) if standardize_at else mlp_ch,
         group_cost=llama.group_params(shape, hidden),
         channel_cost=llama.channel_params(hidden),
     )
 
 
-def structured_prune(model: nn.Module, ctx: PassContext, *, name: str, metric: Metric, standardized: bool,
+def structured_prune(model: nn.Module, ctx: PassContext, *, name: str, metric: Metric, standardize_at: StandardizeAt,
                      structure: str, target: float, round_to: int, compensate: bool) -> PassReport:
     """Score, decide and physically remove key-value groups and MLP channels; returns the per-layer table."""
     t0 = time.perf_counter()
@@ -50,9 +65,7 @@ def structured_prune(model: nn.Module, ctx: PassContext, *, name: str, metric: M
         for what, s in (("o_proj", o), ("down_proj", down)):
             if not (torch.isfinite(s.total).all() and torch.isfinite(s.total_sq).all()):
                 raise CompressError(f"layer {i} {what}: non-finite calibration activations; stopping")
-    scores = [_layer_scores(b, o, d, metric, hidden) for b, (o, d) in zip(layers, stats)]
-    if standardized:
-        scores = [LayerScores(standardize(s.groups), standardize(s.channels), s.group_cost, s.channel_cost) for s in scores]
+    scores = [_layer_scores(b, o, d, metric, hidden, standardize_at) for b, (o, d) in zip(layers, stats)]
     keeps: list[LayerKeep] = global_threshold(scores, target) if structure == "adaptive" else uniform(scores, target, round_to)
 
     report = PassReport(name=name)
@@ -92,6 +105,7 @@ def structured_prune(model: nn.Module, ctx: PassContext, *, name: str, metric: M
         "decoder_params_after": kept_total,
         "structure": structure,
         "metric": metric,
+        "standardize_at": standardize_at,
         "compensated": compensate,
     }
     report.seconds = time.perf_counter() - t0

@@ -109,3 +109,22 @@ def test_bfloat16_export_matches_rounded_model(tiny_llama, tmp_path):
     assert {t["dtype"] for t in manifest["tensors"].values()} == {"bfloat16"}
     assert res.report["verify"]["max_abs_logit_diff"] < 1e-4
     assert export.load(res.artifact, dtype="bfloat16").model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_cli_good_paths(tiny_llama, tmp_path):
+    from click.testing import CliRunner
+
+    from compress.cli import cli
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: t\nmodel: {tiny_llama}\npasses: [{{pass: flap, target: 0.25}}]\n")
+    runner = CliRunner()
+    res = runner.invoke(cli, ["validate", str(recipe), "--json", "--set", "passes.0.structure=uniform"])
+    assert res.exit_code == 0 and json.loads(res.output)["passes"][0]["structure"] == "uniform"
+    art = tmp_path / "art"
+    res = runner.invoke(cli, ["run", "-r", str(recipe), "--out", str(art), "--json", *sum((["--set", o] for o in SMALL), [])])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)  # the log goes to stderr with --json
+    assert data["artifact"] == str(art) and abs(data["decoder_params"]["removed"] - 0.25) < 0.01
+    res = runner.invoke(cli, ["inspect", str(art), "--json"])
+    assert res.exit_code == 0 and len(json.loads(res.output)["layers"]) == 3

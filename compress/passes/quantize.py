@@ -1,0 +1,193 @@
+"""Weight quantization passes: GPTQ block by block (each block calibrated on the already-quantized blocks' outputs)
+and round-to-nearest, with regex targets, per-pattern overrides and layer-wise mixed precision."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import torch
+from torch import nn
+
+from calibration.capture import for_each_block
+from compress.errors import CompressError, InputError
+from compress.models import llama
+from compress.ops.gptq import Quantized, gptq_quantize
+from compress.ops.importance import lim_score, zd_score
+from compress.ops.quant import QuantSpec, pack, rtn
+from compress.passes.base import PassContext
+from compress.plan import PassReport, QuantRecord
+from compress.recipe import GptqConfig, MixedBits, RtnConfig
+from compress.search.ranking import assign_by_rank
+
+
+def select_modules(model: nn.Module, targets: list[str], ignore: list[str], where: str) -> dict[str, tuple[int, str, nn.Linear]]:
+    """Decoder projections whose name matches a target and no ignore pattern; refuses an empty or partial-fused set."""
+    found = {name: v for name, v in llama.named_linears(model).items()
+             if any(re.search(t, name) for t in targets) and not any(re.search(p, name) for p in ignore)}
+    if not found:
+        raise InputError(f"{where}.targets {targets} (ignore {ignore}) matched no module; "
+                         f"names look like {next(iter(llama.named_linears(model)))}")
+    for name, (i, short, _) in found.items():  # fused groups are quantized together or not at all
+        for other, rep in llama.SHARED_INPUT.items():
+            if rep == llama.SHARED_INPUT[short] and other != short:
+                sub = "self_attn" if other in llama.ATTN else "mlp"
+                if f"model.layers.{i}.{sub}.{other}" not in found:
+                    raise InputError(f"{where}: {name} is targeted but {other} of layer {i} is not; serving engines "
+                                     "fuse q/k/v and gate/up, so they are quantized together or not at all")
+    return found
+
+
+def _spec_for(name: str, in_features: int, bits: int, cfg: GptqConfig | RtnConfig, where: str) -> QuantSpec:
+    group, sym = cfg.group_size, cfg.sym
+    for ov in cfg.overrides:
+        if re.search(ov.pattern, name):
+            bits = ov.bits if ov.bits is not None else bits
+            group = ov.group_size if ov.group_size is not None else group
+            sym = ov.sym if ov.sym is not None else sym
+    if group != -1 and in_features % group:
+        divisors = [d for d in (32, 64, 96, 128, 192, 256) if in_features % d == 0]
+        raise InputError(f"{where}.group_size: {group} does not divide {name}'s {in_features} input columns; "
+                         f"pick one of {divisors or [in_features]} or -1")
+    kw = {}
+    if isinstance(cfg, GptqConfig):
+        kw = dict(act_order=cfg.act_order, static_groups=cfg.static_groups, damp=cfg.damp, block_size=cfg.block_size)
+    return QuantSpec(bits=bits, group_size=group, sym=sym, **kw)
+
+
+def _check_fused_share(specs: dict[str, QuantSpec], modules: dict, where: str) -> None:
+    seen: dict[tuple[int, str], tuple[str, QuantSpec]] = {}
+    for name, spec in specs.items():
+        i, short, _ = modules[name]
+        key = (i, llama.SHARED_INPUT[short])
+        if key in seen and seen[key][1] != spec:
+            raise InputError(f"{where}.overrides give {seen[key][0]} and {name} different settings; fused groups "
+                             "(q/k/v, gate/up) share one scheme")
+        seen.setdefault(key, (name, spec))
+
+
+def layer_importance(model: nn.Module, ctx: PassContext, mixed: MixedBits, modules: dict) -> list[float]:
+    """One score per decoder layer: LIM (1 - cos of block input and output, dense), ZD (weight outliers), or random."""
+    n_layers = len(llama.blocks(model))
+    if mixed.importance == "random":
+        g = torch.Generator().manual_seed(ctx.seed)
+        return torch.rand(n_layers, generator=g, dtype=torch.float64).tolist()
+    if mixed.importance == "zd":
+        return [zd_score([lin.weight for (i, _, lin) in modules.values() if i == layer] or [torch.zeros(2)],
+                         mixed.zd_threshold) for layer in range(n_layers)]
+    scores = [0.0] * n_layers
+
+    def visit(i, _block, inputs, outputs, _stats):
+        total, count = 0.0, 0
+        for x_in, x_out in zip(inputs, outputs):
+            t, c = lim_score(x_in, x_out)
+            total, count = total + t, count + c
+        scores[i] = total / count
+
+    for_each_block(model, llama.blocks(model), ctx.calibration, visit, batch_size=ctx.batch_size, desc="lim: importance")
+    return scores
+
+
+def _record(q: Quantized, spec: QuantSpec, shape: tuple[int, int]) -> QuantRecord:
+    return QuantRecord(bits=spec.bits, group_size=spec.group_size, sym=spec.sym, shape=shape,
+                       packed=pack(q.codes, spec.bits, 1), scale=q.scale.float().contiguous(),
+                       zero=q.zero.round().to(torch.int32).contiguous(), g_idx=q.g_idx.to(torch.int32).contiguous())
+
+
+def _relative_error(W: torch.Tensor, Wq: torch.Tensor, xtx: torch.Tensor | None) -> float:
+    """tr(dW H dW^T) / tr(W H W^T) with H = X^T X: the share of output energy the quantization error adds."""
+    dW = (Wq - W).double()
+    if xtx is None:
+        return float((dW**2).sum() / (W.double() ** 2).sum())
+    H = xtx.double()
+    return float(((dW @ H) * dW).sum() / ((W.double() @ H) * W.double()).sum())
+
+
+class QuantizePass:
+    def __init__(self, config: GptqConfig | RtnConfig):
+        self.config = config
+        self.method = "gptq" if isinstance(config, GptqConfig) else "rtn"
+
+    def run(self, model: nn.Module, ctx: PassContext) -> PassReport:
+        t0 = time.perf_counter()
+        cfg, where = self.config, f"passes[{ctx.index}]"
+        if getattr(model.config, "quantization_config", None) is not None or ctx.plan.quantized:
+            raise InputError(f"{where}: the model is already quantized; quantize the dense source instead")
+        modules = select_modules(model, cfg.targets, cfg.ignore, where)
+        n_layers = len(llama.blocks(model))
+        report = PassReport(name=self.method)
+        if isinstance(cfg.bits, MixedBits):
+            importance = layer_importance(model, ctx, cfg.bits, modules)
+            sizes = [sum(lin.weight.numel() for (i, _, lin) in modules.values() if i == layer) for layer in range(n_layers)]
+            layer_bits = assign_by_rank(importance, sizes, cfg.bits.average, cfg.bits.choices)
+            report.summary["importance"] = {"method": cfg.bits.importance, "scores": [round(s, 6) for s in importance]}
+        else:
+            layer_bits = [cfg.bits] * n_layers
+        specs = {name: _spec_for(name, lin.in_features, layer_bits[i], cfg, where) for name, (i, _, lin) in modules.items()}
+        _check_fused_share(specs, modules, where)
+
+        rows: dict[int, dict] = {}
+
+        def quantize_one(name: str, xtx: torch.Tensor | None, n: int) -> None:
+            i, _short, lin = modules[name]
+            spec = specs[name]
+            W = lin.weight.data
+            if not torch.isfinite(W).all():
+                raise CompressError(f"{name}: non-finite weights; stopping")
+            if xtx is not None and not torch.isfinite(xtx).all():
+                raise CompressError(f"{name}: non-finite calibration activations; stopping")
+            if xtx is None:
+                codes, scale, zero = rtn(W, spec)
+                g = W.shape[1] if spec.group_size == -1 else spec.group_size
+                q = Quantized(codes, scale, zero, (torch.arange(W.shape[1]) // g).to(torch.int32))
+            else:
+                q = gptq_quantize(W, 2.0 / n * xtx, spec)
+            Wq = q.dequantize().to(W.dtype)
+            err = _relative_error(W, Wq, xtx)
+            lin.weight.data = Wq
+            ctx.plan.quantized[name] = _record(q, spec, tuple(W.shape))
+            row = rows.setdefault(i, {"layer": i, "bits": spec.bits, "modules": 0, "rel err mean": 0.0,
+                                      "rel err max": 0.0, "notes": ""})
+            row["modules"] += 1
+            row["rel err mean"] += err
+            row["rel err max"] = max(row["rel err max"], err)
+            for note in q.notes + ([q.fallback] if q.fallback else []):
+                row["notes"] = (row["notes"] + "; " if row["notes"] else "") + f"{name.split('.')[-1]}: {note}"
+            if q.fallback:
+                report.fallbacks.append(f"{name}: {q.fallback}")
+
+        if self.method == "rtn":
+            for name in modules:
+                quantize_one(name, None, 0)
+        else:
+            def watch(i, _block):  # one watched module per shared input
+                reps = {}
+                for name, (li, short, lin) in modules.items():
+                    if li == i and llama.SHARED_INPUT[short] == short:
+                        reps[name] = lin
+                return reps
+
+            def visit(i, _block, _inputs, _outputs, stats):
+                for name, (li, short, _lin) in modules.items():
+                    if li != i:
+                        continue
+                    rep = name.rsplit(".", 2)[0] + "." + ("self_attn" if llama.SHARED_INPUT[short] in llama.ATTN else "mlp") \
+                        + "." + llama.SHARED_INPUT[short]
+                    s = stats[rep]
+                    quantize_one(name, s.xtx, s.n)
+                return True  # the block changed: recompute its outputs for the next block
+
+            for_each_block(model, llama.blocks(model), ctx.calibration, visit, watch, batch_size=ctx.batch_size,
+                           want_xtx=True, desc="gptq: blocks")
+        for row in rows.values():
+            row["rel err mean"] = round(row["rel err mean"] / row["modules"], 6)
+            row["rel err max"] = round(row["rel err max"], 6)
+        report.rows = [rows[i] for i in sorted(rows)]
+        total = sum(lin.weight.numel() for (_, _, lin) in modules.values())
+        report.summary.update({
+            "method": self.method, "modules": len(modules),
+            "average_bits": round(sum(specs[n].bits * modules[n][2].weight.numel() for n in modules) / total, 4),
+            "layer_bits": layer_bits, "group_size": cfg.group_size, "sym": cfg.sym,
+        })
+        report.seconds = time.perf_counter() - t0
+        return report

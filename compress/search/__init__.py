@@ -1,0 +1,1 @@
+"""Budget allocation across layers."""
