@@ -95,7 +95,8 @@ class RunResult:
             {"": "all params", "dense": r["params"]["dense"], "compressed": r["params"]["compressed"]},
             {"": "weights MB", "dense": round(r["weights_bytes"]["dense"] / 2**20, 1),
              "compressed": round(r["weights_bytes"]["compressed"] / 2**20, 1)},
-        ]
+        ] + ([{"": "bits per quantized weight", "dense": "", "compressed": r["bits_per_weight"]["stored"]}]
+             if r.get("bits_per_weight") else [])
 
     def __str__(self) -> str:
         r = self.report
@@ -176,6 +177,24 @@ def _round_to_export(model, plan: Plan, dtype: torch.dtype) -> None:
             named[name][2].weight.copy_(q.dequantize())
 
 
+def quantized_bits(state: dict[str, torch.Tensor], plan: Plan) -> dict | None:
+    """Bits per quantized weight as stored (codes, scales, zero points, g_idx) and as theory predicts."""
+    if not plan.quantized:
+        return None
+    n = stored = theory = 0
+    for name, q in plan.quantized.items():
+        out_f, in_f = q.shape
+        n += out_f * in_f
+        for suffix in ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx"):
+            t = state.get(f"{name}.{suffix}")
+            stored += 0 if t is None else t.numel() * t.element_size() * 8
+        g = in_f if q.group_size == -1 else q.group_size
+        scale_bits = state[f"{name}.weight_scale"].element_size() * 8
+        per_group = scale_bits + (0 if q.sym else q.bits)
+        theory += out_f * in_f * q.bits + out_f * (in_f // g) * per_group + (0 if q.ordered_groups else 32 * in_f)
+    return {"stored": round(stored / n, 4), "theory": round(theory / n, 4), "quantized_weights": n}
+
+
 def _check_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise InputError(f"output {out} exists; pass --overwrite to replace it")
@@ -225,6 +244,7 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     config, layers, why_not_stock = artifact_config(model.config.to_dict(), layers, schemes)
     config["dtype"] = str(dtype).removeprefix("torch.")
     state = _state_for_export(model, layers, dtype, plan)
+    bits = quantized_bits(state, plan)
     report = {
         "recipe": recipe.to_dict(),
         "source": {"name": source.name, "identity": source.identity, "path": str(source.path),
@@ -239,6 +259,7 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
         "stock_config_reason": why_not_stock or "",
         "fallbacks": [f for r in reports for f in r.fallbacks],
         "export_dtype": str(dtype).removeprefix("torch."),
+        "bits_per_weight": bits,
     }
     try:
         with ArtifactWriter(out, overwrite=overwrite) as w:

@@ -46,9 +46,10 @@ def _spec_for(name: str, in_features: int, bits: int, cfg: GptqConfig | RtnConfi
             group = ov.group_size if ov.group_size is not None else group
             sym = ov.sym if ov.sym is not None else sym
     if group != -1 and in_features % group:
-        divisors = [d for d in (32, 64, 96, 128, 192, 256) if in_features % d == 0]
+        divisors = [d for d in range(8, min(in_features, 256) + 1, 8) if in_features % d == 0]
         raise InputError(f"{where}.group_size: {group} does not divide {name}'s {in_features} input columns; "
-                         f"pick one of {divisors or [in_features]} or -1")
+                         f"pick one of {divisors or [in_features]} or -1 (after pruning, a pruning pass with "
+                         f"round_to: {group} keeps widths divisible)")
     kw = {}
     if isinstance(cfg, GptqConfig):
         kw = dict(act_order=cfg.act_order, static_groups=cfg.static_groups, damp=cfg.damp, block_size=cfg.block_size)

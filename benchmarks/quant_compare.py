@@ -1,0 +1,130 @@
+"""Quantization methods side by side on the packaged default model, one run, same calibration windows.
+
+    python benchmarks/quant_compare.py [--methods all] [--windows 64] [--max-windows 32] [--threads 2]
+
+Each method runs in its own subprocess (so its peak memory is its own) on a fresh copy of the dense model:
+RTN and GPTQ at 4 and 3 bits (group 64, symmetric), and mixed precision at an average of 3.25 bits with LIM, ZD
+and random layer rankings against uniform 3-bit. Reports held-out perplexity in the calibration domain (pydoc) and
+out of it (licenses), bits per weight (codes + scales), quantization seconds and peak resident memory; writes
+docs/results/quant_compare.{json,md} and, when matplotlib is installed, quant_compare.png (perplexity vs bits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+G = 64
+METHODS = {
+    "rtn w4": {"pass": "rtn", "bits": 4, "group_size": G},
+    "gptq w4": {"pass": "gptq", "bits": 4, "group_size": G, "act_order": True},
+    "rtn w3": {"pass": "rtn", "bits": 3, "group_size": G},
+    "gptq w3": {"pass": "gptq", "bits": 3, "group_size": G, "act_order": True},
+    "gptq mixed 3.25 lim": {"pass": "gptq", "bits": {"average": 3.25, "choices": [3, 4], "importance": "lim"},
+                            "group_size": G, "act_order": True},
+    "gptq mixed 3.25 zd": {"pass": "gptq", "bits": {"average": 3.25, "choices": [3, 4], "importance": "zd"},
+                           "group_size": G, "act_order": True},
+    "gptq mixed 3.25 random": {"pass": "gptq", "bits": {"average": 3.25, "choices": [3, 4], "importance": "random"},
+                               "group_size": G, "act_order": True},
+}
+
+
+def run_one(label: str, args) -> dict:
+    """Quantize a fresh dense model with one method and evaluate it (runs inside the child process)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from calibration.sources import load_corpus, sample_windows, tokenize
+    from compress.models import load_model, resolve_model
+    from compress.passes import PassContext, make_pass
+    from compress.pipeline import EVAL_BATCH, EvalSets
+    from compress.plan import Plan
+    from compress.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "llama-w4.yaml", [f"evaluate.max_windows={args.max_windows}"])
+    model, tok = load_model(resolve_model(recipe.model))
+    calib = sample_windows(tokenize(tok, load_corpus("pydoc").split("calibration")), args.windows, 256, 0, "calib")
+    sets = EvalSets.build(recipe, tok)
+    row = {"method": label}
+    if label != "dense":
+        cfg = load_recipe(recipe, [f"passes.0={json.dumps(METHODS[label])}"]).passes[0]
+        plan = Plan()
+        t0 = time.perf_counter()
+        rep = make_pass(cfg).run(model, PassContext(calibration=calib, plan=plan, batch_size=8, seed=0))
+        seconds = time.perf_counter() - t0
+        n = sum(q.shape[0] * q.shape[1] for q in plan.quantized.values())
+        code_bits = sum(q.bits * q.shape[0] * q.shape[1] for q in plan.quantized.values())
+        scale_bits = sum(q.scale.numel() * 16 for q in plan.quantized.values())  # as fp16/bf16 scales
+        row.update({"avg bits": round(code_bits / n, 3), "bits/weight": round((code_bits + scale_bits) / n, 3),
+                    "quant s": round(seconds, 1), "fallbacks": len(rep.fallbacks)})
+    row.update({f"ppl {k}": round(v, 3) for k, v in sets.perplexities(model, EVAL_BATCH).items()})
+    row["peak MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="+", default=["all"])
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--max-windows", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "quant_compare"))
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args)))
+        return
+    labels = ["dense", *METHODS] if args.methods == ["all"] else args.methods
+    rows = []
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
+    for label in labels:
+        cmd = [sys.executable, __file__, "--one", label, "--windows", str(args.windows),
+               "--max-windows", str(args.max_windows), "--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+        if proc.returncode != 0:
+            raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    from compress.tables import markdown_table, text_table
+
+    print("\n" + text_table(rows))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"command": "python benchmarks/quant_compare.py " + " ".join(sys.argv[1:]),
+            "calibration": f"{args.windows} x 256 tokens, pydoc calibration split, seed 0",
+            "perplexity": f"seq_len 256, <= {args.max_windows} windows per text", "threads": args.threads,
+            "bits/weight": "codes + one 16-bit scale per group of 64 (symmetric: no zero points)"}
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    out.with_suffix(".md").write_text("\n".join(["# Quantization compared\n", f"Command: `{meta['command']}`\n",
+                                                 *(f"- {k}: {v}" for k, v in meta.items() if k != "command"), "",
+                                                 markdown_table(rows), ""]))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, [k for k in rows[0] if k.startswith("ppl ")]):
+        for r in rows[1:]:
+            ax.scatter(r["bits/weight"], r[key], label=r["method"])
+        ax.axhline(rows[0][key], color="gray", linestyle="--", label="dense")
+        ax.set_xlabel("bits per weight (codes + scales)")
+        ax.set_ylabel(key)
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+
+
+if __name__ == "__main__":
+    main()

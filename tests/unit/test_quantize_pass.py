@@ -1,0 +1,158 @@
+"""The quantize passes end to end on tiny models: packed artifacts, stock loading, mixed precision, errors."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+import export
+from compress import api
+from compress.cli import cli
+
+SMALL = ["calibration.windows=8", "calibration.seq_len=64", "evaluate.seq_len=64", "evaluate.max_windows=4"]
+QUIET = dict(log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def tiny_q(tmp_path_factory):
+    """hidden 128 and MLP 256: group sizes 32 and 64 divide every projection."""
+    from tests.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-q"), "llama", hidden_size=128, num_attention_heads=8,
+                           num_key_value_heads=2, head_dim=16, intermediate_size=256, num_hidden_layers=4)
+
+
+def _run(model, passes, out, extra=()):
+    return api.run({"name": "q", "model": str(model), "passes": passes}, out=out, overrides=[*SMALL, *extra], **QUIET)
+
+
+def _bits_per_weight(artifact) -> float:
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    total_bits = n_weights = 0
+    for name, scheme in manifest["quantization"].items():
+        out_f, in_f = scheme["shape"]
+        n_weights += out_f * in_f
+        with safe_open(artifact / "model.safetensors", framework="pt") as f:
+            for suffix in ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx"):
+                key = f"{name}.{suffix}"
+                if key in f.keys():
+                    t = f.get_tensor(key)
+                    total_bits += t.numel() * t.element_size() * 8
+    return total_bits / n_weights
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_gptq_w4_artifact_loads_in_stock_transformers(tiny_q, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    res = _run(tiny_q, [{"pass": "gptq", "bits": 4, "group_size": 32}], tmp_path / "a")
+    rep = res.report
+    assert rep["stock_config"] is True and rep["verify"]["max_abs_logit_diff"] < 1e-4
+    cfg = json.loads((res.artifact / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert list(qc["config_groups"].values())[0]["weights"]["num_bits"] == 4
+    # 4-bit codes + one fp32 scale per 32 weights = 5 bits per weight
+    assert _bits_per_weight(res.artifact) == pytest.approx(4 + 32 / 32, rel=0.02)
+    assert rep["bits_per_weight"]["stored"] == pytest.approx(rep["bits_per_weight"]["theory"], rel=0.02)
+    assert rep["bits_per_weight"]["stored"] == pytest.approx(_bits_per_weight(res.artifact), rel=1e-6)
+    assert rep["weights_bytes"]["compressed"] < 0.6 * rep["weights_bytes"]["dense"]
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    ours = export.load(res.artifact)
+    stock = AutoModelForCausalLM.from_pretrained(res.artifact, dtype=torch.float32).eval()
+    assert (_logits(stock, ids) - _logits(ours, ids)).abs().max() < 1e-3
+    q = ours.model.layers[0].self_attn.q_proj
+    assert type(q).__name__ == "QuantLinear" and q.weight_packed.dtype == torch.int32  # memory held stays packed
+
+
+def test_gptq_beats_rtn_on_held_out_text(tiny_q, tmp_path):
+    ppl = {}
+    for method in ("gptq", "rtn"):
+        res = _run(tiny_q, [{"pass": method, "bits": 3, "group_size": 32}], tmp_path / method)
+        ppl[method] = res.report["quality"][0]["compressed ppl"]
+    assert ppl["gptq"] < ppl["rtn"]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_asymmetric_widths_round_trip_with_our_loader(tiny_q, tmp_path, bits):
+    res = _run(tiny_q, [{"pass": "rtn", "bits": bits, "group_size": 64, "sym": False}], tmp_path / "a")
+    assert res.report["stock_config"] is False and "asymmetric" in res.report["stock_config_reason"]
+    assert res.report["verify"]["max_abs_logit_diff"] < 1e-4
+    assert _bits_per_weight(res.artifact) == pytest.approx(bits + (32 + bits) / 64, rel=0.02)
+    with pytest.raises((ValueError, KeyError)):  # stock transformers refuses rather than loading wrong weights
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(res.artifact)
+
+
+def test_act_order_without_static_groups_keeps_g_idx(tiny_q, tmp_path):
+    res = _run(tiny_q, [{"pass": "gptq", "bits": 4, "group_size": 32, "act_order": True, "static_groups": False}],
+               tmp_path / "a")
+    assert res.report["stock_config"] is False and "g_idx" in res.report["stock_config_reason"]
+    assert res.report["verify"]["max_abs_logit_diff"] < 1e-4
+    manifest = json.loads((res.artifact / "manifest.json").read_text())
+    assert any(k.endswith("weight_g_idx") for k in manifest["tensors"])
+
+
+def test_mixed_precision_meets_average_and_fused_groups_share(tiny_q, tmp_path):
+    res = _run(tiny_q, [{"pass": "gptq", "bits": {"average": 3.5, "choices": [3, 4], "importance": "lim"},
+                         "group_size": 32}], tmp_path / "a")
+    summary = res.report["passes"][0]["summary"]
+    assert summary["layer_bits"].count(4) == 2 and summary["layer_bits"].count(3) == 2
+    assert summary["average_bits"] <= 3.5
+    scores = summary["importance"]["scores"]
+    top = sorted(range(4), key=lambda i: -scores[i])[:2]
+    assert all(summary["layer_bits"][i] == 4 for i in top)  # the most changed layers get the wider width
+    manifest = json.loads((res.artifact / "manifest.json").read_text())
+    for i in range(4):
+        widths = {s["bits"] for n, s in manifest["quantization"].items() if n.startswith(f"model.layers.{i}.")}
+        assert len(widths) == 1
+    cfg = json.loads((res.artifact / "config.json").read_text())
+    assert len(cfg["quantization_config"]["config_groups"]) == 2
+
+
+def test_overrides_and_targets(tiny_q, tmp_path):
+    res = _run(tiny_q, [{"pass": "gptq", "bits": 4, "group_size": 32, "ignore": [r"layers\.0\."],
+                         "overrides": [{"pattern": r"mlp\.down_proj", "bits": 8}]}], tmp_path / "a")
+    manifest = json.loads((res.artifact / "manifest.json").read_text())
+    q = manifest["quantization"]
+    assert not any(n.startswith("model.layers.0.") for n in q)
+    assert q["model.layers.1.mlp.down_proj"]["bits"] == 8 and q["model.layers.1.mlp.up_proj"]["bits"] == 4
+    assert "model.layers.0.mlp.down_proj.weight" in manifest["tensors"]  # left dense
+
+
+def test_prune_then_quantize_is_stock(tiny_q, tmp_path):
+    res = _run(tiny_q, [{"pass": "flap", "target": 0.3, "structure": "uniform", "round_to": 32},
+                        {"pass": "gptq", "bits": 4, "group_size": 32}], tmp_path / "a")
+    assert res.report["stock_config"] is True
+    from transformers import AutoModelForCausalLM
+
+    stock = AutoModelForCausalLM.from_pretrained(res.artifact, dtype=torch.float32).eval()
+    ids = torch.randint(0, 300, (1, 32), generator=torch.Generator().manual_seed(2))
+    assert (_logits(stock, ids) - _logits(export.load(res.artifact), ids)).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("passes, expected", [
+    ([{"pass": "gptq", "bits": 5}], "passes.0.bits"),
+    ([{"pass": "gptq", "bits": 4, "group_size": 48}], "group_size: 48 does not divide"),
+    ([{"pass": "gptq", "bits": {"average": 9}}], "cannot be met with choices"),
+    ([{"pass": "gptq", "bits": {"average": 1.5, "choices": [2, 4]}}], "cannot be met"),
+    ([{"pass": "rtn", "targets": ["nothing_here"]}], "matched no module"),
+    ([{"pass": "rtn", "targets": [r"q_proj"]}], "k_proj of layer 0 is not"),
+    ([{"pass": "rtn", "group_size": 32, "overrides": [{"pattern": "k_proj", "bits": 8}]}], "share one scheme"),
+    ([{"pass": "rtn", "group_size": 32}, {"pass": "gptq", "group_size": 32}], "already quantized"),
+])
+def test_bad_quantization_input(tiny_q, tmp_path, passes, expected):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"name": "q", "model": str(tiny_q), "passes": passes}))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["run", "-r", str(recipe), "--out", str(out), *sum((["--set", o] for o in SMALL), [])])
+    assert res.exit_code == 2, res.output
+    assert expected in res.output
+    assert not out.exists()
