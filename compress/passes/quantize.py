@@ -89,6 +89,11 @@ def layer_importance(model: nn.Module, ctx: PassContext, mixed: MixedBits, modul
     return scores
 
 
+def _shared_input_name(name: str, short: str) -> str:
+    """The module whose inputs `name` shares (model.layers.3.self_attn.k_proj -> ...self_attn.q_proj)."""
+    return name.removesuffix(short) + llama.SHARED_INPUT[short]
+
+
 def _record(q: Quantized, spec: QuantSpec, shape: tuple[int, int]) -> QuantRecord:
     return QuantRecord(bits=spec.bits, group_size=spec.group_size, sym=spec.sym, shape=shape,
                        packed=pack(q.codes, spec.bits, 1), scale=q.scale.float().contiguous(),
@@ -170,12 +175,9 @@ class QuantizePass:
 
             def visit(i, _block, _inputs, _outputs, stats):
                 for name, (li, short, _lin) in modules.items():
-                    if li != i:
-                        continue
-                    rep = name.rsplit(".", 2)[0] + "." + ("self_attn" if llama.SHARED_INPUT[short] in llama.ATTN else "mlp") \
-                        + "." + llama.SHARED_INPUT[short]
-                    s = stats[rep]
-                    quantize_one(name, s.xtx, s.n)
+                    if li == i:
+                        s = stats[_shared_input_name(name, short)]
+                        quantize_one(name, s.xtx, s.n)
                 return True  # the block changed: recompute its outputs for the next block
 
             for_each_block(model, llama.blocks(model), ctx.calibration, visit, watch, batch_size=ctx.batch_size,
