@@ -83,10 +83,15 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the JSON of the last run")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "quant_compare"))
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one, args)))
+        return
+    if args.plot_only:
+        out = Path(args.out)
+        plot(json.loads(out.with_suffix(".json").read_text())["rows"], out.with_suffix(".png"))
         return
     labels = ["dense", *METHODS] if args.methods == ["all"] else args.methods
     rows = []
@@ -112,25 +117,39 @@ def main() -> None:
     out.with_suffix(".md").write_text("\n".join(["# Quantization compared\n", f"Command: `{meta['command']}`\n",
                                                  *(f"- {k}: {v}" for k, v in meta.items() if k != "command"), "",
                                                  markdown_table(rows), ""]))
+    plot(rows, out.with_suffix(".png"))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Perplexity against bits per weight, one panel per text; marker by method family."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not installed: no plot (pip install matplotlib)")
+        print("matplotlib not installed: no plot (pip install -e '.[bench]')")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    style = {"rtn": ("s", "tab:red"), "gptq w": ("o", "tab:blue"), "lim": ("^", "tab:green"),
+             "zd": ("v", "tab:purple"), "random": ("x", "tab:gray")}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key in zip(axes, [k for k in rows[0] if k.startswith("ppl ")]):
         for r in rows[1:]:
-            ax.scatter(r["bits/weight"], r[key], label=r["method"])
-        ax.axhline(rows[0][key], color="gray", linestyle="--", label="dense")
-        ax.set_xlabel("bits per weight (codes + scales)")
+            marker, color = next(v for k, v in style.items() if k in r["method"])
+            filled = "0.01" not in r["method"]
+            if marker == "x":  # an unfilled marker takes only a colour
+                ax.scatter(r["bits/weight"], r[key], marker=marker, s=50, label=r["method"], color=color)
+            else:
+                ax.scatter(r["bits/weight"], r[key], marker=marker, s=50, label=r["method"],
+                           color=color if filled else "none", edgecolors=color)
+        ax.axhline(rows[0][key], color="black", linestyle="--", linewidth=1, label="dense")
+        ax.set_xlabel("bits per weight (codes + 16-bit scales)")
         ax.set_ylabel(key)
         ax.set_yscale("log")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle("SmolLM2-135M, group 64 symmetric; hollow = damp 0.01", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
