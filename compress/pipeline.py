@@ -229,7 +229,8 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
         plan.passes.append(cfg.pass_)
         rep = p.run(model, ctx)
         reports.append(rep)
-        log(f"\npasses[{i}] {rep.name}: {rep.summary}\n{text_table(rep.rows)}")
+        scalars = ", ".join(f"{k}={v}" for k, v in rep.summary.items() if not isinstance(v, (list, dict)))
+        log(f"\npasses[{i}] {rep.name} ({rep.seconds:.0f} s): {scalars}\n{text_table(rep.rows)}")
 
     dtype = source_dtype(source.path) if recipe.export.dtype == "auto" else _DTYPES[recipe.export.dtype]
     _round_to_export(model, plan, dtype)
