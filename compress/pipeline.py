@@ -20,7 +20,7 @@ from compress.passes import PassContext, make_pass
 from compress.plan import Plan
 from compress.recipe import Recipe
 from compress.tables import html_table, markdown_table, text_table
-from export.interop import artifact_config, quantized_tensors
+from export.interop import artifact_config, gptq_tensors, quantized_tensors
 from export.loader import load as load_artifact
 from export.writer import ArtifactExistsError, ArtifactWriter, sha256_file
 
@@ -146,13 +146,14 @@ def _model_card(recipe: Recipe, source: ModelSource, report: dict) -> str:
     return "\n".join(lines)
 
 
-def _state_for_export(model, layers: list[dict], dtype: torch.dtype, plan: Plan) -> dict[str, torch.Tensor]:
+def _state_for_export(model, layers: list[dict], dtype: torch.dtype, plan: Plan,
+                      quant_format: str) -> dict[str, torch.Tensor]:
     """Model weights in the export dtype (quantized linears packed), with zero biases where the stock config implies
     a bias we did not add."""
     state = {k: v.to(dtype) for k, v in model.state_dict().items()}
     for name, q in plan.quantized.items():
         del state[f"{name}.weight"]
-        state.update(quantized_tensors(name, q, dtype))
+        state.update(gptq_tensors(name, q) if quant_format == "gptq" else quantized_tensors(name, q, dtype))
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     for i, (block, spec) in enumerate(zip(llama.blocks(model), layers)):
@@ -164,7 +165,7 @@ def _state_for_export(model, layers: list[dict], dtype: torch.dtype, plan: Plan)
     return state
 
 
-def _round_to_export(model, plan: Plan, dtype: torch.dtype) -> None:
+def _round_to_export(model, plan: Plan, dtype: torch.dtype, scale_dtype: torch.dtype) -> None:
     """Make the in-memory weights exactly what the artifact stores: parameters rounded to the export dtype, and each
     quantized weight rebuilt from its codes with scales rounded to that dtype. Buffers (rotary frequencies) are
     computed at load, not stored, and stay as they are."""
@@ -173,25 +174,27 @@ def _round_to_export(model, plan: Plan, dtype: torch.dtype) -> None:
         for p in model.parameters():
             p.copy_(p.to(dtype))
         for name, q in plan.quantized.items():
-            q.scale = q.scale.to(dtype).float()
+            q.scale = q.scale.to(scale_dtype).float()
             named[name][2].weight.copy_(q.dequantize())
 
 
 def quantized_bits(state: dict[str, torch.Tensor], plan: Plan) -> dict | None:
-    """Bits per quantized weight as stored (codes, scales, zero points, g_idx) and as theory predicts."""
+    """Bits per quantized weight as stored (codes, scales, zero points, group index) and as theory predicts."""
     if not plan.quantized:
         return None
     n = stored = theory = 0
     for name, q in plan.quantized.items():
         out_f, in_f = q.shape
         n += out_f * in_f
-        for suffix in ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx"):
-            t = state.get(f"{name}.{suffix}")
-            stored += 0 if t is None else t.numel() * t.element_size() * 8
+        parts = {k.removeprefix(f"{name}."): t for k, t in state.items()
+                 if k.startswith(f"{name}.") and not k.endswith((".bias", ".weight_shape"))}
+        stored += sum(t.numel() * t.element_size() * 8 for t in parts.values())
         g = in_f if q.group_size == -1 else q.group_size
-        scale_bits = state[f"{name}.weight_scale"].element_size() * 8
-        per_group = scale_bits + (0 if q.sym else q.bits)
-        theory += out_f * in_f * q.bits + out_f * (in_f // g) * per_group + (0 if q.ordered_groups else 32 * in_f)
+        scale = parts.get("weight_scale", parts.get("scales"))
+        zeros_stored = "qzeros" in parts or not q.sym
+        g_idx_stored = "g_idx" in parts or not q.ordered_groups
+        theory += out_f * in_f * q.bits + out_f * (in_f // g) * (scale.element_size() * 8 + (q.bits if zeros_stored else 0))
+        theory += 32 * in_f if g_idx_stored else 0
     return {"stored": round(stored / n, 4), "theory": round(theory / n, 4), "quantized_weights": n}
 
 
@@ -233,7 +236,8 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
         log(f"\npasses[{i}] {rep.name} ({rep.seconds:.0f} s): {scalars}\n{text_table(rep.rows)}")
 
     dtype = source_dtype(source.path) if recipe.export.dtype == "auto" else _DTYPES[recipe.export.dtype]
-    _round_to_export(model, plan, dtype)
+    qformat = recipe.export.quant_format
+    _round_to_export(model, plan, dtype, torch.float16 if qformat == "gptq" else dtype)
     comp_ppl = eval_sets.perplexities(model, EVAL_BATCH)
     quality = [
         {"text": name, "dense ppl": round(dense_ppl[name], 3), "compressed ppl": round(comp_ppl[name], 3),
@@ -241,10 +245,12 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
         for name in dense_ppl
     ]
     layers = [llama.block_shape(b).to_dict() for b in llama.blocks(model)]
-    schemes = {n: q.scheme() for n, q in plan.quantized.items()}
-    config, layers, why_not_stock = artifact_config(model.config.to_dict(), layers, schemes)
+    schemes = {n: {**q.scheme(), "format": qformat} for n, q in plan.quantized.items()}
+    config, layers, why_not_stock = artifact_config(model.config.to_dict(), layers, schemes, qformat)
+    if qformat == "gptq" and why_not_stock:
+        raise InputError(f"export.quant_format: gptq cannot store this model: {why_not_stock}")
     config["dtype"] = str(dtype).removeprefix("torch.")
-    state = _state_for_export(model, layers, dtype, plan)
+    state = _state_for_export(model, layers, dtype, plan, qformat)
     bits = quantized_bits(state, plan)
     report = {
         "recipe": recipe.to_dict(),

@@ -40,6 +40,9 @@ class EvaluateConfig(_Strict):
 class ExportConfig(_Strict):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     shard_size_mb: float = Field(2000, gt=0)
+    # how quantized linears are stored: compressed-tensors pack-quantized (any widths, mixed), or the GPTQ format
+    # (one symmetric width for every decoder projection; scales in fp16), which gptqmodel and vLLM read
+    quant_format: Literal["compressed-tensors", "gptq"] = "compressed-tensors"
 
 
 class _PruneBase(_Strict):
@@ -149,6 +152,22 @@ class Recipe(_Strict):
     export: ExportConfig = ExportConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _gptq_format_fits(self) -> "Recipe":
+        if self.export.quant_format != "gptq":
+            return self
+        quant = [(i, p) for i, p in enumerate(self.passes) if isinstance(p, (GptqConfig, RtnConfig))]
+        if not quant:
+            raise ValueError("export.quant_format: gptq needs a gptq or rtn pass")
+        for i, p in quant:
+            if not isinstance(p.bits, int) or not p.sym or p.overrides:
+                raise ValueError(f"export.quant_format: gptq stores one symmetric width for the whole model; "
+                                 f"passes.{i} has mixed, asymmetric or overridden settings (use compressed-tensors)")
+            if p.ignore or p.targets != type(p).model_fields["targets"].default:
+                raise ValueError(f"export.quant_format: gptq quantizes every decoder projection; passes.{i} "
+                                 "narrows targets or ignore (use compressed-tensors)")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data as it would be written in YAML (`pass:` keys, not `pass_`)."""

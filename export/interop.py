@@ -74,6 +74,40 @@ def compressed_tensors_config(schemes: dict[str, dict]) -> tuple[dict | None, st
             "config_groups": config_groups, "ignore": ["lm_head"], "kv_cache_scheme": None}, None
 
 
+def gptq_config(schemes: dict[str, dict], n_projections: int) -> tuple[dict | None, str | None]:
+    """GPTQ-format quantization_config (one symmetric width for every decoder projection), or (None, why)."""
+    kinds = {(s["bits"], s["group_size"], s["sym"], s["ordered"]) for s in schemes.values()}
+    if len(kinds) != 1:
+        return None, "the GPTQ format stores one width and group size for the whole model"
+    (bits, group, sym, ordered), = kinds
+    if not sym:
+        return None, "the GPTQ (v1) format stores zero - 1, which loses a zero point of 0: symmetric only"
+    if len(schemes) != n_projections:
+        return None, f"the GPTQ format quantizes every decoder projection; {len(schemes)} of {n_projections} are"
+    return {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": not ordered, "sym": True,
+            "checkpoint_format": "gptq", "format": "gptq", "pack_dtype": "int32", "lm_head": False,
+            "true_sequential": True}, None
+
+
+def gptq_tensors(name: str, q) -> dict[str, torch.Tensor]:
+    """One quantized linear in the GPTQ (v1) format: qweight (in*bits/32, out) packed along the input, qzeros
+    (G, out*bits/32) holding zero - 1 packed along the output, scales (G, out) fp16, g_idx (in,) int32."""
+    zeros_v1 = (q.zero - 1) & (2**q.bits - 1)  # (out, G)
+    return {f"{name}.qweight": q.packed.T.contiguous(), f"{name}.qzeros": pack(zeros_v1.T.contiguous(), q.bits, dim=1),
+            f"{name}.scales": q.scale.T.to(torch.float16).contiguous(), f"{name}.g_idx": q.g_idx.to(torch.int32)}
+
+
+def gptq_to_packed(state: dict[str, torch.Tensor], name: str, scheme: dict) -> None:
+    """Rename a GPTQ-format linear's tensors, in place, to the pack-quantized buffers our QuantLinear holds."""
+    qweight, scales, g_idx = state.pop(f"{name}.qweight"), state.pop(f"{name}.scales"), state.pop(f"{name}.g_idx")
+    state.pop(f"{name}.qzeros")  # symmetric: zero = 2^(bits-1) by definition
+    state[f"{name}.weight_packed"] = qweight.T.contiguous()
+    state[f"{name}.weight_scale"] = scales.T.contiguous()
+    state[f"{name}.weight_shape"] = torch.tensor(scheme["shape"], dtype=torch.int64)
+    if not scheme["ordered"]:
+        state[f"{name}.weight_g_idx"] = g_idx
+
+
 def quantized_tensors(name: str, q, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The tensors of one quantized linear in compressed-tensors naming (q: a record with bits, sym, shape, packed,
     scale, zero, g_idx, ordered_groups)."""
@@ -86,8 +120,8 @@ def quantized_tensors(name: str, q, dtype: torch.dtype) -> dict[str, torch.Tenso
     return out
 
 
-def artifact_config(base: dict, layers: list[dict], quant: dict[str, dict] | None = None
-                    ) -> tuple[dict, list[dict], str | None]:
+def artifact_config(base: dict, layers: list[dict], quant: dict[str, dict] | None = None,
+                    quant_format: str = "compressed-tensors") -> tuple[dict, list[dict], str | None]:
     """(config.json content, layers with the biases the config implies, why not stock or None).
 
     Stock form: widths in the config's own fields, zero biases filled in where the stock flags add some, and a
@@ -104,7 +138,12 @@ def artifact_config(base: dict, layers: list[dict], quant: dict[str, dict] | Non
         why = "layers have different widths; a stock config expresses one width for all"
     elif flags is None:
         why = f"{model_type} has no config flag for biases on {sorted(needed - set(stock_bias(model_type, {})))}"
-    qconfig, qwhy = compressed_tensors_config(quant) if quant else (None, None)
+    if not quant:
+        qconfig, qwhy = None, None
+    elif quant_format == "gptq":
+        qconfig, qwhy = gptq_config(quant, len(layers) * (len(ATTN) + len(MLP)))
+    else:
+        qconfig, qwhy = compressed_tensors_config(quant)
     if why is None and qwhy is not None:
         why = qwhy
     if why is None:

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from export.format import ArtifactError, CONFIG, FORMAT_NAME, FORMAT_VERSION, MANIFEST, PRUNED_MODEL_TYPE
+from export.interop import gptq_to_packed
 from export.qlinear import QuantLinear
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -145,6 +146,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     state: dict[str, torch.Tensor] = {}
     for fname in sorted({m["file"] for m in manifest["tensors"].values()}):
         state.update(load_file(path / fname))
+    for name, scheme in manifest.get("quantization", {}).items():
+        if scheme.get("format") == "gptq":
+            gptq_to_packed(state, name, scheme)
     result = model.load_state_dict(state, strict=False, assign=True)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]

@@ -156,3 +156,38 @@ def test_bad_quantization_input(tiny_q, tmp_path, passes, expected):
     assert res.exit_code == 2, res.output
     assert expected in res.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_format_export_round_trips(tiny_q, tmp_path, bits):
+    """GPTQ (v1) layout: qweight (in*bits/32, out), qzeros = zero - 1, fp16 scales; our loader reads it back exactly.
+    (gptqmodel 7.6.0 dequantizes these tensors to the same weights bit for bit; see docs/format.md.)"""
+    res = _run(tiny_q, [{"pass": "gptq", "bits": bits, "group_size": 32}], tmp_path / "a",
+               extra=["export.quant_format=gptq"])
+    rep = res.report
+    assert rep["stock_config"] is True and rep["verify"]["max_abs_logit_diff"] < 1e-4
+    cfg = json.loads((res.artifact / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "gptq" and cfg["bits"] == bits and cfg["sym"] is True
+    with safe_open(res.artifact / "model.safetensors", framework="pt") as f:
+        qw = f.get_tensor("model.layers.0.mlp.down_proj.qweight")
+        qz = f.get_tensor("model.layers.0.mlp.down_proj.qzeros")
+        sc = f.get_tensor("model.layers.0.mlp.down_proj.scales")
+    assert qw.shape == (256 * bits // 32, 128) and sc.shape == (256 // 32, 128) and sc.dtype == torch.float16
+    from export.packing import unpack
+
+    assert (unpack(qz, bits, 128, dim=1) == 2 ** (bits - 1) - 1).all()  # v1 stores the symmetric zero minus one
+    assert rep["bits_per_weight"]["stored"] == pytest.approx(rep["bits_per_weight"]["theory"], rel=1e-6)
+
+
+@pytest.mark.parametrize("passes", [
+    [{"pass": "gptq", "bits": {"average": 3.5, "choices": [3, 4]}, "group_size": 32}],
+    [{"pass": "gptq", "bits": 4, "group_size": 32, "sym": False}],
+    [{"pass": "gptq", "bits": 4, "group_size": 32, "ignore": ["layers\\.0\\."]}],
+    [{"pass": "flap", "target": 0.3}],
+])
+def test_gptq_format_refuses_what_it_cannot_store(tiny_q, tmp_path, passes):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"name": "q", "model": str(tiny_q), "passes": passes,
+                                  "export": {"quant_format": "gptq"}}))
+    res = CliRunner().invoke(cli, ["validate", str(recipe)])
+    assert res.exit_code == 2 and "export.quant_format" in res.output, res.output
