@@ -1,5 +1,6 @@
-"""Stock-format views of a pruned model: a plain Llama-family config.json when every layer has the same widths and
-the biases fit the stock flags; otherwise the documented `compress_pruned` per-layer form that our loader reads."""
+"""Stock-format views of a compressed model: a plain Llama-family config.json when every layer has the same widths
+and the biases fit the stock flags, with a compressed-tensors or GPTQ quantization_config when projections are
+quantized; otherwise the documented `compress_pruned` per-layer form that our loader reads."""
 
 from __future__ import annotations
 
