@@ -90,7 +90,7 @@ def main() -> None:
             "perplexity": f"{ev.PPL_PROTOCOL}; seq_len {args.seq_len}, <= {args.max_windows} windows per text",
             "torch": torch.__version__, "cpu": os.cpu_count()}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    md = [f"# Structured pruning compared\n", f"Command: `{meta['command']}`\n",
+    md = ["# Structured pruning compared\n", f"Command: `{meta['command']}`\n",
           *(f"- {k}: {v}" for k, v in meta.items() if k != "command"), "", markdown_table(rows), ""]
     out.with_suffix(".md").write_text("\n".join(md))
 

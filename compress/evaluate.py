@@ -1,4 +1,4 @@
-"""Perplexity on held-out windows, forward and generation speed, and parameter counts."""
+"""Perplexity on held-out windows, generation speed, and parameter counts (forward speed: benchmarks/speed.py)."""
 
 from __future__ import annotations
 
@@ -22,20 +22,6 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> 
         nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
         count += ids[:, 1:].numel()
     return math.exp(nll / count)
-
-
-@torch.no_grad()
-def forward_seconds(model: nn.Module, n_tokens: int = 2048, repeats: int = 3, vocab: int | None = None) -> float:
-    """Best-of-`repeats` wall time of one forward pass over (1, n_tokens) tokens, after a warm-up."""
-    vocab = vocab or model.config.vocab_size
-    ids = torch.randint(0, vocab, (1, n_tokens), generator=torch.Generator().manual_seed(0))
-    model(input_ids=ids[:, :128], use_cache=False)
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(input_ids=ids, use_cache=False)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 @torch.no_grad()

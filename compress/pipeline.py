@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +18,11 @@ from compress.passes import PassContext, make_pass
 from compress.plan import Plan
 from compress.recipe import Recipe
 from compress.tables import html_table, markdown_table, text_table
+from export.format import DTYPES
 from export.interop import artifact_config, gptq_tensors, quantized_tensors
 from export.loader import load as load_artifact
 from export.writer import ArtifactExistsError, ArtifactWriter, sha256_file
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 LOGIT_TOLERANCE = 1e-4  # reloaded vs in-memory, fp32
 EVAL_BATCH = 2  # windows per forward in perplexity: logits are (B, T, vocab) fp32, 100 MB per window of 256 here
@@ -235,7 +233,7 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
         scalars = ", ".join(f"{k}={v}" for k, v in rep.summary.items() if not isinstance(v, (list, dict)))
         log(f"\npasses[{i}] {rep.name} ({rep.seconds:.0f} s): {scalars}\n{text_table(rep.rows)}")
 
-    dtype = source_dtype(source.path) if recipe.export.dtype == "auto" else _DTYPES[recipe.export.dtype]
+    dtype = source_dtype(source.path) if recipe.export.dtype == "auto" else DTYPES[recipe.export.dtype]
     qformat = recipe.export.quant_format
     _round_to_export(model, plan, dtype, torch.float16 if qformat == "gptq" else dtype)
     comp_ppl = eval_sets.perplexities(model, EVAL_BATCH)
@@ -305,11 +303,3 @@ def _compare_reload(model, folder: Path, ids: torch.Tensor) -> dict:
         raise CompressError(f"reloaded artifact differs from the in-memory model: max |logit diff| {diff:.3e} "
                             f">= {LOGIT_TOLERANCE}; not writing it")
     return {"max_abs_logit_diff": diff, "windows": int(ids.shape[0]), "tolerance": LOGIT_TOLERANCE}
-
-
-def log_stderr(msg: str) -> None:
-    print(msg, file=sys.stderr)
-
-
-def read_report(artifact: Path) -> dict:
-    return json.loads((artifact / "report.json").read_text())

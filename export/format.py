@@ -12,6 +12,10 @@ An artifact folder holds:
 
 from __future__ import annotations
 
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 FORMAT_NAME = "compress-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -11,11 +11,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from export.format import ArtifactError, CONFIG, FORMAT_NAME, FORMAT_VERSION, MANIFEST, PRUNED_MODEL_TYPE
+from export.format import DTYPES, ArtifactError, CONFIG, FORMAT_NAME, FORMAT_VERSION, MANIFEST, PRUNED_MODEL_TYPE
 from export.interop import gptq_to_packed
 from export.qlinear import QuantLinear
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
@@ -162,6 +161,6 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if left:
         raise ArtifactError(f"{path}: no values for {left[:5]}")
     if isinstance(dtype, str):
-        dtype = _DTYPES[dtype]
+        dtype = DTYPES[dtype]
     model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
     return model.eval().requires_grad_(False)
