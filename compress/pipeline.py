@@ -165,14 +165,15 @@ def _state_for_export(model, layers: list[dict], dtype: torch.dtype, plan: Plan,
 
 def _round_to_export(model, plan: Plan, dtype: torch.dtype, scale_dtype: torch.dtype) -> None:
     """Make the in-memory weights exactly what the artifact stores: parameters rounded to the export dtype, and each
-    quantized weight rebuilt from its codes with scales rounded to that dtype. Buffers (rotary frequencies) are
+    quantized weight rebuilt from its codes with scales stored in that dtype (the dequantized product is rounded to
+    it too, as every runtime that reads the artifact computes it). Buffers (rotary frequencies) are
     computed at load, not stored, and stay as they are."""
     named = llama.named_linears(model)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.to(dtype))
         for name, q in plan.quantized.items():
-            q.scale = q.scale.to(scale_dtype).float()
+            q.scale = q.scale.to(scale_dtype)
             named[name][2].weight.copy_(q.dequantize())
 
 

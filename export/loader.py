@@ -162,5 +162,15 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         raise ArtifactError(f"{path}: no values for {left[:5]}")
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
-    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
+    model.to(device=device)
+    if dtype is not None:
+        _cast(model, dtype)
     return model.eval().requires_grad_(False)
+
+
+def _cast(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating parameters and buffers to `dtype`, except quantization scales: they keep the artifact's dtype
+    because the weights are defined as scale * (code - zero) computed in it (see export.kernels.reference)."""
+    keep = {id(m.weight_scale) for m in model.modules() if isinstance(m, QuantLinear)}
+    # nn.Module._apply is what Module.to uses: it converts tied parameters once and keeps them tied
+    model._apply(lambda t: t.to(dtype) if t.is_floating_point() and id(t) not in keep else t)

@@ -6,6 +6,8 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# gptqmodel's default CPU worker pool asks for more workers than a 2-core machine has and refuses to start
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

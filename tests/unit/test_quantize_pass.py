@@ -191,3 +191,28 @@ def test_gptq_format_refuses_what_it_cannot_store(tiny_q, tmp_path, passes):
                                   "export": {"quant_format": "gptq"}}))
     res = CliRunner().invoke(cli, ["validate", str(recipe)])
     assert res.exit_code == 2 and "export.quant_format" in res.output, res.output
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_format_loads_in_transformers_and_gptqmodel(tiny_q, tmp_path, bits):
+    """Stock transformers (optimum + gptqmodel 7.6.0, its torch kernel) runs the GPTQ-format artifact in fp32 with our
+    runtime's logits; gptqmodel's own loader (fp16/bf16 only) dequantizes to our weights bit for bit."""
+    from gptqmodel import BACKEND, GPTQModel
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    res = _run(tiny_q, [{"pass": "gptq", "bits": bits, "group_size": 32}], tmp_path / "a",
+               extra=["export.quant_format=gptq"])
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    ours = export.load(res.artifact)
+    stock = AutoModelForCausalLM.from_pretrained(res.artifact, dtype=torch.float32,
+                                                 quantization_config=GPTQConfig(bits=bits, backend="torch")).eval()
+    assert type(stock.model.layers[0].mlp.up_proj).__name__ == "TorchLinear"
+    assert (_logits(stock, ids) - _logits(ours, ids)).abs().max() < 1e-3
+
+    theirs = GPTQModel.load(str(res.artifact), device="cpu", dtype=torch.float16, backend=BACKEND.TORCH).model
+    for name in ("model.layers.0.self_attn.k_proj", "model.layers.3.mlp.down_proj"):
+        w_theirs = theirs.get_submodule(name).dequantize_weight().T
+        assert torch.equal(w_theirs.float(), ours.get_submodule(name).dequantized().float())
+    ours16 = export.load(res.artifact, dtype="float16")
+    # both compute in fp16 here; the logits (scale ~4) agree to a few fp16 steps (one step at 4 is 0.004)
+    assert (_logits(theirs, ids).float() - _logits(ours16, ids).float()).abs().max() < 0.03
