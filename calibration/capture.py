@@ -89,7 +89,8 @@ def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: tor
     return captured
 
 
-def _run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+    """The block's output hidden states for each captured batch."""
     outs = []
     for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
         out = block(hidden, **kwargs)
@@ -126,11 +127,11 @@ def for_each_block(
             for name, lin in watched.items()
         ]
         try:
-            outputs = _run_block(block, inputs)
+            outputs = run_block(block, inputs)
         finally:
             for h in handles:
                 h.remove()
         changed = visit(i, block, inputs.hidden, outputs, stats)
         if changed:
-            outputs = _run_block(block, inputs)
+            outputs = run_block(block, inputs)
         inputs = BlockInputs(hidden=outputs, kwargs=inputs.kwargs)

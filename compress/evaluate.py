@@ -37,3 +37,40 @@ def generation_tokens_per_second(model: nn.Module, prompt: torch.Tensor, new_tok
 def count_parameters(model: nn.Module) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+class TailKL:
+    """KL divergence of the model's next-token distribution to the dense model's on fixed windows, when only blocks
+    from `start` on have changed: the dense inputs of every block are cached once, so scoring a change to block i
+    runs blocks i.. and the head only. Measures the mean per-token KL(dense || current), in nats."""
+
+    @torch.no_grad()
+    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 4):
+        from calibration.capture import BlockInputs, capture_block_inputs, run_block
+        from compress.models import llama
+
+        self.model, self.layers = model, llama.blocks(model)
+        first = capture_block_inputs(model, self.layers, windows, batch_size)
+        self.kwargs = first.kwargs
+        self.inputs = [first.hidden]  # inputs[i]: what block i receives (dense), per batch
+        for block in self.layers:
+            self.inputs.append(run_block(block, BlockInputs(self.inputs[-1], self.kwargs)))
+        self.ref = [F.log_softmax(self._head(h), -1) for h in self.inputs[-1]]
+        self.tokens = int(windows.numel())
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.model.norm(hidden)).float()
+
+    @torch.no_grad()
+    def kl_from(self, start: int) -> float:
+        """Mean per-token KL after running blocks start.. on the cached dense inputs of block `start`."""
+        from calibration.capture import BlockInputs, run_block
+
+        hidden = self.inputs[start]
+        for block in self.layers[start:]:
+            hidden = run_block(block, BlockInputs(hidden, self.kwargs))
+        total = 0.0
+        for h, ref in zip(hidden, self.ref):
+            logp = F.log_softmax(self._head(h), -1)
+            total += float((ref.exp() * (ref - logp)).sum())
+        return total / self.tokens

@@ -14,6 +14,7 @@ from calibration.sources import eval_windows, load_corpus, sample_windows, token
 from compress import evaluate as ev
 from compress.errors import CompressError, InputError
 from compress.models import ModelSource, llama, load_model, resolve_model
+from compress.models.default import cache_dir
 from compress.passes import PassContext, make_pass
 from compress.plan import Plan
 from compress.recipe import Recipe
@@ -223,7 +224,9 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     dense_params, dense_decoder = ev.count_parameters(model), decoder_params(model)
 
     plan = Plan()
-    ctx = PassContext(calibration=calib, plan=plan, batch_size=cal.batch_size, seed=recipe.seed)
+    # resumable state (variant databases) lives in the user cache, keyed by content, so reruns reuse it
+    ctx = PassContext(calibration=calib, plan=plan, batch_size=cal.batch_size, seed=recipe.seed,
+                      cache=cache_dir() / "runs")
     reports = []
     for i, cfg in enumerate(recipe.passes):
         p = make_pass(cfg)

@@ -71,13 +71,40 @@ class WandaSpConfig(_PruneBase):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class EvolutionConfig(_Strict):
+    """EvoPress-style search settings: (1 + offspring) generations, staged selection on growing token sets."""
+
+    generations: int = Field(30, ge=1)
+    offspring: int = Field(8, ge=1)
+    survivors: list[int] = Field([2], description="how many offspring go on after each stage but the last")
+    stage_windows: list[int] = Field([2, 6], min_length=1, description="calibration windows scored at each stage")
+    max_switches: int = Field(3, ge=1, description="units raised per mutation")
+
+    @model_validator(mode="after")
+    def _stages(self) -> "EvolutionConfig":
+        if len(self.stage_windows) != len(self.survivors) + 1:
+            raise ValueError(f"stage_windows needs one entry per stage: {len(self.survivors) + 1} for survivors "
+                             f"{self.survivors}, got {len(self.stage_windows)}")
+        if any(b < a for a, b in zip(self.stage_windows, self.stage_windows[1:])):
+            raise ValueError("stage_windows must not shrink from one stage to the next")
+        if any(k < 1 for k in self.survivors):
+            raise ValueError("survivors must be >= 1")
+        return self
+
+
 class MixedBits(_Strict):
-    """Layer-wise mixed precision: an average code width over the quantized weights, met by ranking layers."""
+    """Layer-wise mixed precision: an average code width over the quantized weights, met by ranking layers
+    (`allocator: rank`, by `importance`), by a knapsack over measured per-unit errors (`allocator: knapsack`), or by an
+    evolutionary search on the assembled model's KL to the dense model started from the knapsack's result
+    (`allocator: evolution`)."""
 
     average: float = Field(..., gt=0)
     choices: list[Literal[2, 3, 4, 8]] = Field([2, 3, 4, 8], min_length=1)
+    allocator: Literal["rank", "knapsack", "evolution"] = "rank"
     importance: Literal["lim", "zd", "random"] = "lim"
     zd_threshold: float = Field(3.0, gt=0, description="zd: z-score above which a weight counts as an outlier")
+    error_windows: int = Field(4, ge=1, description="knapsack: calibration windows the per-unit KL is measured on")
+    evolution: EvolutionConfig = EvolutionConfig()  # allocator: evolution (started from the knapsack's allocation)
 
     @model_validator(mode="after")
     def _reachable(self) -> "MixedBits":
@@ -152,6 +179,21 @@ class Recipe(_Strict):
     export: ExportConfig = ExportConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _searches_fit(self) -> "Recipe":
+        for i, p in enumerate(self.passes):
+            bits = getattr(p, "bits", None)
+            if not isinstance(bits, MixedBits) or bits.allocator == "rank":
+                continue
+            if isinstance(p, RtnConfig):
+                raise ValueError(f"passes.{i}.bits.allocator: {bits.allocator} searches over GPTQ variants; "
+                                 "use pass: gptq (or allocator: rank)")
+            need = max([bits.error_windows, *(bits.evolution.stage_windows if bits.allocator == "evolution" else [])])
+            if need > self.calibration.windows:
+                raise ValueError(f"passes.{i}.bits: the search scores on {need} calibration windows but "
+                                 f"calibration.windows is {self.calibration.windows}")
+        return self
 
     @model_validator(mode="after")
     def _gptq_format_fits(self) -> "Recipe":

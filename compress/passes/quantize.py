@@ -3,11 +3,13 @@ and round-to-nearest, with regex targets, per-pattern overrides and layer-wise m
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from calibration.capture import for_each_block
 from compress.errors import CompressError, InputError
@@ -18,7 +20,12 @@ from compress.ops.quant import QuantSpec, pack, rtn
 from compress.passes.base import PassContext
 from compress.plan import PassReport, QuantRecord
 from compress.recipe import GptqConfig, MixedBits, RtnConfig
+from compress.evaluate import TailKL
+from compress.search.base import Allocation, Option, Unit
+from compress.search.evolution import EvolutionSettings, evolve
+from compress.search.knapsack import knapsack
 from compress.search.ranking import assign_by_rank
+from compress.search.variants import VariantDB, fingerprint
 
 
 def select_modules(model: nn.Module, targets: list[str], ignore: list[str], where: str) -> dict[str, tuple[int, str, nn.Linear]]:
@@ -89,6 +96,187 @@ def layer_importance(model: nn.Module, ctx: PassContext, mixed: MixedBits, modul
     return scores
 
 
+UNIT_LABEL = {"q_proj": "qkv", "o_proj": "o", "up_proj": "gate_up", "down_proj": "down"}  # by shared input
+
+
+def _record_tensors(rec: QuantRecord) -> dict[str, torch.Tensor]:
+    return {"packed": rec.packed, "scale": rec.scale, "zero": rec.zero, "g_idx": rec.g_idx}
+
+
+def _record_from(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> QuantRecord:
+    return QuantRecord(bits=int(meta["bits"]), group_size=int(meta["group_size"]), sym=meta["sym"] == "True",
+                       shape=tuple(json.loads(meta["shape"])), **tensors)
+
+
+def _searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modules: dict, where: str,
+                       report: PassReport) -> None:
+    """Mixed precision chosen by a multiple-choice knapsack over measured errors (ROCKET-style), optionally refined
+    by an evolutionary search on the assembled model (EvoPress-style).
+
+    1. Variants: every targeted module quantized with GPTQ at every width in `choices`, block by block; the next
+       block is calibrated on the outputs of this block at the reference width (the choice nearest the average), so
+       each variant sees realistic upstream error. Stored in the variant database (reused by a rerun).
+    2. Errors: for each unit (a fused group: q/k/v, o, gate/up, down) and width, the KL of the model's next-token
+       distribution to the dense model's on `error_windows` calibration windows with only that unit quantized.
+    3. Allocation: the widths minimizing the summed KL with the average code width <= `average`.
+    4. (allocator: evolution) from there, (1 + lambda) evolution whose fitness is the KL of the model assembled from
+       the variants, scored in stages on the first `stage_windows` calibration windows; its state is saved in the
+       variant folder after every generation, so an interrupted run resumes.
+    The model is assembled from the variants of the final allocation.
+    """
+    mixed: MixedBits = cfg.bits
+    levels = sorted(set(mixed.choices))
+    ref_level = min(levels, key=lambda b: (abs(b - mixed.average), b))
+    blocks = llama.blocks(model)
+    dense = {name: lin.weight.data.clone() for name, (_, _, lin) in modules.items()}
+    key = fingerprint(*[dense[n] for n in sorted(dense)], cfg.model_dump(mode="json"), ctx.calibration)
+    db = VariantDB(None if ctx.cache is None else ctx.cache / f"variants-{key[:20]}")
+    specs = {(name, b): _spec_for(name, lin.in_features, b, cfg, where) for name, (_, _, lin) in modules.items()
+             for b in levels}
+    for b in levels:
+        _check_fused_share({n: specs[(n, b)] for n in modules}, modules, where)
+    units: dict[str, list[str]] = {}  # model.layers.3.qkv -> [...q_proj, ...k_proj, ...v_proj]
+    for name, (i, short, _lin) in modules.items():
+        units.setdefault(f"model.layers.{i}.{UNIT_LABEL[llama.SHARED_INPUT[short]]}", []).append(name)
+    layer_of = {u: modules[members[0]][0] for u, members in units.items()}
+
+    def load_variant(name: str, b: int) -> QuantRecord:
+        tensors, meta = db.get(name, b)
+        return _record_from(tensors, meta)
+
+    # 1. variants
+    def watch(i, _block):
+        if all(db.has(n, b) for n, (li, _, _) in modules.items() if li == i for b in levels):
+            return {}
+        return {n: lin for n, (li, short, lin) in modules.items() if li == i and llama.SHARED_INPUT[short] == short}
+
+    def visit(i, _block, _inputs, _outputs, stats):
+        for name, (li, short, lin) in modules.items():
+            if li != i:
+                continue
+            for b in levels:
+                if db.has(name, b):
+                    continue
+                s = stats[_shared_input_name(name, short)]
+                _check_finite(name, dense[name], s.xtx)
+                spec = specs[(name, b)]
+                q = gptq_quantize(dense[name], 2.0 / s.n * s.xtx, spec)
+                rec = _record(q, spec, tuple(dense[name].shape))
+                notes = q.notes + ([q.fallback] if q.fallback else [])
+                db.put(name, b, _record_tensors(rec), {"bits": b, "group_size": spec.group_size, "sym": spec.sym,
+                                                        "shape": json.dumps(list(rec.shape)), "notes": json.dumps(notes),
+                                                        "fallback": q.fallback or ""})
+            lin.weight.data = load_variant(name, ref_level).dequantize().to(lin.weight.dtype)
+        return True
+
+    for_each_block(model, blocks, ctx.calibration, visit, watch, batch_size=ctx.batch_size, want_xtx=True,
+                   desc="knapsack: variants")
+    for name, (_, _, lin) in modules.items():
+        lin.weight.data = dense[name]
+
+    # 2. errors: KL with one unit quantized at a time
+    errors = db.read_json("unit_kl") or {}
+    todo = [(u, b) for u in units for b in levels if f"{u}@{b}" not in errors]
+    if todo:
+        tail = TailKL(model, ctx.calibration[: mixed.error_windows], batch_size=ctx.batch_size)
+        for u, b in tqdm(todo, desc="knapsack: unit errors", unit="variant"):
+            for name in units[u]:
+                modules[name][2].weight.data = load_variant(name, b).dequantize().to(dense[name].dtype)
+            errors[f"{u}@{b}"] = tail.kl_from(layer_of[u])
+            for name in units[u]:
+                modules[name][2].weight.data = dense[name]
+            db.write_json("unit_kl", errors)
+        del tail
+
+    # 3. allocate and assemble
+    unit_list = [Unit(u, tuple(Option(b, b * sum(dense[n].numel() for n in members), errors[f"{u}@{b}"])
+                               for b in levels), tuple(members)) for u, members in units.items()]
+    n_weights = sum(t.numel() for t in dense.values())
+    try:
+        alloc = knapsack(unit_list, mixed.average * n_weights)
+    except ValueError as err:
+        raise InputError(f"{where}.bits.average: {err}") from None
+    summary = {"knapsack": {**alloc.details, "summed_unit_kl": round(alloc.error, 6)}}
+    if mixed.allocator == "evolution":
+        alloc, summary["evolution"] = _evolve(model, ctx, mixed, unit_list, units, modules, dense, alloc, db, key,
+                                              load_variant)
+    chosen = alloc.levels(unit_list)
+    rows: dict[int, dict] = {}
+    for u, members in units.items():
+        b = chosen[u]
+        i = layer_of[u]
+        row = rows.setdefault(i, {"layer": i, "bits": "", "units": "", "unit kl": "", "notes": ""})
+        row["units"] += ("/" if row["units"] else "") + u.rsplit(".", 1)[1]
+        row["bits"] += ("/" if row["bits"] else "") + str(b)
+        row["unit kl"] += ("/" if row["unit kl"] else "") + f"{errors[f'{u}@{b}']:.2e}"
+        for name in members:
+            tensors, meta = db.get(name, b)
+            rec = _record_from(tensors, meta)
+            modules[name][2].weight.data = rec.dequantize().to(dense[name].dtype)
+            ctx.plan.quantized[name] = rec
+            for note in json.loads(meta.get("notes", "[]")):
+                row["notes"] = (row["notes"] + "; " if row["notes"] else "") + f"{name.split('.')[-1]}: {note}"
+            if meta.get("fallback"):
+                report.fallbacks.append(f"{name}: {meta['fallback']}")
+    report.rows = [rows[i] for i in sorted(rows)]
+    report.summary.update({
+        "method": "gptq", "allocator": mixed.allocator, "modules": len(modules), "units": len(units),
+        "average_bits": round(alloc.cost / n_weights, 4), "unit_bits": chosen, "error_windows": mixed.error_windows,
+        **summary, "variants": str(db.folder) if db.folder else "memory",
+        "group_size": cfg.group_size, "sym": cfg.sym,
+        "layer_bits": [round(sum(ctx.plan.quantized[n].bits * dense[n].numel() for n in dense if modules[n][0] == i)
+                             / max(1, sum(dense[n].numel() for n in dense if modules[n][0] == i)), 3)
+                       for i in range(len(blocks))],
+    })
+
+
+def _evolve(model, ctx: PassContext, mixed: MixedBits, unit_list: list[Unit], units: dict[str, list[str]],
+            modules: dict, dense: dict, start: Allocation, db: VariantDB, key: str, load_variant):
+    """EvoPress-style refinement of the knapsack allocation; fitness = KL of the assembled model to the dense one."""
+    evo = mixed.evolution
+    stages = [TailKL(model, ctx.calibration[:n], batch_size=ctx.batch_size) for n in evo.stage_windows]
+    current: dict[str, int] = {}  # unit -> level the model holds now (absent: dense)
+    weights: dict[tuple[str, int], torch.Tensor] = {}
+
+    def assemble(choice: dict[str, int]) -> None:
+        for u in unit_list:
+            level = u.options[choice[u.name]].level
+            if current.get(u.name) == level:
+                continue
+            for name in units[u.name]:
+                if (name, level) not in weights:
+                    weights[(name, level)] = load_variant(name, level).dequantize().to(dense[name].dtype)
+                modules[name][2].weight.data = weights[(name, level)]
+            current[u.name] = level
+
+    def fitness(choice: dict[str, int], stage: int) -> float:
+        assemble(choice)
+        return stages[stage].kl_from(0)
+
+    settings = EvolutionSettings(generations=evo.generations, offspring=evo.offspring,
+                                 survivors=tuple(evo.survivors), max_switches=evo.max_switches, seed=ctx.seed)
+    try:
+        alloc = evolve(unit_list, start.budget, fitness, start.choice, settings,
+                       state_path=None if db.folder is None else db.folder / f"evolution-{ctx.seed}.json",
+                       identity={"variants": key, "stage_windows": evo.stage_windows}, log=lambda *_: None)
+    finally:
+        for name, (_, _, lin) in modules.items():
+            lin.weight.data = dense[name]
+    hist = alloc.details["history"]
+    return alloc, {"generations": evo.generations, "evaluations": alloc.details["evaluations"],
+                   "start_kl": round(hist[0]["fitness"], 6), "final_kl": round(alloc.error, 6),
+                   "accepted": sum(h["accepted"] for h in hist[1:]), "resumed_from": alloc.details["resumed_from"],
+                   "seconds": alloc.details["seconds_this_run"],
+                   "kl_by_generation": [round(h["fitness"], 6) for h in hist]}
+
+
+def _check_finite(name: str, W: torch.Tensor, xtx: torch.Tensor | None) -> None:
+    if not torch.isfinite(W).all():
+        raise CompressError(f"{name}: non-finite weights; stopping")
+    if xtx is not None and not torch.isfinite(xtx).all():
+        raise CompressError(f"{name}: non-finite calibration activations; stopping")
+
+
 def _shared_input_name(name: str, short: str) -> str:
     """The module whose inputs `name` shares (model.layers.3.self_attn.k_proj -> ...self_attn.q_proj)."""
     return name.removesuffix(short) + llama.SHARED_INPUT[short]
@@ -122,6 +310,13 @@ class QuantizePass:
         modules = select_modules(model, cfg.targets, cfg.ignore, where)
         n_layers = len(llama.blocks(model))
         report = PassReport(name=self.method)
+        if isinstance(cfg.bits, MixedBits) and cfg.bits.allocator in ("knapsack", "evolution"):
+            if self.method != "gptq":
+                raise InputError(f"{where}.bits.allocator: {cfg.bits.allocator} searches over GPTQ variants; "
+                                 "use pass: gptq")
+            _searched_quantize(model, ctx, cfg, modules, where, report)
+            report.seconds = time.perf_counter() - t0
+            return report
         if isinstance(cfg.bits, MixedBits):
             importance = layer_importance(model, ctx, cfg.bits, modules)
             sizes = [sum(lin.weight.numel() for (i, _, lin) in modules.values() if i == layer) for layer in range(n_layers)]
@@ -138,10 +333,7 @@ class QuantizePass:
             i, _short, lin = modules[name]
             spec = specs[name]
             W = lin.weight.data
-            if not torch.isfinite(W).all():
-                raise CompressError(f"{name}: non-finite weights; stopping")
-            if xtx is not None and not torch.isfinite(xtx).all():
-                raise CompressError(f"{name}: non-finite calibration activations; stopping")
+            _check_finite(name, W, xtx)
             if xtx is None:
                 codes, scale, zero = rtn(W, spec)
                 g = W.shape[1] if spec.group_size == -1 else spec.group_size

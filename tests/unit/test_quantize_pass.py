@@ -1,6 +1,7 @@
 """The quantize passes end to end on tiny models: packed artifacts, stock loading, mixed precision, errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,6 +148,12 @@ def test_prune_then_quantize_is_stock(tiny_q, tmp_path):
     ([{"pass": "rtn", "targets": [r"q_proj"]}], "k_proj of layer 0 is not"),
     ([{"pass": "rtn", "group_size": 32, "overrides": [{"pattern": "k_proj", "bits": 8}]}], "share one scheme"),
     ([{"pass": "rtn", "group_size": 32}, {"pass": "gptq", "group_size": 32}], "already quantized"),
+    ([{"pass": "rtn", "group_size": 32, "bits": {"average": 3, "allocator": "knapsack"}}], "use pass: gptq"),
+    ([{"pass": "gptq", "group_size": 32, "bits": {"average": 3, "allocator": "knapsack", "error_windows": 9}}],
+     "scores on 9 calibration windows but calibration.windows is 8"),
+    ([{"pass": "gptq", "group_size": 32,
+       "bits": {"average": 3, "allocator": "evolution", "evolution": {"survivors": [2, 1], "stage_windows": [2, 4]}}}],
+     "stage_windows needs one entry per stage: 3"),
 ])
 def test_bad_quantization_input(tiny_q, tmp_path, passes, expected):
     recipe = tmp_path / "r.yaml"
@@ -216,3 +223,52 @@ def test_gptq_format_loads_in_transformers_and_gptqmodel(tiny_q, tmp_path, bits)
     ours16 = export.load(res.artifact, dtype="float16")
     # both compute in fp16 here; the logits (scale ~4) agree to a few fp16 steps (one step at 4 is 0.004)
     assert (_logits(theirs, ids).float() - _logits(ours16, ids).float()).abs().max() < 0.03
+
+
+def test_knapsack_allocation_meets_budget_shares_fused_groups_and_reuses_variants(tiny_q, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+    passes = [{"pass": "gptq", "group_size": 32,
+               "bits": {"average": 3.0, "choices": [2, 3, 4], "allocator": "knapsack", "error_windows": 2}}]
+    res = _run(tiny_q, passes, tmp_path / "a")
+    summary = res.report["passes"][0]["summary"]
+    assert summary["allocator"] == "knapsack" and summary["knapsack"]["exact"] is True
+    assert summary["average_bits"] <= 3.0 and len(set(summary["unit_bits"].values())) > 1  # a real mix
+    manifest = json.loads((res.artifact / "manifest.json").read_text())["quantization"]
+    for layer in range(4):  # fused groups share one width in the artifact
+        p = f"model.layers.{layer}."
+        assert len({manifest[p + f"self_attn.{m}_proj"]["bits"] for m in "qkv"}) == 1
+        assert manifest[p + "mlp.gate_proj"]["bits"] == manifest[p + "mlp.up_proj"]["bits"]
+        assert manifest[p + "self_attn.q_proj"]["bits"] == summary["unit_bits"][p + "qkv"]
+    n = sum(s["shape"][0] * s["shape"][1] for s in manifest.values())
+    assert sum(s["bits"] * s["shape"][0] * s["shape"][1] for s in manifest.values()) / n <= 3.0
+    variants = Path(summary["variants"])
+    assert len(list(variants.glob("*.safetensors"))) == 28 * 3 and (variants / "unit_kl.json").exists()
+    # the summed KL of the chosen widths is the least any allocation within the budget has: uniform 3 bits is one
+    kl = json.loads((variants / "unit_kl.json").read_text())
+    assert summary["knapsack"]["summed_unit_kl"] <= sum(v for k, v in kl.items() if k.endswith("@3")) + 1e-9
+    # a rerun reuses the variants and the measured errors: the same artifact weights
+    stamp = {p: p.stat().st_mtime_ns for p in variants.iterdir()}
+    again = _run(tiny_q, passes, tmp_path / "b")
+    assert {p: p.stat().st_mtime_ns for p in variants.iterdir()} == stamp
+    with safe_open(res.artifact / "model.safetensors", "pt") as f, safe_open(again.artifact / "model.safetensors", "pt") as g:
+        assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())
+
+
+def test_evolution_refines_the_knapsack_and_resumes(tiny_q, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+    evo = {"generations": 4, "offspring": 4, "survivors": [2], "stage_windows": [2, 4]}
+    passes = [{"pass": "gptq", "group_size": 32, "bits": {"average": 3.0, "choices": [2, 3, 4], "allocator": "evolution",
+                                                           "error_windows": 2, "evolution": evo}}]
+    res = _run(tiny_q, passes, tmp_path / "a")
+    summary = res.report["passes"][0]["summary"]
+    ev = summary["evolution"]
+    assert summary["allocator"] == "evolution" and summary["average_bits"] <= 3.0
+    assert len(ev["kl_by_generation"]) == 5 and ev["final_kl"] <= ev["start_kl"]
+    assert all(b <= a for a, b in zip(ev["kl_by_generation"], ev["kl_by_generation"][1:]))
+    assert ev["evaluations"] == 1 + 4 * (4 + 2)  # start, then per generation: 4 offspring on stage 0, 2 finalists
+    state = Path(summary["variants"]) / "evolution-0.json"
+    assert json.loads(state.read_text())["generation"] == 4
+    again = _run(tiny_q, passes, tmp_path / "b")  # the saved state is complete: nothing left to search
+    ev2 = again.report["passes"][0]["summary"]["evolution"]
+    assert ev2["resumed_from"] == 4 and ev2["final_kl"] == ev["final_kl"]
+    assert again.report["passes"][0]["summary"]["unit_bits"] == summary["unit_bits"]

@@ -1,0 +1,153 @@
+"""Evolutionary allocation (EvoPress-style): a (1 + lambda) search over one level per unit under a cost budget.
+
+Each generation draws `offspring` candidates from the parent with a level-switch mutation (raise some units, lower
+others, keep the total cost within the budget) and selects in stages: every offspring is scored on few tokens, the
+best `survivors[k]` go on to the next stage's larger token set, and the last stage compares the finalists with the
+parent on the same tokens. The parent is replaced only by a strictly better candidate, so the parent's fitness on the
+final stage's fixed tokens never worsens. The search is seeded and saves its state after every generation; started
+again with the same state file it resumes where it stopped and reaches the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tqdm.auto import tqdm
+
+from compress.search.base import Allocation, Unit, check_budget, total
+
+# fitness(choice, stage) -> lower is better; `stage` indexes the token sets (0 = fewest tokens)
+Fitness = Callable[[dict[str, int], int], float]
+
+
+@dataclass(frozen=True)
+class EvolutionSettings:
+    generations: int = 50
+    offspring: int = 16
+    survivors: tuple[int, ...] = (4,)  # how many go on from each stage but the last; len + 1 = number of stages
+    max_switches: int = 3  # units raised per mutation (each raise is paid for by lowering others)
+    seed: int = 0
+
+
+class ResumeError(ValueError):
+    """A saved search state that does not belong to this search."""
+
+
+def _mutate(units: list[Unit], parent: list[int], budget: float, rng: random.Random, max_switches: int) -> list[int] | None:
+    """Raise 1..max_switches random units by one level and lower random others until the cost fits the budget."""
+    child = list(parent)
+    cost = lambda c: sum(u.options[o].cost for u, o in zip(units, c))  # noqa: E731
+    raisable = [i for i, u in enumerate(units) if child[i] < len(u.options) - 1]
+    if not raisable:
+        return None
+    raised = rng.sample(raisable, min(len(raisable), rng.randint(1, max_switches)))
+    for i in raised:
+        child[i] += 1
+    lowerable = [i for i, u in enumerate(units) if child[i] > 0 and i not in raised]
+    rng.shuffle(lowerable)
+    while cost(child) > budget and lowerable:
+        i = lowerable.pop()
+        child[i] -= 1
+        if child[i] > 0:  # may be lowered again
+            lowerable.insert(rng.randrange(len(lowerable) + 1), i)
+    if cost(child) > budget + 1e-9 or child == parent:
+        return None
+    return child
+
+
+def _sorted_options(units: list[Unit]) -> list[Unit]:
+    """Options in order of cost, so that a higher index always means a more expensive level."""
+    return [Unit(u.name, tuple(sorted(u.options, key=lambda o: (o.cost, -o.error))), u.members) for u in units]
+
+
+def evolve(units: list[Unit], budget: float, fitness: Fitness, start: dict[str, int],
+           settings: EvolutionSettings = EvolutionSettings(), state_path: Path | None = None,
+           identity: dict | None = None, log: Callable[[str], None] = print) -> Allocation:
+    """Search from `start` (an allocation within the budget, e.g. the knapsack's) for the least fitness.
+
+    `identity` describes what the search depends on (recipe, data, model); a saved state with a different identity
+    is refused with the keys that changed."""
+    check_budget(units, budget)
+    ordered = _sorted_options(units)
+    remap = [[ou.options.index(o) for o in u.options] for u, ou in zip(units, ordered)]  # original -> sorted
+    back = [{s: k for k, s in enumerate(r)} for r in remap]
+    parent = [remap[i][start[u.name]] for i, u in enumerate(units)]
+    if total(units, start) > budget + 1e-9:
+        raise ValueError("the starting allocation is over the budget")
+    n_stages = len(settings.survivors) + 1
+    to_choice = lambda c: {u.name: back[i][o] for i, (u, o) in enumerate(zip(units, c))}  # noqa: E731
+    identity = {**(identity or {}), "settings": settings.__dict__ | {"survivors": list(settings.survivors)},
+                "budget": budget, "units": [u.name for u in units], "start": start}
+    rng = random.Random(settings.seed)
+    state = _load_state(state_path, identity)
+    if state:
+        parent, parent_fit, gen0, history, evaluations = (state["parent"], state["fitness"], state["generation"],
+                                                          state["history"], state["evaluations"])
+        rng.setstate(_tuplify(state["rng"]))
+        log(f"evolution: resuming at generation {gen0} (fitness {parent_fit:.6g})")
+    else:
+        parent_fit, gen0, evaluations = fitness(to_choice(parent), n_stages - 1), 0, 1
+        history = [{"generation": 0, "fitness": parent_fit, "accepted": True, "seconds": 0.0}]
+    t_start = time.perf_counter()
+    for gen in tqdm(range(gen0 + 1, settings.generations + 1), desc="evolution", unit="gen",
+                    initial=gen0, total=settings.generations):
+        t0 = time.perf_counter()
+        children, tries = [], 0
+        while len(children) < settings.offspring and tries < 50 * settings.offspring:
+            tries += 1
+            child = _mutate(ordered, parent, budget, rng, settings.max_switches)
+            if child is not None and child not in children:
+                children.append(child)
+        finalists = children
+        for stage, keep in enumerate(settings.survivors):
+            scored = sorted(((fitness(to_choice(c), stage), k) for k, c in enumerate(finalists)))
+            evaluations += len(finalists)
+            finalists = [finalists[k] for _, k in scored[:keep]]
+        final = [(fitness(to_choice(c), n_stages - 1), c) for c in finalists]
+        evaluations += len(final)
+        best_fit, best = min(final, key=lambda t: t[0], default=(float("inf"), None))
+        accepted = best is not None and best_fit < parent_fit
+        if accepted:
+            parent, parent_fit = best, best_fit
+        history.append({"generation": gen, "fitness": parent_fit, "best_offspring": best_fit, "accepted": accepted,
+                        "offspring": len(children), "seconds": round(time.perf_counter() - t0, 2)})
+        log(f"evolution: generation {gen}: best offspring {best_fit:.6g}, parent {parent_fit:.6g}"
+            f"{' (accepted)' if accepted else ''}")
+        _save_state(state_path, {"identity": identity, "generation": gen, "parent": parent, "fitness": parent_fit,
+                                 "history": history, "evaluations": evaluations, "rng": rng.getstate()})
+    choice = to_choice(parent)
+    return Allocation(choice=choice, cost=total(units, choice), budget=budget, method="evolution", error=parent_fit,
+                      details={"generations": settings.generations, "evaluations": evaluations,
+                               "seconds_this_run": round(time.perf_counter() - t_start, 1), "history": history,
+                               "start_fitness": history[0]["fitness"], "resumed_from": gen0 or None})
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
+
+
+def _load_state(path: Path | None, identity: dict) -> dict | None:
+    if path is None or not path.exists():
+        return None
+    state = json.loads(path.read_text())
+    saved = state["identity"]
+    changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+    if changed:
+        raise ResumeError(f"{path}: saved search state is for a different search (what changed: {', '.join(changed)}); "
+                          "delete it to start over")
+    return state
+
+
+def _save_state(path: Path | None, state: dict) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, path)

@@ -1,0 +1,83 @@
+"""The variant database: each module's compressed variants at each level, kept on disk as safetensors.
+
+An allocator compares many assemblies of the same model; each assembly takes, per module, one variant from here, so
+nothing is recomputed and memory stays bounded. The folder is keyed by a fingerprint of everything the variants
+depend on (the model's weights, the pass settings, the calibration windows), so a rerun with the same inputs (after
+a crash, or to try another budget) reuses what is there, and a changed input never reads stale variants.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def fingerprint(*parts) -> str:
+    """sha256 over tensors (their bytes, dtype and shape) and JSON-serializable settings, in order."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            t = part.detach().contiguous().cpu()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+class VariantDB:
+    """get/put of named tensor groups per (module, level); `folder=None` keeps them in memory."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self._memory: dict[tuple[str, str], tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, name: str, level) -> Path:
+        return self.folder / f"{name}@{level}.safetensors"
+
+    def has(self, name: str, level) -> bool:
+        if self.folder is None:
+            return (name, str(level)) in self._memory
+        return self._path(name, level).exists()
+
+    def put(self, name: str, level, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
+        meta = {k: str(v) for k, v in (meta or {}).items()}
+        if self.folder is None:
+            self._memory[(name, str(level))] = (tensors, meta)
+            return
+        path = self._path(name, level)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)  # a crash never leaves a half-written variant under the real name
+
+    def get(self, name: str, level) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        if self.folder is None:
+            return self._memory[(name, str(level))]
+        from safetensors import safe_open
+
+        path = self._path(name, level)
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+
+    def read_json(self, key: str) -> dict | None:
+        if self.folder is None:
+            return self._memory.get(("json", key), (None,))[0]
+        path = self.folder / f"{key}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def write_json(self, key: str, value: dict) -> None:
+        if self.folder is None:
+            self._memory[("json", key)] = (value, {})
+            return
+        path = self.folder / f"{key}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(value, indent=1))
+        os.replace(tmp, path)

@@ -1,0 +1,87 @@
+"""Evolutionary allocation: never over budget, the parent's fitness never worsens, an interrupted search resumes to
+the same result, and a saved state from a different search is refused."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from compress.search.base import Option, Unit, cost_range
+from compress.search.evolution import EvolutionSettings, ResumeError, evolve
+from compress.search.knapsack import knapsack
+
+QUIET = dict(log=lambda *_: None)
+option = st.tuples(st.integers(1, 30), st.floats(0, 5, allow_nan=False))
+
+
+def _units(raw):
+    return [Unit(f"u{i}", tuple(Option(level=j, cost=c, error=e) for j, (c, e) in enumerate(opts)))
+            for i, opts in enumerate(raw)]
+
+
+def _fitness(units, calls=None):
+    """Additive errors plus an interaction term (what a knapsack cannot see), a little noisier on few tokens."""
+    def f(choice, stage):
+        if calls is not None:
+            calls.append(stage)
+        errs = [u.options[choice[u.name]].error for u in units]
+        base = sum(errs) + 0.3 * max(errs) * min(errs)
+        return base * (1.0 + (0.05 if stage == 0 else 0.0) * ((hash(tuple(choice.values())) % 7) - 3) / 3)
+    return f
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(option, min_size=2, max_size=4), min_size=2, max_size=6), st.floats(0, 1), st.integers(0, 5))
+def test_never_over_budget_and_parent_never_worsens(raw, frac, seed):
+    units = _units(raw)
+    lo, hi = cost_range(units)
+    budget = lo + frac * (hi - lo)
+    start = knapsack(units, budget).choice
+    alloc = evolve(units, budget, _fitness(units), start,
+                   EvolutionSettings(generations=8, offspring=6, survivors=(2,), seed=seed), **QUIET)
+    assert alloc.cost <= budget + 1e-9
+    fits = [h["fitness"] for h in alloc.details["history"]]
+    assert all(b <= a for a, b in zip(fits, fits[1:]))
+    assert alloc.error == fits[-1] == _fitness(units)(alloc.choice, 1)
+
+
+def _instance():
+    raw = [[(c * k, e / k) for k in (2, 3, 4, 8)] for c, e in [(10, 5.0), (10, 1.0), (30, 2.0), (30, 4.0), (20, 3.0)]]
+    units = _units(raw)
+    return units, 3.0 * sum(u.options[0].cost / 2 for u in units)  # an average of 3 "bits"
+
+
+def test_interrupted_search_resumes_to_the_same_result(tmp_path):
+    units, budget = _instance()
+    start = knapsack(units, budget).choice
+    cfg = EvolutionSettings(generations=12, offspring=6, survivors=(2,), seed=3)
+    whole = evolve(units, budget, _fitness(units), start, cfg, **QUIET)
+
+    calls = []
+
+    def dies_halfway(choice, stage):
+        if len(calls) > 40:
+            raise KeyboardInterrupt
+        return _fitness(units, calls)(choice, stage)
+
+    state = tmp_path / "evo.json"
+    with pytest.raises(KeyboardInterrupt):
+        evolve(units, budget, dies_halfway, start, cfg, state_path=state, **QUIET)
+    assert state.exists()
+    resumed = evolve(units, budget, _fitness(units), start, cfg, state_path=state, **QUIET)
+    assert resumed.details["resumed_from"] and 0 < resumed.details["resumed_from"] < 12
+    assert resumed.choice == whole.choice and resumed.error == whole.error
+    assert [h["fitness"] for h in resumed.details["history"]] == [h["fitness"] for h in whole.details["history"]]
+
+
+def test_a_different_search_is_refused(tmp_path):
+    units, budget = _instance()
+    start = knapsack(units, budget).choice
+    state = tmp_path / "evo.json"
+    cfg = EvolutionSettings(generations=2, offspring=4, survivors=(2,))
+    evolve(units, budget, _fitness(units), start, cfg, state_path=state, identity={"recipe": "a", "data": "x"}, **QUIET)
+    with pytest.raises(ResumeError, match=r"\(what changed: recipe\)"):
+        evolve(units, budget, _fitness(units), start, cfg, state_path=state, identity={"recipe": "b", "data": "x"},
+               **QUIET)
+    with pytest.raises(ResumeError, match="what changed: budget"):
+        evolve(units, budget - 1, _fitness(units), knapsack(units, budget - 1).choice, cfg, state_path=state,
+               identity={"recipe": "a", "data": "x"}, **QUIET)
