@@ -71,6 +71,21 @@ class WandaSpConfig(_PruneBase):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class CfspConfig(_Strict):
+    """CFSP (Wang et al., 2024): per-block MLP budgets from the angular distance of block inputs and outputs, MLP
+    channels scored by weights and activations. Prunes MLP channels only (attention stays whole)."""
+
+    pass_: Literal["cfsp"] = Field("cfsp", alias="pass")
+    target: float = Field(..., gt=0.0, lt=1.0, description="share of decoder-block projection parameters removed")
+    temperature: float = Field(1.0, gt=0, description="sigmoid sharpness of the coarse allocation")
+    max_keep: float = Field(1.0, gt=0, le=1.0, description="no block keeps more than this share of its MLP")
+    weight_power: float = Field(1.0, ge=0, description="b: down_proj columns weighted by ||x||^b")
+    activation_power: float = Field(1.0, ge=0, description="c: channel scores scaled by ||x||^c")
+    round_to: int = Field(1, ge=1, description="kept MLP widths are a multiple of this (hardware-friendly)")
+    compensate: bool = Field(False, description="add FLAP's bias compensation for the removed channels (not in CFSP)")
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
 class EvolutionConfig(_Strict):
     """EvoPress-style search settings: (1 + offspring) generations, staged selection on growing token sets."""
 
@@ -167,7 +182,8 @@ class RtnConfig(_QuantBase):
     pass_: Literal["rtn"] = Field("rtn", alias="pass")
 
 
-PassConfig = Annotated[Union[FlapConfig, WandaSpConfig, GptqConfig, RtnConfig], Field(discriminator="pass_")]
+PassConfig = Annotated[Union[FlapConfig, WandaSpConfig, CfspConfig, GptqConfig, RtnConfig],
+                      Field(discriminator="pass_")]
 
 
 class Recipe(_Strict):

@@ -65,3 +65,37 @@ def zd_score(weights: list[torch.Tensor], threshold: float) -> float:
     w = torch.cat([t.detach().reshape(-1).double() for t in weights])
     z = (w - w.mean()) / w.std()
     return float((z.abs() > threshold).double().mean())
+
+
+def angular_distance(x_in: torch.Tensor, x_out: torch.Tensor) -> tuple[float, int]:
+    """CFSP's block importance: sum over tokens of arccos(cos(x_in, x_out)) / pi, and the token count."""
+    cos = torch.nn.functional.cosine_similarity(x_in.reshape(-1, x_in.shape[-1]).double(),
+                                                x_out.reshape(-1, x_out.shape[-1]).double(), dim=-1)
+    return float((torch.arccos(cos.clamp(-1, 1)) / torch.pi).sum()), int(cos.numel())
+
+
+def cfsp_keep_ratios(block_scores: torch.Tensor, keep: float, temperature: float = 1.0,
+                     max_keep: float = 1.0) -> torch.Tensor:
+    """CFSP's coarse allocation: per-block keep ratios from block importance (more important keeps more).
+
+    sigmoid(temperature * standardized score), scaled so the mean keep ratio is `keep`; if that pushes a block above
+    `max_keep`, the spread around the mean is shrunk until it does not (the mean is unchanged)."""
+    z = standardize(block_scores.double())
+    s = torch.sigmoid(temperature * z)
+    r = s / s.mean() * keep
+    if r.max() > max_keep:
+        mean = r.mean()
+        r = mean + (r - mean) * ((max_keep - mean) / (r.max() - mean))
+    return r.clamp(0.0, max_keep)
+
+
+def cfsp_channel_scores(W_down: torch.Tensor, W_up: torch.Tensor, W_gate: torch.Tensor, act_norm: torch.Tensor,
+                        b: float = 1.0, c: float = 1.0) -> torch.Tensor:
+    """CFSP's fine score of each MLP channel j: the channel's share of each matrix's total |weight| (down_proj's
+    column weighted by ||x_j||^b; up/gate's rows), summed over the three matrices, times ||x_j||^c.
+    W_down (hidden, C), W_up and W_gate (C, hidden), act_norm (C,) = ||x_j|| over calibration tokens."""
+    a = act_norm.double()
+    down = W_down.double().abs() * a[None, :] ** b
+    terms = down.sum(0) / down.sum() + W_up.double().abs().sum(1) / W_up.double().abs().sum() \
+        + W_gate.double().abs().sum(1) / W_gate.double().abs().sum()
+    return terms * a**c

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from compress.passes.base import Pass, PassContext
+from compress.passes.prune_cfsp import CfspPass
 from compress.passes.prune_flap import FlapPass
 from compress.passes.prune_wanda import WandaSpPass
 from compress.passes.quantize import QuantizePass
-from compress.recipe import FlapConfig, GptqConfig, RtnConfig, WandaSpConfig
+from compress.recipe import CfspConfig, FlapConfig, GptqConfig, RtnConfig, WandaSpConfig
 
-PASSES: dict[type, type[Pass]] = {FlapConfig: FlapPass, WandaSpConfig: WandaSpPass, GptqConfig: QuantizePass,
-                                  RtnConfig: QuantizePass}
+PASSES: dict[type, type[Pass]] = {FlapConfig: FlapPass, WandaSpConfig: WandaSpPass, CfspConfig: CfspPass,
+                                  GptqConfig: QuantizePass, RtnConfig: QuantizePass}
 
 
 def make_pass(config) -> Pass:

@@ -86,3 +86,29 @@ def test_uniform_same_widths_everywhere():
     assert (40 - int(k.channels.sum())) % 8 == 0
     # the lowest-scored channels go
     assert s.channels[~k.channels].max() <= s.channels[k.channels].min()
+
+
+def test_cfsp_keep_ratios_meet_the_mean_and_follow_importance():
+    from compress.ops.importance import cfsp_keep_ratios
+
+    scores = torch.tensor([0.05, 0.30, 0.10, 0.02, 0.20])
+    for keep, temperature in [(0.6, 1.0), (0.9, 3.0), (0.5, 0.1)]:
+        r = cfsp_keep_ratios(scores, keep, temperature)
+        assert float(r.mean()) == pytest.approx(keep, abs=1e-9)
+        assert float(r.max()) <= 1.0 + 1e-12
+        assert r.argsort().tolist() == scores.argsort().tolist()
+
+
+def test_cfsp_channel_scores_follow_activation_and_weight():
+    from compress.ops.importance import cfsp_channel_scores
+
+    g = torch.Generator().manual_seed(0)
+    down, up, gate = torch.randn(8, 6, generator=g), torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    act = torch.ones(6)
+    base = cfsp_channel_scores(down, up, gate, act)
+    act2 = act.clone()
+    act2[3] = 4.0  # a louder channel scores higher
+    assert cfsp_channel_scores(down, up, gate, act2)[3] > base[3]
+    up2 = up.clone()
+    up2[1] *= 10  # a heavier up_proj row scores higher
+    assert cfsp_channel_scores(down, up2, gate, act)[1] > base[1]

@@ -128,3 +128,29 @@ def test_cli_good_paths(tiny_llama, tmp_path):
     assert data["artifact"] == str(art) and abs(data["decoder_params"]["removed"] - 0.25) < 0.01
     res = runner.invoke(cli, ["inspect", str(art), "--json"])
     assert res.exit_code == 0 and len(json.loads(res.output)["layers"]) == 3
+
+
+@pytest.mark.parametrize("compensate", [False, True])
+def test_cfsp_prunes_mlp_only_to_budget_and_reloads(tiny_any, tmp_path, compensate):
+    recipe = {"name": "tiny", "model": str(tiny_any),
+              "passes": [{"pass": "cfsp", "target": 0.3, "compensate": compensate, "temperature": 2.0}]}
+    res = api.run(recipe, out=tmp_path / "art", overrides=SMALL, log=lambda *_: None)
+    rep = res.report
+    assert abs(rep["decoder_params"]["removed"] - 0.3) < 0.01
+    assert rep["verify"]["max_abs_logit_diff"] < 1e-4
+    rows = rep["passes"][0]["rows"]
+    widths = [int(r["mlp"].split("/")[0]) for r in rows]
+    assert len(set(widths)) > 1  # budgets differ per block
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["angular distance"])
+    assert widths[order[-1]] >= widths[order[0]]  # the block that changes its input most keeps the most
+    model = export.load(res.artifact)
+    for layer, w in zip(model.model.layers, widths):
+        assert layer.mlp.down_proj.in_features == w
+        assert layer.self_attn.q_proj.weight.shape == tiny_any_shape(tiny_any)  # attention untouched
+        assert (layer.mlp.down_proj.bias is not None) == compensate
+
+
+def tiny_any_shape(path):
+    cfg = json.loads((path / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return (cfg["num_attention_heads"] * head_dim, cfg["hidden_size"])
