@@ -20,7 +20,8 @@ from compress.plan import Plan
 from compress.recipe import Recipe
 from compress.tables import html_table, markdown_table, text_table
 from export.format import DTYPES
-from export.interop import artifact_config, gptq_tensors, quantized_tensors
+from export.interop import (REMOTE_CODE_FILE, artifact_config, block_configs, gptq_tensors, quantized_tensors,
+                            remote_code_auto_map, remote_code_source)
 from export.loader import load as load_artifact
 from export.writer import ArtifactExistsError, ArtifactWriter, sha256_file
 
@@ -252,6 +253,7 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     if qformat == "gptq" and why_not_stock:
         raise InputError(f"export.quant_format: gptq cannot store this model: {why_not_stock}")
     config["dtype"] = str(dtype).removeprefix("torch.")
+    views = _non_uniform_views(config, layers, why_not_stock, recipe.export.remote_code)
     state = _state_for_export(model, layers, dtype, plan, qformat)
     bits = quantized_bits(state, plan)
     report = {
@@ -266,6 +268,7 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
                            "removed": round(1 - decoder_params(model) / dense_decoder, 4)},
         "stock_config": why_not_stock is None,
         "stock_config_reason": why_not_stock or "",
+        **views,
         "fallbacks": [f for r in reports for f in r.fallbacks],
         "export_dtype": str(dtype).removeprefix("torch."),
         "bits_per_weight": bits,
@@ -273,6 +276,8 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     try:
         with ArtifactWriter(out, overwrite=overwrite) as w:
             w.write_json("config.json", config)
+            if views.get("remote_code"):
+                w.write_text(REMOTE_CODE_FILE, remote_code_source())
             w.write_weights(state, int(recipe.export.shard_size_mb * 2**20))
             w.copy_tokenizer(source.path)
             w.write_text("recipe.yaml", recipe.to_yaml())
@@ -294,6 +299,24 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     except ArtifactExistsError as err:
         raise InputError(str(err)) from None
     return RunResult(out, report)
+
+
+def _non_uniform_views(config: dict, layers: list[dict], why_not_stock: str | None, remote_code: bool) -> dict:
+    """For a per-layer (non-stock) config, add in place the nemotron-nas `block_configs` view when the structure is
+    expressible in it, and the remote-code `auto_map` when asked; return what the report says about both."""
+    if why_not_stock is None:
+        return {"block_configs": "not needed: stock config", "remote_code": False}
+    views = {}
+    blocks, why = block_configs(config, layers)
+    if blocks is not None:
+        config["block_configs"] = blocks
+        views["block_configs"] = "written (nemotron-nas / DeciLM per-block view in config.json)"
+    else:
+        views["block_configs"] = f"not written: {why}"
+    if remote_code:
+        config["auto_map"] = remote_code_auto_map()
+    views["remote_code"] = remote_code
+    return views
 
 
 @torch.no_grad()

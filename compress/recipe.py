@@ -43,6 +43,9 @@ class ExportConfig(_Strict):
     # how quantized linears are stored: compressed-tensors pack-quantized (any widths, mixed), or the GPTQ format
     # (one symmetric width for every decoder projection; scales in fp16), which gptqmodel and vLLM read
     quant_format: Literal["compressed-tensors", "gptq"] = "compressed-tensors"
+    # models whose blocks differ in width: ship our modeling file + auto_map so that stock transformers loads them
+    # with trust_remote_code=True (never by default; our loader needs no code from the artifact)
+    remote_code: bool = False
 
 
 class _PruneBase(_Strict):
@@ -195,6 +198,14 @@ class Recipe(_Strict):
     export: ExportConfig = ExportConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _remote_code_fits(self) -> "Recipe":
+        if self.export.remote_code and any(isinstance(p, (GptqConfig, RtnConfig)) for p in self.passes):
+            raise ValueError("export.remote_code: the shipped modeling code loads pruned models in the export dtype, "
+                             "not quantized ones (quantized artifacts load with export.load, or stock transformers "
+                             "when uniform)")
+        return self
 
     @model_validator(mode="after")
     def _searches_fit(self) -> "Recipe":

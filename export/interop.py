@@ -162,3 +162,55 @@ def artifact_config(base: dict, layers: list[dict], quant: dict[str, dict] | Non
     config["architectures"] = [PRUNED_ARCHITECTURE]
     config["layers"] = layers
     return config, layers, why
+
+
+def _decilm_intermediate(ffn_mult: float, hidden: int) -> int:
+    """The MLP width DeciLM / nemotron-nas derives from ffn_mult: int(2 * ffn_mult * hidden / 3) rounded up to 256."""
+    size = int(2 * ffn_mult * hidden / 3)
+    return -(-size // 256) * 256
+
+
+def block_configs(base: dict, layers: list[dict]) -> tuple[list[dict] | None, str | None]:
+    """The nemotron-nas (DeciLM) per-block view vLLM serves natively, or (None, why it cannot express the model).
+
+    DeciLM keeps one query-head count and head_dim for the whole model and varies per block the key-value groups
+    (n_heads_in_group = query heads per kv head) and the MLP width (through ffn_mult, in steps of 256); it has no
+    projection biases."""
+    model_type = base.get("base_model_type", base.get("model_type"))
+    if model_type not in ("llama", "mistral"):
+        return None, f"nemotron-nas is Llama-based; {model_type} blocks (biases, norms) differ"
+    heads = base["num_attention_heads"]
+    head_dim = base.get("head_dim") or base["hidden_size"] // heads
+    hidden = base["hidden_size"]
+    out = []
+    for i, l in enumerate(layers):
+        if l["bias"]:
+            return None, f"layer {i} has biases on {l['bias']} (bias compensation); nemotron-nas has none"
+        if l["num_attention_heads"] != heads or l["head_dim"] != head_dim:
+            return None, (f"layer {i} has {l['num_attention_heads']} query heads; nemotron-nas keeps {heads} in every "
+                          "block (prune MLP channels only, e.g. CFSP, to get this view)")
+        if heads % l["num_key_value_heads"]:
+            return None, f"layer {i}: {l['num_key_value_heads']} kv heads do not divide {heads} query heads"
+        ffn_mult = round(1.5 * l["intermediate_size"] / hidden, 6)
+        if _decilm_intermediate(ffn_mult, hidden) != l["intermediate_size"]:
+            return None, (f"layer {i} MLP width {l['intermediate_size']} is not a multiple of 256 (nemotron-nas "
+                          "widths are; use round_to: 256)")
+        out.append({"attention": {"no_op": False, "replace_with_linear": False, "sparsify": None,
+                                  "n_heads_in_group": heads // l["num_key_value_heads"]},
+                    "ffn": {"no_op": False, "replace_with_linear": False, "sparsify": None, "ffn_mult": ffn_mult}})
+    return out, None
+
+
+REMOTE_CODE_FILE = "modeling_compress_pruned.py"
+
+
+def remote_code_auto_map() -> dict:
+    """auto_map entries that make transformers (with trust_remote_code=True) use the modeling file we ship."""
+    stem = REMOTE_CODE_FILE.removesuffix(".py")
+    return {"AutoConfig": f"{stem}.CompressPrunedConfig", "AutoModelForCausalLM": f"{stem}.CompressPrunedForCausalLM"}
+
+
+def remote_code_source() -> str:
+    from pathlib import Path
+
+    return (Path(__file__).parent / "remote" / REMOTE_CODE_FILE).read_text()

@@ -98,6 +98,8 @@ def _build_skeleton(config: dict, layers: list[dict], quantization: dict[str, di
     if cfg.get("model_type") == PRUNED_MODEL_TYPE:
         cfg["model_type"] = cfg.pop("base_model_type")
         cfg.pop("layers", None)
+        cfg.pop("block_configs", None)
+        cfg.pop("auto_map", None)
     model_type = cfg.pop("model_type")
     cfg.pop("architectures", None)
     hf_config = AutoConfig.for_model(model_type, **cfg)

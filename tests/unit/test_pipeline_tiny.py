@@ -154,3 +154,60 @@ def tiny_any_shape(path):
     cfg = json.loads((path / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     return (cfg["num_attention_heads"] * head_dim, cfg["hidden_size"])
+
+
+@pytest.fixture(scope="module")
+def tiny_wide(tmp_path_factory):
+    """MLP width 768 = 3 x 256, so CFSP widths rounded to 256 are expressible as nemotron-nas blocks."""
+    from tests.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-wide"), "llama", hidden_size=128, num_attention_heads=8,
+                           num_key_value_heads=2, head_dim=16, intermediate_size=768, num_hidden_layers=4)
+
+
+def test_non_uniform_artifact_views_block_configs_and_remote_code(tiny_wide, tmp_path):
+    recipe = {"name": "tiny", "model": str(tiny_wide), "export": {"remote_code": True},
+              "passes": [{"pass": "cfsp", "target": 0.3, "round_to": 256, "temperature": 3.0}]}
+    res = api.run(recipe, out=tmp_path / "art", overrides=SMALL, log=lambda *_: None)
+    rep = res.report
+    assert rep["stock_config"] is False and rep["remote_code"] is True
+    assert rep["block_configs"].startswith("written")
+    cfg = json.loads((res.artifact / "config.json").read_text())
+    ours = export.load(res.artifact)
+    # the block_configs view decodes (DeciLM's formulas) to exactly the per-layer shapes of the loaded model
+    assert len(cfg["block_configs"]) == len(cfg["layers"]) == len(ours.model.layers)
+    for block, spec, layer in zip(cfg["block_configs"], cfg["layers"], ours.model.layers):
+        inter = -(-int(2 * block["ffn"]["ffn_mult"] * cfg["hidden_size"] / 3) // 256) * 256
+        kv = cfg["num_attention_heads"] // block["attention"]["n_heads_in_group"]
+        assert inter == spec["intermediate_size"] == layer.mlp.down_proj.in_features
+        assert kv == spec["num_key_value_heads"] == layer.self_attn.k_proj.out_features // spec["head_dim"]
+        assert not block["attention"]["no_op"] and not block["ffn"]["no_op"]
+    assert len({l["intermediate_size"] for l in cfg["layers"]}) > 1
+    # stock transformers runs the shipped modeling code only when trusted, with our logits
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    stock = AutoModelForCausalLM.from_pretrained(res.artifact, trust_remote_code=True, dtype=torch.float32).eval()
+    assert (_logits(stock, ids) - _logits(ours, ids)).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForCausalLM.from_pretrained(res.artifact, trust_remote_code=False)
+
+
+def test_block_configs_not_written_when_inexpressible(tiny_llama, tmp_path):
+    """FLAP removes whole kv groups (query heads differ per block) and adds biases: the report says why."""
+    res = api.run(_recipe(tiny_llama, "adaptive"), out=tmp_path / "art", overrides=SMALL, log=lambda *_: None)
+    assert res.report["block_configs"].startswith("not written: layer")
+    assert "block_configs" not in json.loads((res.artifact / "config.json").read_text())
+    assert res.report["remote_code"] is False
+    with pytest.raises(ValueError):  # compress_pruned without shipped code: transformers refuses it
+        AutoModelForCausalLM.from_pretrained(res.artifact)
+
+
+def test_remote_code_with_quantization_is_refused(tiny_llama, tmp_path):
+    from click.testing import CliRunner
+
+    from compress.cli import cli
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"name": "q", "model": str(tiny_llama), "export": {"remote_code": True},
+                                  "passes": [{"pass": "rtn", "bits": 4, "group_size": 32}]}))
+    res = CliRunner().invoke(cli, ["validate", str(recipe)])
+    assert res.exit_code == 2 and "export.remote_code" in res.output, res.output

@@ -1,0 +1,1 @@
+"""Files shipped inside artifacts (not imported by the toolkit)."""
