@@ -4,7 +4,8 @@
 
 Each method runs in its own subprocess (so its peak memory is its own) on a fresh copy of the dense model:
 RTN and GPTQ at 4 and 3 bits (group 64, symmetric, act-order with static groups; damping 0.1 as the recipes use,
-and the paper's 0.01), and mixed precision at an average of 3.25 bits with LIM, ZD and three random layer rankings
+and the paper's 0.01), gptqmodel 7.6.0's GPTQ at exactly our settings (same windows, batch 8, fp32, desc_act with
+static groups, damp 0.1, no true-sequential, no GAR/MSE extras; needs the `interop` extra), and mixed precision at an average of 3.25 bits with LIM, ZD and three random layer rankings
 against uniform 3-bit. Reports held-out perplexity in the calibration domain (pydoc) and
 out of it (licenses), bits per weight (codes + scales), quantization seconds and peak resident memory; writes
 docs/results/quant_compare.{json,md} and, when matplotlib is installed, quant_compare.png (perplexity vs bits).
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -34,6 +36,7 @@ METHODS = {
     "gptq mixed 3.25 lim": {**GPTQ, "bits": {"average": 3.25, "choices": [3, 4], "importance": "lim"}},
     "gptq mixed 3.25 zd": {**GPTQ, "bits": {"average": 3.25, "choices": [3, 4], "importance": "zd"}},
 }
+GPTQMODEL = {"gptqmodel w4": 4, "gptqmodel w3": 3}
 for _seed in range(3):  # one random ranking is an anecdote: the control is several seeds
     METHODS[f"gptq mixed 3.25 random s{_seed}"] = {
         **GPTQ, "bits": {"average": 3.25, "choices": [3, 4], "importance": "random"}, "_seed": _seed}
@@ -56,7 +59,9 @@ def run_one(label: str, args) -> dict:
     calib = sample_windows(tokenize(tok, load_corpus("pydoc").split("calibration")), args.windows, 256, 0, "calib")
     sets = EvalSets.build(recipe, tok)
     row = {"method": label}
-    if label != "dense":
+    if label in GPTQMODEL:
+        row.update(run_gptqmodel(model, resolve_model(recipe.model).path, calib, GPTQMODEL[label]))
+    elif label != "dense":
         spec = dict(METHODS[label])
         seed = spec.pop("_seed", 0)
         cfg = load_recipe(recipe, [f"passes.0={json.dumps(spec)}"]).passes[0]
@@ -76,6 +81,41 @@ def run_one(label: str, args) -> dict:
     return row
 
 
+def run_gptqmodel(model, path: Path, calib, bits: int) -> dict:
+    """Quantize with gptqmodel at our settings, then copy the weights its runtime dequantizes into our fp32 model, so
+    both are scored by the same evaluation code."""
+    import tempfile
+
+    import torch
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+
+    qc = QuantizeConfig(bits=bits, group_size=G, sym=True, desc_act=True, static_groups=True, act_group_aware=False,
+                        damp_percent=GPTQ["damp"], true_sequential=False, mse=0.0)
+    data = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in calib]
+    m = GPTQModel.load(str(path), qc, device="cpu", dtype=torch.float32)
+    t0 = time.perf_counter()
+    m.quantize(data, batch_size=8)
+    seconds = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        m.save(tmp)
+        del m
+        q = GPTQModel.load(tmp, device="cpu", dtype=torch.float16, backend=BACKEND.TORCH).model
+        n = bits_total = 0
+        with torch.no_grad():
+            for name, mod in q.named_modules():
+                if type(mod).__name__ != "TorchLinear":
+                    continue
+                w = mod.dequantize_weight().T.float()
+                model.get_submodule(name).weight.copy_(w)
+                n += w.numel()
+                bits_total += bits * w.numel() + mod.scales.numel() * 16
+    expected = sum(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if ".layers." in n)
+    if n != sum(m.weight.numel() for nm, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in nm):
+        raise SystemExit(f"gptqmodel quantized a different set of layers than ours (expected {expected} linears)")
+    return {"avg bits": float(bits), "bits/weight": round(bits_total / n, 3), "quant s": round(seconds, 1),
+            "fallbacks": None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=["all"])
@@ -93,9 +133,10 @@ def main() -> None:
         out = Path(args.out)
         plot(json.loads(out.with_suffix(".json").read_text())["rows"], out.with_suffix(".png"))
         return
-    labels = ["dense", *METHODS] if args.methods == ["all"] else args.methods
+    labels = ["dense", *METHODS, *GPTQMODEL] if args.methods == ["all"] else args.methods
     rows = []
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1",
+           "GPTQMODEL_CPU_WORKERS": str(min(args.threads, os.cpu_count() or 1))}
     for label in labels:
         cmd = [sys.executable, __file__, "--one", label, "--windows", str(args.windows),
                "--max-windows", str(args.max_windows), "--threads", str(args.threads)]
@@ -109,7 +150,7 @@ def main() -> None:
     print("\n" + text_table(rows))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python benchmarks/quant_compare.py " + " ".join(sys.argv[1:]),
+    meta = {"command": "python benchmarks/quant_compare.py " + shlex.join(sys.argv[1:]),
             "calibration": f"{args.windows} x 256 tokens, pydoc calibration split, seed 0",
             "perplexity": f"seq_len 256, <= {args.max_windows} windows per text", "threads": args.threads,
             "bits/weight": "codes + one 16-bit scale per group of 64 (symmetric: no zero points)"}
@@ -130,7 +171,7 @@ def plot(rows: list[dict], path: Path) -> None:
     except ImportError:
         print("matplotlib not installed: no plot (pip install -e '.[bench]')")
         return
-    style = {"rtn": ("s", "tab:red"), "gptq w": ("o", "tab:blue"), "lim": ("^", "tab:green"),
+    style = {"gptqmodel": ("D", "tab:orange"), "rtn": ("s", "tab:red"), "gptq w": ("o", "tab:blue"), "lim": ("^", "tab:green"),
              "zd": ("v", "tab:purple"), "random": ("x", "tab:gray")}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key in zip(axes, [k for k in rows[0] if k.startswith("ppl ")]):
