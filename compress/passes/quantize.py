@@ -129,7 +129,11 @@ def _searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modu
     ref_level = min(levels, key=lambda b: (abs(b - mixed.average), b))
     blocks = llama.blocks(model)
     dense = {name: lin.weight.data.clone() for name, (_, _, lin) in modules.items()}
-    key = fingerprint(*[dense[n] for n in sorted(dense)], cfg.model_dump(mode="json"), ctx.calibration)
+    # the variants depend on the weights, the quantizer settings, the widths and the calibration windows, not on the
+    # budget or the search: a knapsack at 3.0 and at 3.5 bits, or an evolution, share one database
+    settings = cfg.model_dump(mode="json")
+    settings["bits"] = {"choices": levels}
+    key = fingerprint(*[dense[n] for n in sorted(dense)], settings, ctx.calibration)
     db = VariantDB(None if ctx.cache is None else ctx.cache / f"variants-{key[:20]}")
     specs = {(name, b): _spec_for(name, lin.in_features, b, cfg, where) for name, (_, _, lin) in modules.items()
              for b in levels}
@@ -175,7 +179,8 @@ def _searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modu
         lin.weight.data = dense[name]
 
     # 2. errors: KL with one unit quantized at a time
-    errors = db.read_json("unit_kl") or {}
+    errors_key = f"unit_kl-{mixed.error_windows}w"
+    errors = db.read_json(errors_key) or {}
     todo = [(u, b) for u in units for b in levels if f"{u}@{b}" not in errors]
     if todo:
         tail = TailKL(model, ctx.calibration[: mixed.error_windows], batch_size=ctx.batch_size)
@@ -185,7 +190,7 @@ def _searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modu
             errors[f"{u}@{b}"] = tail.kl_from(layer_of[u])
             for name in units[u]:
                 modules[name][2].weight.data = dense[name]
-            db.write_json("unit_kl", errors)
+            db.write_json(errors_key, errors)
         del tail
 
     # 3. allocate and assemble
@@ -255,10 +260,13 @@ def _evolve(model, ctx: PassContext, mixed: MixedBits, unit_list: list[Unit], un
 
     settings = EvolutionSettings(generations=evo.generations, offspring=evo.offspring,
                                  survivors=tuple(evo.survivors), max_switches=evo.max_switches, seed=ctx.seed)
+    # one state file per search (budget, settings, seed, start): the same search resumes, another starts its own
+    identity = {"variants": key, "stage_windows": evo.stage_windows, "error_windows": mixed.error_windows}
+    search_id = fingerprint(identity, settings.__dict__, start.budget, start.choice)
     try:
         alloc = evolve(unit_list, start.budget, fitness, start.choice, settings,
-                       state_path=None if db.folder is None else db.folder / f"evolution-{ctx.seed}.json",
-                       identity={"variants": key, "stage_windows": evo.stage_windows}, log=lambda *_: None)
+                       state_path=None if db.folder is None else db.folder / f"evolution-{search_id[:16]}.json",
+                       identity=identity, log=lambda *_: None)
     finally:
         for name, (_, _, lin) in modules.items():
             lin.weight.data = dense[name]
