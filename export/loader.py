@@ -93,13 +93,14 @@ def _build_skeleton(config: dict, layers: list[dict], quantization: dict[str, di
     """The model with every weight on the meta device and each block's widths as the manifest says."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from export.remote.modeling_compress_pruned import PER_LAYER_KEYS, resize_blocks  # imports transformers
+
     cfg = dict(config)
     cfg.pop("quantization_config", None)  # our loader builds QuantLinear itself, from the manifest
     if cfg.get("model_type") == PRUNED_MODEL_TYPE:
-        cfg["model_type"] = cfg.pop("base_model_type")
-        cfg.pop("layers", None)
-        cfg.pop("block_configs", None)
-        cfg.pop("auto_map", None)
+        cfg["model_type"] = cfg["base_model_type"]
+        for key in PER_LAYER_KEYS:
+            cfg.pop(key, None)
     model_type = cfg.pop("model_type")
     cfg.pop("architectures", None)
     hf_config = AutoConfig.for_model(model_type, **cfg)
@@ -107,22 +108,7 @@ def _build_skeleton(config: dict, layers: list[dict], quantization: dict[str, di
         model = AutoModelForCausalLM.from_config(hf_config)
     if len(layers) != len(model.model.layers):
         raise ArtifactError(f"{MANIFEST}: {len(layers)} layers described, config has {len(model.model.layers)}")
-    hidden = hf_config.hidden_size
-    for spec, block in zip(layers, model.model.layers):
-        hd, heads, kv, inter = spec["head_dim"], spec["num_attention_heads"], spec["num_key_value_heads"], spec["intermediate_size"]
-        dims = {
-            "q_proj": (hidden, heads * hd), "k_proj": (hidden, kv * hd), "v_proj": (hidden, kv * hd),
-            "o_proj": (heads * hd, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
-            "down_proj": (inter, hidden),
-        }
-        for name, (n_in, n_out) in dims.items():
-            parent = block.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp
-            setattr(parent, name, nn.Linear(n_in, n_out, bias=name in spec["bias"], device="meta"))
-        block.self_attn.head_dim = hd
-        block.self_attn.num_key_value_groups = heads // kv
-        block.self_attn.scaling = hd**-0.5
-        if hasattr(block.mlp, "intermediate_size"):
-            block.mlp.intermediate_size = inter
+    resize_blocks(model.model.layers, layers, hf_config.hidden_size, device="meta")
     for name, scheme in quantization.items():  # packed linears keep their compressed-tensors buffers
         parent_name, short = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)

@@ -11,12 +11,31 @@ with each block's projections resized to those widths; its forward is the stock 
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from transformers import AutoConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+PER_LAYER_KEYS = ("base_model_type", "layers", "block_configs", "auto_map")  # ours, not the base config's
+
+
+def resize_blocks(blocks: nn.ModuleList, layers: list[dict], hidden: int, device=None) -> None:
+    """Give each block the projections its `layers` entry describes (head counts, head_dim, MLP width, biases).
+    Also used by compress's own loader (export.loader), on the meta device."""
+    for spec, block in zip(layers, blocks):
+        hd, heads, kv, inter = (spec["head_dim"], spec["num_attention_heads"], spec["num_key_value_heads"],
+                                spec["intermediate_size"])
+        dims = {"q_proj": (hidden, heads * hd), "k_proj": (hidden, kv * hd), "v_proj": (hidden, kv * hd),
+                "o_proj": (heads * hd, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+                "down_proj": (inter, hidden)}
+        for name, (n_in, n_out) in dims.items():
+            parent = block.self_attn if name in ATTN else block.mlp
+            setattr(parent, name, nn.Linear(n_in, n_out, bias=name in spec["bias"], device=device))
+        block.self_attn.head_dim = hd
+        block.self_attn.num_key_value_groups = heads // kv
+        block.self_attn.scaling = hd**-0.5
+        if hasattr(block.mlp, "intermediate_size"):
+            block.mlp.intermediate_size = inter
 
 
 class CompressPrunedConfig(PretrainedConfig):
@@ -29,8 +48,7 @@ class CompressPrunedConfig(PretrainedConfig):
 
     def base_config(self) -> PretrainedConfig:
         fields = {k: v for k, v in self.to_dict().items()
-                  if k not in ("model_type", "base_model_type", "layers", "auto_map", "architectures",
-                               "transformers_version", "block_configs")}
+                  if k not in ("model_type", "architectures", "transformers_version", *PER_LAYER_KEYS)}
         return AutoConfig.for_model(self.base_model_type, **fields)
 
 
@@ -50,21 +68,7 @@ class CompressPrunedForCausalLM(PreTrainedModel, GenerationMixin):
         self.model, self.lm_head = full.model, full.lm_head
         if len(config.layers) != len(self.model.layers):
             raise ValueError(f"config describes {len(config.layers)} layers, the base config has {len(self.model.layers)}")
-        hidden = base_config.hidden_size
-        for spec, block in zip(config.layers, self.model.layers):
-            hd, heads, kv, inter = (spec["head_dim"], spec["num_attention_heads"], spec["num_key_value_heads"],
-                                    spec["intermediate_size"])
-            dims = {"q_proj": (hidden, heads * hd), "k_proj": (hidden, kv * hd), "v_proj": (hidden, kv * hd),
-                    "o_proj": (heads * hd, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
-                    "down_proj": (inter, hidden)}
-            for name, (n_in, n_out) in dims.items():
-                parent = block.self_attn if name in ATTN else block.mlp
-                setattr(parent, name, nn.Linear(n_in, n_out, bias=name in spec["bias"]))
-            block.self_attn.head_dim = hd
-            block.self_attn.num_key_value_groups = heads // kv
-            block.self_attn.scaling = hd**-0.5
-            if hasattr(block.mlp, "intermediate_size"):
-                block.mlp.intermediate_size = inter
+        resize_blocks(self.model.layers, config.layers, base_config.hidden_size)
         self.post_init()
 
     def _init_weights(self, module):  # every weight comes from the checkpoint
@@ -80,4 +84,4 @@ class CompressPrunedForCausalLM(PreTrainedModel, GenerationMixin):
         return self._base_class.forward(self, *args, **kwargs)
 
 
-__all__ = ["CompressPrunedConfig", "CompressPrunedForCausalLM"]
+__all__ = ["CompressPrunedConfig", "CompressPrunedForCausalLM", "PER_LAYER_KEYS", "resize_blocks"]
