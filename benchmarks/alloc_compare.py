@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _harness import ROOT, default_setup, quantized_bits, run_each, write_results
 GPTQ = {"pass": "gptq", "group_size": 64, "act_order": True, "static_groups": True, "damp": 0.1}
 ALL = [2, 3, 4, 8]
 METHODS = {
@@ -38,21 +34,13 @@ METHODS = {
 
 
 def run_one(label: str, args) -> dict:
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from calibration.sources import load_corpus, sample_windows, tokenize
-    from compress.models import load_model, resolve_model
     from compress.models.default import cache_dir
     from compress.passes import PassContext, make_pass
-    from compress.pipeline import EVAL_BATCH, EvalSets
+    from compress.pipeline import EVAL_BATCH
     from compress.plan import Plan
     from compress.recipe import load_recipe
 
-    recipe = load_recipe(ROOT / "recipes" / "llama-w4.yaml", [f"evaluate.max_windows={args.max_windows}"])
-    model, tok = load_model(resolve_model(recipe.model))
-    calib = sample_windows(tokenize(tok, load_corpus("pydoc").split("calibration")), args.windows, 256, 0, "calib")
-    sets = EvalSets.build(recipe, tok)
+    recipe, model, calib, sets = default_setup(args.windows, args.max_windows, args.threads)
     row = {"method": label}
     if label != "dense":
         cfg = load_recipe(recipe, [f"passes.0={json.dumps(METHODS[label])}"]).passes[0]
@@ -61,13 +49,9 @@ def run_one(label: str, args) -> dict:
         rep = make_pass(cfg).run(model, PassContext(calibration=calib, plan=plan, batch_size=8, seed=0,
                                                     cache=cache_dir() / "runs"))
         seconds = time.perf_counter() - t0
-        n = sum(q.shape[0] * q.shape[1] for q in plan.quantized.values())
-        code_bits = sum(q.bits * q.shape[0] * q.shape[1] for q in plan.quantized.values())
-        scale_bits = sum(q.scale.numel() * 16 for q in plan.quantized.values())
         s = rep.summary
-        widths = sorted({q.bits for q in plan.quantized.values()})
-        row.update({"avg bits": round(code_bits / n, 3), "bits/weight": round((code_bits + scale_bits) / n, 3),
-                    "widths": "/".join(map(str, widths)), "search s": round(seconds, 1),
+        row.update({**quantized_bits(plan), "widths": "/".join(map(str, sorted({q.bits for q in plan.quantized.values()}))),
+                    "search s": round(seconds, 1),
                     "evaluations": (s.get("evolution") or {}).get("evaluations", ""),
                     "summed unit KL": (s.get("knapsack") or {}).get("summed_unit_kl", ""),
                     "final KL": (s.get("evolution") or {}).get("final_kl", "")})
@@ -94,29 +78,12 @@ def main() -> None:
         plot(json.loads(out.with_suffix(".json").read_text())["rows"], out.with_suffix(".png"))
         return
     labels = ["dense", *METHODS] if args.methods == ["all"] else args.methods
-    rows = []
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
-    for label in labels:
-        cmd = [sys.executable, __file__, "--one", label, "--windows", str(args.windows),
-               "--max-windows", str(args.max_windows), "--threads", str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-        if proc.returncode != 0:
-            raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
-    from compress.tables import markdown_table, text_table
-
-    print("\n" + text_table(rows))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python benchmarks/alloc_compare.py " + shlex.join(sys.argv[1:]),
-            "calibration": f"{args.windows} x 256 tokens, pydoc calibration split, seed 0",
-            "perplexity": f"seq_len 256, <= {args.max_windows} windows per text", "threads": args.threads,
-            "search s": "pass time; the first searched method includes building the variant database and unit errors",
-            "bits/weight": "codes + one 16-bit scale per group of 64"}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    out.with_suffix(".md").write_text("\n".join(["# Bit allocation compared\n", f"Command: `{meta['command']}`\n",
-                                                 *(f"- {k}: {v}" for k, v in meta.items() if k != "command"), "",
-                                                 markdown_table(rows), ""]))
+    rows = run_each(__file__, labels, args)
+    write_results(out, "Bit allocation compared", __file__, {
+        "calibration": f"{args.windows} x 256 tokens, pydoc calibration split, seed 0",
+        "perplexity": f"seq_len 256, <= {args.max_windows} windows per text", "threads": args.threads,
+        "search s": "pass time; the first searched method includes building the variant database and unit errors",
+        "bits/weight": "codes + one 16-bit scale per group of 64"}, rows)
     plot(rows, out.with_suffix(".png"))
 
 

@@ -17,13 +17,10 @@ import argparse
 import json
 import os
 import resource
-import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _harness import ROOT, default_setup, quantized_bits, run_each, write_results
 G = 64
 GPTQ = {"pass": "gptq", "group_size": G, "act_order": True, "static_groups": True, "damp": 0.1}  # the recipes'
 METHODS = {
@@ -44,22 +41,16 @@ for _seed in range(3):  # one random ranking is an anecdote: the control is seve
 
 def run_one(label: str, args) -> dict:
     """Quantize a fresh dense model with one method and evaluate it (runs inside the child process)."""
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from calibration.sources import load_corpus, sample_windows, tokenize
-    from compress.models import load_model, resolve_model
     from compress.passes import PassContext, make_pass
-    from compress.pipeline import EVAL_BATCH, EvalSets
+    from compress.pipeline import EVAL_BATCH
     from compress.plan import Plan
     from compress.recipe import load_recipe
 
-    recipe = load_recipe(ROOT / "recipes" / "llama-w4.yaml", [f"evaluate.max_windows={args.max_windows}"])
-    model, tok = load_model(resolve_model(recipe.model))
-    calib = sample_windows(tokenize(tok, load_corpus("pydoc").split("calibration")), args.windows, 256, 0, "calib")
-    sets = EvalSets.build(recipe, tok)
+    recipe, model, calib, sets = default_setup(args.windows, args.max_windows, args.threads)
     row = {"method": label}
     if label in GPTQMODEL:
+        from compress.models import resolve_model
+
         row.update(run_gptqmodel(model, resolve_model(recipe.model).path, calib, GPTQMODEL[label]))
     elif label != "dense":
         spec = dict(METHODS[label])
@@ -69,13 +60,9 @@ def run_one(label: str, args) -> dict:
         t0 = time.perf_counter()
         rep = make_pass(cfg).run(model, PassContext(calibration=calib, plan=plan, batch_size=8, seed=seed))
         seconds = time.perf_counter() - t0
-        n = sum(q.shape[0] * q.shape[1] for q in plan.quantized.values())
-        code_bits = sum(q.bits * q.shape[0] * q.shape[1] for q in plan.quantized.values())
-        scale_bits = sum(q.scale.numel() * 16 for q in plan.quantized.values())  # as fp16/bf16 scales
         if not isinstance(cfg.bits, int):  # mixed precision: which layers got the wider width
             row["4-bit layers"] = " ".join(str(i) for i, b in enumerate(rep.summary["layer_bits"]) if b == 4)
-        row.update({"avg bits": round(code_bits / n, 3), "bits/weight": round((code_bits + scale_bits) / n, 3),
-                    "quant s": round(seconds, 1), "fallbacks": len(rep.fallbacks)})
+        row.update({**quantized_bits(plan), "quant s": round(seconds, 1), "fallbacks": len(rep.fallbacks)})
     row.update({f"ppl {k}": round(v, 3) for k, v in sets.perplexities(model, EVAL_BATCH).items()})
     row["peak MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return row
@@ -109,9 +96,10 @@ def run_gptqmodel(model, path: Path, calib, bits: int) -> dict:
                 model.get_submodule(name).weight.copy_(w)
                 n += w.numel()
                 bits_total += bits * w.numel() + mod.scales.numel() * 16
-    expected = sum(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if ".layers." in n)
-    if n != sum(m.weight.numel() for nm, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in nm):
-        raise SystemExit(f"gptqmodel quantized a different set of layers than ours (expected {expected} linears)")
+    ours = sum(m.weight.numel() for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and ".layers." in name)
+    if n != ours:
+        raise SystemExit(f"gptqmodel quantized {n} decoder weights, ours {ours}: not the same layers")
     return {"avg bits": float(bits), "bits/weight": round(bits_total / n, 3), "quant s": round(seconds, 1),
             "fallbacks": None}
 
@@ -134,30 +122,12 @@ def main() -> None:
         plot(json.loads(out.with_suffix(".json").read_text())["rows"], out.with_suffix(".png"))
         return
     labels = ["dense", *METHODS, *GPTQMODEL] if args.methods == ["all"] else args.methods
-    rows = []
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1",
-           "GPTQMODEL_CPU_WORKERS": str(min(args.threads, os.cpu_count() or 1))}
-    for label in labels:
-        cmd = [sys.executable, __file__, "--one", label, "--windows", str(args.windows),
-               "--max-windows", str(args.max_windows), "--threads", str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-        if proc.returncode != 0:
-            raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
-    from compress.tables import markdown_table, text_table
-
-    print("\n" + text_table(rows))
+    rows = run_each(__file__, labels, args, {"GPTQMODEL_CPU_WORKERS": str(min(args.threads, os.cpu_count() or 1))})
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python benchmarks/quant_compare.py " + shlex.join(sys.argv[1:]),
-            "calibration": f"{args.windows} x 256 tokens, pydoc calibration split, seed 0",
-            "perplexity": f"seq_len 256, <= {args.max_windows} windows per text", "threads": args.threads,
-            "bits/weight": "codes + one 16-bit scale per group of 64 (symmetric: no zero points)"}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    out.with_suffix(".md").write_text("\n".join(["# Quantization compared\n", f"Command: `{meta['command']}`\n",
-                                                 *(f"- {k}: {v}" for k, v in meta.items() if k != "command"), "",
-                                                 markdown_table(rows), ""]))
+    write_results(out, "Quantization compared", __file__, {
+        "calibration": f"{args.windows} x 256 tokens, pydoc calibration split, seed 0",
+        "perplexity": f"seq_len 256, <= {args.max_windows} windows per text", "threads": args.threads,
+        "bits/weight": "codes + one 16-bit scale per group of 64 (symmetric: no zero points)"}, rows)
     plot(rows, out.with_suffix(".png"))
 
 
