@@ -34,7 +34,7 @@ METHODS = {
 
 
 def run_one(label: str, args) -> dict:
-    from compress.models.default import cache_dir
+    from compress.models.default import runs_dir
     from compress.passes import PassContext, make_pass
     from compress.pipeline import EVAL_BATCH
     from compress.plan import Plan
@@ -47,7 +47,7 @@ def run_one(label: str, args) -> dict:
         plan = Plan()
         t0 = time.perf_counter()
         rep = make_pass(cfg).run(model, PassContext(calibration=calib, plan=plan, batch_size=8, seed=0,
-                                                    cache=cache_dir() / "runs"))
+                                                    cache=runs_dir()))
         seconds = time.perf_counter() - t0
         s = rep.summary
         row.update({**quantized_bits(plan), "widths": "/".join(map(str, sorted({q.bits for q in plan.quantized.values()}))),

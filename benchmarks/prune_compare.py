@@ -1,98 +1,129 @@
-"""Structured pruning methods side by side on the packaged default model, in one run with one calibration set.
+"""Structured pruning methods side by side on the packaged default model: one run, one calibration set.
 
-    python benchmarks/prune_compare.py [--targets 0.3] [--windows 64] [--max-windows 32]
+    python benchmarks/prune_compare.py [--methods all] [--targets 0.2 0.3] [--windows 64] [--max-windows 32]
 
-Prints a table and writes docs/results/prune_compare.json and docs/results/prune_compare.md. Every method prunes a
-deep copy of the same dense model with the same calibration windows; perplexity is on held-out pydoc text (the
-calibration domain) and on license texts (another domain). Speed is measured separately (benchmarks/speed.py),
-on artifacts, with dense and compressed forwards alternated.
+At each target share of decoder-block parameters: FLAP (adaptive, the default recipe; and uniform), the Wanda-style
+structured baseline (uniform), CFSP (MLP channels only, per-block budgets), and the Tyr-style search (per-unit
+sparsity by evolution over a supernet of least-squares-refitted variants). Every method prunes the same dense model
+with the same 64 x 256 calibration windows, in its own subprocess (so peak memory is its own). Perplexity is on
+held-out pydoc text (the calibration domain) and on license texts (another domain). The Tyr rows' time includes
+building its variant database (a fresh one: the run-state folder is emptied first unless --keep-runs).
+Writes docs/results/prune_compare.{json,md} and, with matplotlib, prune_compare.png (perplexity vs parameters kept).
+Speed of the pruned models is measured separately (benchmarks/speed.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import os
-import sys
+import resource
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
-import torch
+from _harness import ROOT, default_setup, run_each, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
+METHODS = {
+    "flap (adaptive)": {"pass": "flap", "structure": "adaptive"},
+    "flap (uniform)": {"pass": "flap", "structure": "uniform"},
+    "wanda-sp (uniform)": {"pass": "wanda_sp", "structure": "uniform"},
+    "cfsp": {"pass": "cfsp", "round_to": 64},
+    "tyr": {"pass": "tyr"},
+}
+
+
+def run_one(label: str, args) -> dict:
+    from compress import evaluate as ev
+    from compress.models.default import runs_dir
+    from compress.passes import PassContext, make_pass
+    from compress.pipeline import EVAL_BATCH, decoder_params
+    from compress.plan import Plan
+    from compress.recipe import load_recipe
+
+    recipe, model, calib, sets = default_setup(args.windows, args.max_windows, args.threads)
+    dense_decoder = decoder_params(model)
+    method, _, target = label.partition("@")
+    row = {"method": method, "target": float(target or 0)}
+    if method != "dense":
+        cfg = load_recipe(recipe, [f"passes.0={json.dumps({**METHODS[method], 'target': float(target)})}"]).passes[0]
+        t0 = time.perf_counter()
+        rep = make_pass(cfg).run(model, PassContext(calibration=calib, plan=Plan(), batch_size=8, seed=0,
+                                                    cache=runs_dir()))
+        seconds = time.perf_counter() - t0
+        rounds = rep.summary.get("rounds") or []
+        row.update({"removed": round(1 - decoder_params(model) / dense_decoder, 4), "prune s": round(seconds, 1),
+                    "evaluations": rep.summary.get("evaluations", ""),
+                    "final KL": rounds[-1]["final_kl"] if rounds else ""})
+    row.update({"decoder params": decoder_params(model), "params": ev.count_parameters(model)})
+    row.update({f"ppl {k}": round(v, 3) for k, v in sets.perplexities(model, EVAL_BATCH).items()})
+    row["peak MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", type=float, nargs="+", default=[0.3])
+    ap.add_argument("--methods", nargs="+", default=["all"], help=f"from {list(METHODS)}")
+    ap.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.3])
     ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--max-windows", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--keep-runs", action="store_true", help="reuse cached variant databases (times then exclude them)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "prune_compare"))
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-
-    from calibration.sources import load_corpus, sample_windows, tokenize
-    from compress import evaluate as ev
-    from compress.models import load_model, resolve_model
-    from compress.passes import PassContext, make_pass
-    from compress.pipeline import EVAL_BATCH, EvalSets, decoder_params
-    from compress.plan import Plan
-    from compress.recipe import load_recipe
-    from compress.tables import markdown_table, text_table
-
-    base = load_recipe(ROOT / "recipes" / "llama-30pct.yaml", [f"calibration.windows={args.windows}",
-                                                                 f"calibration.seq_len={args.seq_len}",
-                                                                 f"evaluate.max_windows={args.max_windows}"])
-    source = resolve_model(base.model)
-    dense, tok = load_model(source)
-    corpus = load_corpus(base.calibration.source)
-    calib = sample_windows(tokenize(tok, corpus.split("calibration")), args.windows, args.seq_len, base.seed, "calib")
-    sets = EvalSets.build(base, tok)
-    methods = {
-        "flap (adaptive)": {"pass": "flap", "structure": "adaptive"},
-        "flap (adaptive, groups standardized)": {"pass": "flap", "structure": "adaptive", "standardize": "group"},
-        "flap (adaptive, no compensation)": {"pass": "flap", "structure": "adaptive", "compensate": False},
-        "flap (uniform)": {"pass": "flap", "structure": "uniform"},
-        "flap (uniform, no compensation)": {"pass": "flap", "structure": "uniform", "compensate": False},
-        "wanda-sp (uniform)": {"pass": "wanda_sp", "structure": "uniform"},
-        "wanda-sp (adaptive)": {"pass": "wanda_sp", "structure": "adaptive"},
-    }
-    rows = []
-
-    def measure(label: str, model, target, seconds: float) -> None:
-        ppl = sets.perplexities(model, EVAL_BATCH)
-        row = {"method": label, "target": target, "removed": round(1 - decoder_params(model) / decoder_params(dense), 4),
-               "params": ev.count_parameters(model),
-               **{f"ppl {k}": round(v, 2) for k, v in ppl.items()},
-               "prune s": round(seconds, 1)}
-        rows.append(row)
-        print(text_table([row]), flush=True)
-
-    measure("dense", dense, 0.0, 0.0)
-    for target in args.targets:
-        for label, spec in methods.items():
-            model = copy.deepcopy(dense)
-            cfg = load_recipe(base, [f"passes.0={json.dumps({**spec, 'target': target})}"]).passes[0]
-            t0 = time.perf_counter()
-            make_pass(cfg).run(model, PassContext(calibration=calib, plan=Plan(), batch_size=8, seed=base.seed))
-            measure(label, model, target, time.perf_counter() - t0)
-            del model
-    table = text_table(rows)
-    print("\n" + table)
+    if args.one:
+        print(json.dumps(run_one(args.one, args)))
+        return
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = "python benchmarks/prune_compare.py " + " ".join(sys.argv[1:])
-    meta = {"command": cmd.strip(), "model": source.identity, "threads": args.threads,
-            "calibration": f"{args.windows} x {args.seq_len} tokens, pydoc calibration split, seed {base.seed}",
-            "perplexity": f"{ev.PPL_PROTOCOL}; seq_len {args.seq_len}, <= {args.max_windows} windows per text",
-            "torch": torch.__version__, "cpu": os.cpu_count()}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    md = ["# Structured pruning compared\n", f"Command: `{meta['command']}`\n",
-          *(f"- {k}: {v}" for k, v in meta.items() if k != "command"), "", markdown_table(rows), ""]
-    out.with_suffix(".md").write_text("\n".join(md))
+    if args.plot_only:
+        plot(json.loads(out.with_suffix(".json").read_text())["rows"], out.with_suffix(".png"))
+        return
+    methods = list(METHODS) if args.methods == ["all"] else args.methods
+    labels = ["dense"] + [f"{m}@{t}" for t in args.targets for m in methods]
+    runs = None if args.keep_runs else tempfile.mkdtemp(prefix="prune-compare-runs-")
+    try:
+        rows = run_each(__file__, labels, args, extra_env={"COMPRESS_RUNS": runs} if runs else None)
+    finally:
+        if runs:
+            shutil.rmtree(runs, ignore_errors=True)
+    write_results(out, "Structured pruning compared", __file__, {
+        "calibration": f"{args.windows} x 256 tokens, pydoc calibration split, seed 0",
+        "perplexity": f"seq_len 256, <= {args.max_windows} windows per text", "threads": args.threads,
+        "removed": "share of decoder-block projection parameters removed",
+        "prune s": "pass time (Tyr: variant database + search, from scratch)",
+        "evaluations": "Tyr: KL evaluations of assembled models in the search",
+        "final KL": "Tyr: KL to the dense model on the search's final-stage calibration windows"}, rows)
+    plot(rows, out.with_suffix(".png"))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install -e '.[bench]')")
+        return
+    style = {"flap (adaptive)": ("o", "tab:blue"), "flap (uniform)": ("s", "tab:cyan"),
+             "wanda-sp (uniform)": ("v", "tab:gray"), "cfsp": ("^", "tab:green"), "tyr": ("D", "tab:orange")}
+    dense = rows[0]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key in zip(axes, [k for k in dense if k.startswith("ppl ")]):
+        for method, (marker, color) in style.items():
+            pts = sorted((r["decoder params"] / 1e6, r[key]) for r in rows if r["method"] == method)
+            if pts:
+                ax.plot(*zip(*pts), marker=marker, color=color, label=method)
+        ax.scatter([dense["decoder params"] / 1e6], [dense[key]], marker="*", s=120, color="black", label="dense")
+        ax.set_xlabel("decoder-block parameters kept (millions)")
+        ax.set_ylabel(key)
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M: structured pruning at 20% and 30% (lower is better)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,12 @@ def validate(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[st
 
 
 def run(recipe: str | Path | dict | Recipe, out: str | Path | None = None, overwrite: bool = False,
-        overrides: list[str] | tuple[str, ...] = (), log=print) -> RunResult:
-    """Run a recipe end to end; writes the artifact to `out` (default artifacts/<recipe name>/)."""
+        overrides: list[str] | tuple[str, ...] = (), log=print, resume: bool = False) -> RunResult:
+    """Run a recipe end to end; writes the artifact to `out` (default artifacts/<recipe name>/). `resume=True`
+    continues an interrupted run of the same `out`, refusing (with what changed) if its inputs changed."""
     from compress import pipeline
 
-    return pipeline.run(load_recipe(recipe, overrides), out=out, overwrite=overwrite, log=log)
+    return pipeline.run(load_recipe(recipe, overrides), out=out, overwrite=overwrite, log=log, resume=resume)
 
 
 @dataclass

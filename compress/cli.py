@@ -51,13 +51,15 @@ def cli() -> None:
 @click.option("--recipe", "-r", required=True, help="Recipe YAML file.")
 @click.option("--out", "-o", default=None, help="Artifact folder (default: artifacts/<recipe name>/).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact folder (atomically).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run of the same --out; refused, naming what changed, if its inputs did.")
 @_set
 @_json
 @_errors
-def run(recipe, out, overwrite, overrides, as_json) -> None:
+def run(recipe, out, overwrite, resume, overrides, as_json) -> None:
     """Run a recipe: load, calibrate, apply passes, evaluate, export, reload and compare."""
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
-    result = api.run(recipe, out=out, overwrite=overwrite, overrides=overrides, log=log)
+    result = api.run(recipe, out=out, overwrite=overwrite, overrides=overrides, log=log, resume=resume)
     _emit(result, as_json)
 
 

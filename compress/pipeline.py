@@ -12,12 +12,14 @@ from safetensors import safe_open
 
 from calibration.sources import eval_windows, load_corpus, sample_windows, tokenize
 from compress import evaluate as ev
+from compress import journal
 from compress.errors import CompressError, InputError
 from compress.models import ModelSource, llama, load_model, resolve_model
-from compress.models.default import cache_dir
+from compress.models.default import runs_dir
 from compress.passes import PassContext, make_pass
 from compress.plan import Plan
 from compress.recipe import Recipe
+from compress.search.variants import fingerprint
 from compress.tables import html_table, markdown_table, text_table
 from export.format import DTYPES
 from export.interop import (REMOTE_CODE_FILE, artifact_config, block_configs, gptq_tensors, quantized_tensors,
@@ -206,8 +208,12 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise InputError(f"output {out} exists and is not a folder")
 
 
-def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, log=print) -> RunResult:
-    """Run a validated recipe end to end and write the artifact; see ARCHITECTURE.md for the data flow."""
+def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, log=print,
+        resume: bool = False) -> RunResult:
+    """Run a validated recipe end to end and write the artifact; see ARCHITECTURE.md for the data flow.
+
+    resume: continue an interrupted run of the same artifact, refusing (with what changed) when the recipe, the
+    model files or the calibration tokens differ from the interrupted run's."""
     t0 = time.perf_counter()
     out = Path(out) if out is not None else Path("artifacts") / recipe.name
     _check_output(out, overwrite)  # before any work, so nothing is computed only to be refused
@@ -221,13 +227,19 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     eval_sets = EvalSets.build(recipe, tokenizer) if recipe.evaluate.enabled else EvalSets()
     log(f"model {source.identity}: {len(llama.blocks(model))} blocks; calibration {tuple(calib.shape)} tokens "
         f"from {corpus.name}")
+    source_sha = {p.name: sha256_file(p) for p in sorted(source.path.glob("*.safetensors"))}
+    journal_file = journal.journal_path(runs_dir(), out)
+    note = journal.start(journal_file, out, {"recipe": recipe.to_dict(), "model files sha256": source_sha,
+                                             "calibration tokens sha256": fingerprint(calib)}, resume)
+    if note:
+        log(note)
     dense_ppl = eval_sets.perplexities(model, EVAL_BATCH)
     dense_params, dense_decoder = ev.count_parameters(model), decoder_params(model)
 
     plan = Plan()
     # resumable state (variant databases) lives in the user cache, keyed by content, so reruns reuse it
     ctx = PassContext(calibration=calib, plan=plan, batch_size=cal.batch_size, seed=recipe.seed,
-                      cache=cache_dir() / "runs")
+                      cache=runs_dir())
     reports = []
     for i, cfg in enumerate(recipe.passes):
         p = make_pass(cfg)
@@ -259,7 +271,7 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     report = {
         "recipe": recipe.to_dict(),
         "source": {"name": source.name, "identity": source.identity, "path": str(source.path),
-                   "sha256": {p.name: sha256_file(p) for p in sorted(source.path.glob("*.safetensors"))}},
+                   "sha256": source_sha},
         "passes": [r.to_dict() for r in reports],
         "quality": quality,
         "perplexity_protocol": ev.PPL_PROTOCOL,
@@ -298,6 +310,7 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
             w.commit()
     except ArtifactExistsError as err:
         raise InputError(str(err)) from None
+    journal.finish(journal_file)
     return RunResult(out, report)
 
 

@@ -110,6 +110,26 @@ class EvolutionConfig(_Strict):
         return self
 
 
+class TyrConfig(_Strict):
+    """Tyr-the-Pruner-style search (Li et al., 2025): every block's attention (key-value groups) and MLP (channels)
+    pruned locally at `levels` sparsities with a Hessian least-squares refit of o_proj / down_proj, later blocks
+    calibrated on the middle-level variants of earlier ones; an evolutionary search over the assembled model's KL to
+    the dense one picks a level per unit under the global budget; each further round halves the level spacing
+    around the best allocation so far."""
+
+    pass_: Literal["tyr"] = Field("tyr", alias="pass")
+    target: float = Field(..., gt=0.0, lt=1.0, description="share of decoder-block projection parameters removed")
+    levels: int = Field(9, ge=2, description="sparsity levels per unit in each round")
+    rounds: int = Field(2, ge=1, description="coarse-to-fine rounds (each halves the level spacing)")
+    max_sparsity: float = Field(0.9, gt=0.0, lt=1.0, description="no unit loses more than this share of its width")
+    round_to: int = Field(8, ge=1, description="kept MLP widths are a multiple of this")
+    bias: bool = Field(False, description="refit a bias with the kept weights (absorbs the removed inputs' mean)")
+    damp: float = Field(0.01, gt=0, lt=1, description="ridge added to X^T X, relative to its mean diagonal")
+    evolution: EvolutionConfig = EvolutionConfig(generations=25, offspring=8, survivors=[2], stage_windows=[2, 6],
+                                                 max_switches=3)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
 class MixedBits(_Strict):
     """Layer-wise mixed precision: an average code width over the quantized weights, met by ranking layers
     (`allocator: rank`, by `importance`), by a knapsack over measured per-unit errors (`allocator: knapsack`), or by an
@@ -185,7 +205,7 @@ class RtnConfig(_QuantBase):
     pass_: Literal["rtn"] = Field("rtn", alias="pass")
 
 
-PassConfig = Annotated[Union[FlapConfig, WandaSpConfig, CfspConfig, GptqConfig, RtnConfig],
+PassConfig = Annotated[Union[FlapConfig, WandaSpConfig, CfspConfig, TyrConfig, GptqConfig, RtnConfig],
                       Field(discriminator="pass_")]
 
 
@@ -210,6 +230,10 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _searches_fit(self) -> "Recipe":
         for i, p in enumerate(self.passes):
+            if isinstance(p, TyrConfig) and max(p.evolution.stage_windows) > self.calibration.windows:
+                raise ValueError(f"passes.{i}.evolution.stage_windows: the search scores on "
+                                 f"{max(p.evolution.stage_windows)} calibration windows but calibration.windows is "
+                                 f"{self.calibration.windows}")
             bits = getattr(p, "bits", None)
             if not isinstance(bits, MixedBits) or bits.allocator == "rank":
                 continue
@@ -274,7 +298,7 @@ def _format_validation(err: ValidationError, where: str) -> str:
     found: dict[str, list[str]] = {}
     for e in err.errors():
         parts = [str(p) for p in e["loc"]]
-        parts = [p for p in parts if p not in ("flap", "wanda_sp", "gptq", "rtn") and "[" not in p and p != "MixedBits"]
+        parts = [p for p in parts if p not in ("flap", "wanda_sp", "cfsp", "tyr", "gptq", "rtn") and "[" not in p and p != "MixedBits"]
         path = ".".join(parts).replace("pass_", "pass") or "<root>"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         found.setdefault(path, [])

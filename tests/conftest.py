@@ -9,6 +9,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # gptqmodel's default CPU worker pool asks for more workers than a 2-core machine has and refuses to start
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
 
+import tempfile  # noqa: E402
+
+# run state (variant databases, search states) of the tests goes to a fresh folder, never the user's cache, so a test
+# never passes on what an earlier session computed
+os.environ.setdefault("COMPRESS_RUNS", tempfile.mkdtemp(prefix="compress-test-runs-"))
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

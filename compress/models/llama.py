@@ -107,6 +107,14 @@ def _slice_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.
     lin.weight = nn.Parameter(w.clone().contiguous(), requires_grad=False)
 
 
+def set_linear(lin: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Give a linear new weights of any shape (out, in), and a bias or none, in place (in the current dtype)."""
+    dtype = lin.weight.dtype
+    lin.weight = nn.Parameter(weight.to(dtype).contiguous(), requires_grad=False)
+    lin.bias = None if bias is None else nn.Parameter(bias.to(dtype).contiguous(), requires_grad=False)
+    lin.out_features, lin.in_features = lin.weight.shape
+
+
 def add_output_bias(lin: nn.Linear, bias: torch.Tensor) -> None:
     """Add `bias` (out,) to a linear's output, creating the bias if the layer had none."""
     bias = bias.to(lin.weight.dtype)
@@ -116,23 +124,30 @@ def add_output_bias(lin: nn.Linear, bias: torch.Tensor) -> None:
         lin.bias = nn.Parameter(lin.bias.data + bias, requires_grad=False)
 
 
+def group_dims(shape: BlockShape, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of q_proj (= columns of o_proj) and rows of k_proj / v_proj that key-value groups `groups` own:
+    (len * group_size * head_dim,), (len * head_dim,)."""
+    hd, m = shape.head_dim, shape.group_size
+    kv_dims = (groups[:, None] * hd + torch.arange(hd)).reshape(-1)
+    q_heads = (groups[:, None] * m + torch.arange(m)).reshape(-1)
+    q_dims = (q_heads[:, None] * hd + torch.arange(hd)).reshape(-1)
+    return q_dims, kv_dims
+
+
 def prune_attention_groups(block: nn.Module, keep_groups: torch.Tensor, o_bias: torch.Tensor | None = None) -> None:
     """Keep key-value groups `keep_groups` (sorted indices); add `o_bias` (hidden,) to o_proj if given."""
     attn = block.self_attn
     shape = block_shape(block)
     if keep_groups.numel() < 1:
         raise ValueError("a block keeps at least one key-value group")
-    hd, m = shape.head_dim, shape.group_size
-    kv_dims = (keep_groups[:, None] * hd + torch.arange(hd)).reshape(-1)  # (kept_groups * hd,)
-    q_heads = (keep_groups[:, None] * m + torch.arange(m)).reshape(-1)  # (kept_groups * m,)
-    q_dims = (q_heads[:, None] * hd + torch.arange(hd)).reshape(-1)  # (kept_groups * m * hd,)
+    q_dims, kv_dims = group_dims(shape, keep_groups)
     _slice_linear(attn.q_proj, rows=q_dims)
     _slice_linear(attn.k_proj, rows=kv_dims)
     _slice_linear(attn.v_proj, rows=kv_dims)
     _slice_linear(attn.o_proj, cols=q_dims)
     if o_bias is not None:
         add_output_bias(attn.o_proj, o_bias)
-    attn.num_key_value_groups = m  # unchanged ratio; set explicitly for attention kernels that read it
+    attn.num_key_value_groups = shape.group_size  # unchanged ratio; set explicitly for attention kernels that read it
 
 
 def prune_mlp_channels(block: nn.Module, keep: torch.Tensor, down_bias: torch.Tensor | None = None) -> None:

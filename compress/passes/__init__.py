@@ -5,11 +5,12 @@ from __future__ import annotations
 from compress.passes.base import Pass, PassContext
 from compress.passes.prune_cfsp import CfspPass
 from compress.passes.prune_flap import FlapPass
+from compress.passes.prune_tyr import TyrPass
 from compress.passes.prune_wanda import WandaSpPass
 from compress.passes.quantize import QuantizePass
-from compress.recipe import CfspConfig, FlapConfig, GptqConfig, RtnConfig, WandaSpConfig
+from compress.recipe import CfspConfig, FlapConfig, GptqConfig, RtnConfig, TyrConfig, WandaSpConfig
 
-PASSES: dict[type, type[Pass]] = {FlapConfig: FlapPass, WandaSpConfig: WandaSpPass, CfspConfig: CfspPass,
+PASSES: dict[type, type[Pass]] = {FlapConfig: FlapPass, WandaSpConfig: WandaSpPass, CfspConfig: CfspPass, TyrConfig: TyrPass,
                                   GptqConfig: QuantizePass, RtnConfig: QuantizePass}
 
 

@@ -40,25 +40,37 @@ class ResumeError(ValueError):
 
 
 def _mutate(units: list[Unit], parent: list[int], budget: float, rng: random.Random, max_switches: int) -> list[int] | None:
-    """Raise 1..max_switches random units by one level and lower random others until the cost fits the budget."""
+    """Raise 1..max_switches random units by one level, lower random others until the cost fits the budget, then
+    raise untouched units (random order) while they still fit, so that candidates use the budget they are given."""
     child = list(parent)
-    cost = lambda c: sum(u.options[o].cost for u, o in zip(units, c))  # noqa: E731
+    step = lambda i, d: units[i].options[child[i] + d].cost - units[i].options[child[i]].cost  # noqa: E731
     raisable = [i for i, u in enumerate(units) if child[i] < len(u.options) - 1]
     if not raisable:
         return None
     raised = rng.sample(raisable, min(len(raisable), rng.randint(1, max_switches)))
+    cost = sum(u.options[o].cost for u, o in zip(units, child))
     for i in raised:
+        cost += step(i, 1)
         child[i] += 1
     lowerable = [i for i, u in enumerate(units) if child[i] > 0 and i not in raised]
     rng.shuffle(lowerable)
-    while cost(child) > budget and lowerable:
+    lowered = set()
+    while cost > budget and lowerable:
         i = lowerable.pop()
+        cost += step(i, -1)
         child[i] -= 1
+        lowered.add(i)
         if child[i] > 0:  # may be lowered again
             lowerable.insert(rng.randrange(len(lowerable) + 1), i)
-    if cost(child) > budget + 1e-9 or child == parent:
+    if cost > budget + 1e-9:
         return None
-    return child
+    fill = [i for i, u in enumerate(units) if i not in lowered and i not in raised and child[i] < len(u.options) - 1]
+    rng.shuffle(fill)
+    for i in fill:
+        if cost + step(i, 1) <= budget:
+            cost += step(i, 1)
+            child[i] += 1
+    return None if child == parent else child
 
 
 def _sorted_options(units: list[Unit]) -> list[Unit]:

@@ -16,6 +16,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from compress import __version__
+
+# part of every variant key: a new release, or a change to how variants are computed (bump the suffix), never reads
+# variants an older version wrote
+CODE_VERSION = f"{__version__}/variants-2"
+
 
 def fingerprint(*parts) -> str:
     """sha256 over tensors (their bytes, dtype and shape) and JSON-serializable settings, in order."""

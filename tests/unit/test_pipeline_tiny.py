@@ -211,3 +211,88 @@ def test_remote_code_with_quantization_is_refused(tiny_llama, tmp_path):
                                   "passes": [{"pass": "rtn", "bits": 4, "group_size": 32}]}))
     res = CliRunner().invoke(cli, ["validate", str(recipe)])
     assert res.exit_code == 2 and "export.remote_code" in res.output, res.output
+
+
+TYR_SEARCH = {"generations": 4, "offspring": 4, "survivors": [2], "stage_windows": [2, 4]}
+
+
+def _tyr(model, **over):
+    return {"name": "tiny-tyr", "model": str(model),
+            "passes": [{"pass": "tyr", "target": 0.3, "evolution": TYR_SEARCH, **over}]}
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_tyr_searches_per_unit_sparsity_within_budget_and_reloads(tiny_any, tmp_path, bias):
+    res = api.run(_tyr(tiny_any, bias=bias), out=tmp_path / "art", overrides=SMALL, log=lambda *_: None)
+    rep = res.report
+    assert 0.3 <= rep["decoder_params"]["removed"] < 0.36  # never over budget; the search uses what it is given
+    assert rep["verify"]["max_abs_logit_diff"] < 1e-4
+    summary = rep["passes"][0]["summary"]
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert summary["rounds"][1]["spacing"] == summary["rounds"][0]["spacing"] / 2
+    for r in summary["rounds"]:
+        kl = r["kl_by_generation"]
+        assert all(b <= a for a, b in zip(kl, kl[1:]))  # elitist: the parent never worsens within a round
+    assert summary["rounds"][0]["final_kl"] < summary["rounds"][0]["start_kl"]  # the search beats the uniform start
+    model = export.load(res.artifact)
+    rows = rep["passes"][0]["rows"]
+    for layer, row in zip(model.model.layers, rows):
+        assert layer.mlp.down_proj.in_features == int(row["mlp"].split("/")[0])
+        assert layer.self_attn.k_proj.out_features == int(row["kv_heads"].split("/")[0]) * layer.self_attn.head_dim
+        assert (layer.mlp.down_proj.bias is not None) == bias
+    assert len({r["mlp"] for r in rows} | {r["kv_heads"] for r in rows}) > 2  # widths differ per unit
+
+
+def test_tyr_interrupted_run_resumes_to_the_same_result_and_refuses_changed_inputs(tiny_llama, tmp_path,
+                                                                                    monkeypatch):
+    from compress.errors import InputError
+    from compress.evaluate import TailKL
+
+    monkeypatch.setenv("COMPRESS_RUNS", str(tmp_path / "runs-whole"))
+    whole = api.run(_tyr(tiny_llama), out=tmp_path / "whole", overrides=SMALL, log=lambda *_: None)
+    monkeypatch.setenv("COMPRESS_RUNS", str(tmp_path / "runs"))
+    real, calls = TailKL.kl_from, []
+
+    def dies_in_round_two(self, start):
+        calls.append(start)
+        if len(calls) == 40:  # round 1 uses 1 + 4 * (4 + 2) = 25 evaluations
+            raise KeyboardInterrupt
+        return real(self, start)
+
+    monkeypatch.setattr(TailKL, "kl_from", dies_in_round_two)
+    with pytest.raises(KeyboardInterrupt):
+        api.run(_tyr(tiny_llama), out=tmp_path / "art", overrides=SMALL, log=lambda *_: None)
+    assert not (tmp_path / "art").exists()  # nothing half-written
+    monkeypatch.setattr(TailKL, "kl_from", real)
+    # a resume whose recipe or data changed is refused, naming what changed
+    with pytest.raises(InputError, match=r"what changed: recipe\.passes\.0\.target: 0\.3 -> 0\.25"):
+        api.run(_tyr(tiny_llama, target=0.25), out=tmp_path / "art", overrides=SMALL, log=lambda *_: None,
+                resume=True)
+    with pytest.raises(InputError, match=r"what changed: calibration tokens sha256.*recipe\.calibration\.windows"):
+        api.run(_tyr(tiny_llama), out=tmp_path / "art", overrides=[*SMALL, "calibration.windows=7"],
+                log=lambda *_: None, resume=True)
+    resumed = api.run(_tyr(tiny_llama), out=tmp_path / "art", overrides=SMALL, log=lambda *_: None, resume=True)
+    r1, r2 = resumed.report["passes"][0]["summary"]["rounds"]
+    assert r1["resumed_from"] == 4 and r2["resumed_from"] is not None  # round 1 was done, round 2 mid-way
+    assert resumed.report["passes"][0]["rows"] == whole.report["passes"][0]["rows"]
+    assert r2["final_kl"] == whole.report["passes"][0]["summary"]["rounds"][1]["final_kl"]
+    # finished: nothing left to resume
+    with pytest.raises(InputError, match="no unfinished run"):
+        api.run(_tyr(tiny_llama), out=tmp_path / "art2", overrides=SMALL, log=lambda *_: None, resume=True)
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"target": 0.6, "max_sparsity": 0.5}, "levels do not cover 60%"),
+    ({"evolution": {**TYR_SEARCH, "stage_windows": [2, 99]}}, "stage_windows"),
+])
+def test_tyr_bad_inputs(tiny_llama, tmp_path, over, message):
+    from click.testing import CliRunner
+
+    from compress.cli import cli
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps(_tyr(tiny_llama, **over)))
+    res = CliRunner().invoke(cli, ["run", "--recipe", str(recipe), "--out", str(tmp_path / "art"), *sum(
+        (["--set", s] for s in SMALL), [])])
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert not (tmp_path / "art").exists()

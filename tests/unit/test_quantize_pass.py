@@ -226,7 +226,7 @@ def test_gptq_format_loads_in_transformers_and_gptqmodel(tiny_q, tmp_path, bits)
 
 
 def test_knapsack_allocation_meets_budget_shares_fused_groups_and_reuses_variants(tiny_q, tmp_path, monkeypatch):
-    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("COMPRESS_RUNS", str(tmp_path / "runs"))
     passes = [{"pass": "gptq", "group_size": 32,
                "bits": {"average": 3.0, "choices": [2, 3, 4], "allocator": "knapsack", "error_windows": 2}}]
     res = _run(tiny_q, passes, tmp_path / "a")
@@ -260,7 +260,7 @@ def test_knapsack_allocation_meets_budget_shares_fused_groups_and_reuses_variant
 
 
 def test_evolution_refines_the_knapsack_and_resumes(tiny_q, tmp_path, monkeypatch):
-    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("COMPRESS_RUNS", str(tmp_path / "runs"))
     evo = {"generations": 4, "offspring": 4, "survivors": [2], "stage_windows": [2, 4]}
     passes = [{"pass": "gptq", "group_size": 32, "bits": {"average": 3.0, "choices": [2, 3, 4], "allocator": "evolution",
                                                            "error_windows": 2, "evolution": evo}}]

@@ -1,0 +1,301 @@
+"""Tyr-the-Pruner-style structured pruning (Li et al., 2025): a supernet of locally pruned variants, searched.
+
+Units: each block's attention (its key-value groups) and its MLP (its channels). A round:
+1. Variants: block by block, each unit is pruned at every level of the round (a kept width) by the Hessian group
+   pruner of `ops.refit` (OBS removal order, then the least-squares refit of o_proj / down_proj from X^T X). The next
+   block is calibrated on this block's variant at the upstream level (round 1: the level nearest the target, i.e.
+   expectation error accumulation; later rounds: the best allocation so far). Stored in the variant database.
+2. Search: (1 + lambda) evolution over one level per unit under the global parameter budget; fitness = KL of the
+   assembled model's next-token distribution to the dense one on calibration windows, in stages.
+Round 1 spaces `levels` sparsities evenly over [0, min(2 * target, max_sparsity)]; each later round halves the
+spacing around every unit's chosen level (coarse to fine). The model ends as the best allocation of the last round,
+physically smaller.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from calibration.capture import for_each_block
+from compress.errors import CompressError, InputError
+from compress.evaluate import TailKL
+from compress.models import llama
+from compress.ops.refit import augment, damped, refit, removal_order, structure_columns
+from compress.passes.base import PassContext
+from compress.plan import PassReport
+from compress.recipe import TyrConfig
+from compress.search.base import Option, Unit, cost_range, total
+from compress.search.evolution import EvolutionSettings, evolve
+from compress.search.variants import CODE_VERSION, VariantDB, fingerprint
+
+OUT_PROJ = {"attn": "o_proj", "mlp": "down_proj"}
+STEPS_PER_LAYER = 256  # OBS updates per layer at most: channels are removed a few at a time above this width
+VARIANT_CACHE = 256  # variants held in memory during a search (each at most one output projection)
+
+
+@dataclass(frozen=True)
+class PruneUnit:
+    """One block's attention or MLP: `width` structures (key-value groups or channels) of `size` input columns of
+    the output projection each, every structure worth `cost` parameters."""
+
+    name: str  # model.layers.3.attn
+    layer: int
+    kind: str  # "attn" | "mlp"
+    width: int
+    size: int
+    cost: int
+
+
+def _units(model: nn.Module) -> list[PruneUnit]:
+    hidden = model.config.hidden_size
+    out = []
+    for i, block in enumerate(llama.blocks(model)):
+        s = llama.block_shape(block)
+        out.append(PruneUnit(f"model.layers.{i}.attn", i, "attn", s.num_key_value_heads, s.group_size * s.head_dim,
+                             llama.group_params(s, hidden)))
+        out.append(PruneUnit(f"model.layers.{i}.mlp", i, "mlp", s.intermediate_size, 1, llama.channel_params(hidden)))
+    return out
+
+
+def _widths(unit: PruneUnit, sparsities: list[float], max_sparsity: float, round_to: int) -> list[int]:
+    """Distinct kept widths for the given sparsities: MLP widths a multiple of `round_to` (or the full width), at
+    least one structure kept, never more removed than `max_sparsity` allows."""
+    step = round_to if unit.kind == "mlp" else 1
+    least = max(1, -(-int(round((1 - max_sparsity) * unit.width * 1e6)) // 1_000_000))
+    least = min(unit.width, -(-least // step) * step)
+    out = set()
+    for s in sparsities:
+        k = unit.width if s <= 0 else int(round((1 - s) * unit.width / step)) * step
+        out.add(min(unit.width, max(least, k)))
+    return sorted(out)
+
+
+class TyrPass:
+    def __init__(self, config: TyrConfig):
+        self.config = config
+
+    def run(self, model: nn.Module, ctx: PassContext) -> PassReport:
+        t0 = time.perf_counter()
+        cfg, where = self.config, f"passes[{ctx.index}]"
+        blocks = llama.blocks(model)
+        units = _units(model)
+        dense_total = sum(u.width * u.cost for u in units)
+        budget = (1.0 - cfg.target) * dense_total
+        dense = {i: {n: (lin.weight.data.clone(), None if lin.bias is None else lin.bias.data.clone())
+                     for n, lin in llama.linears(b).items()} for i, b in enumerate(blocks)}
+        shapes = [llama.block_shape(b) for b in blocks]
+        key0 = fingerprint(CODE_VERSION, *[w for i in sorted(dense) for n in sorted(dense[i]) for w in dense[i][n] if w is not None],
+                           cfg.model_dump(mode="json", exclude={"evolution", "rounds"}), ctx.calibration)
+
+        # round 1 levels; the evolution starts from the level nearest the target in every unit
+        top = min(2 * cfg.target, cfg.max_sparsity)
+        spacing = top / (cfg.levels - 1)
+        levels = {u.name: _widths(u, [k * spacing for k in range(cfg.levels)], cfg.max_sparsity, cfg.round_to)
+                  for u in units}
+        lo = cost_range(self._search_units(units, levels))[0]
+        if lo > budget:
+            raise InputError(f"{where}.target: the levels do not cover {cfg.target:.0%}: with every unit at its "
+                             f"sparsest level ({top:.0%} of its width, max_sparsity {cfg.max_sparsity}) the blocks "
+                             f"keep {lo / dense_total:.1%}; raise max_sparsity or lower the target")
+        upstream = {u.name: min(levels[u.name], key=lambda k: (abs(k / u.width - (1 - cfg.target)), -k)) for u in units}
+
+        state = _Assembler(blocks, dense, shapes)
+        stages = [TailKL(model, ctx.calibration[:n], batch_size=ctx.batch_size) for n in cfg.evolution.stage_windows]
+        rounds, choice = [], None
+        try:
+            for r in range(cfg.rounds):
+                if r:  # halve the spacing around the best allocation so far
+                    spacing /= 2
+                    half = (cfg.levels - 1) / 2
+                    levels = {u.name: sorted(set(_widths(u, [1 - choice[u.name] / u.width + (j - half) * spacing
+                                                             for j in range(cfg.levels)], cfg.max_sparsity,
+                                                            cfg.round_to)) | {choice[u.name]})
+                              for u in units}
+                    upstream = dict(choice)
+                key = fingerprint(key0, levels, upstream)
+                db = VariantDB(None if ctx.cache is None else ctx.cache / f"variants-tyr-{key[:20]}")
+                t_var = time.perf_counter()
+                state.restore_dense()
+                self._build_variants(model, ctx, units, levels, upstream, db, state, where)
+                t_var = time.perf_counter() - t_var
+                choice, info = self._search(units, levels, budget, choice or upstream, db, state, stages, ctx, key)
+                rounds.append({"round": r + 1, "spacing": round(spacing, 4), "variants_s": round(t_var, 1),
+                               "levels": {k: len(v) for k, v in levels.items()}, **info})
+                state.assemble(choice, db)
+        except BaseException:
+            state.restore_dense()
+            raise
+        del stages
+
+        report = PassReport(name="tyr")
+        kept_total = 0
+        for i, block in enumerate(blocks):
+            before, after = shapes[i], llama.block_shape(block)
+            kept = llama.block_params(after, model.config.hidden_size)
+            kept_total += kept
+            groups, channels = state.kept[f"model.layers.{i}.attn"], state.kept[f"model.layers.{i}.mlp"]
+            ctx.plan.record(i, kept_kv_groups=groups.tolist(), kept_mlp_channels=channels.tolist(),
+                            compensated=cfg.bias, refit="least squares")
+            report.rows.append({"layer": i, "q_heads": f"{after.num_attention_heads}/{before.num_attention_heads}",
+                                "kv_heads": f"{after.num_key_value_heads}/{before.num_key_value_heads}",
+                                "mlp": f"{after.intermediate_size}/{before.intermediate_size}",
+                                "kept": round(kept / llama.block_params(before, model.config.hidden_size), 4)})
+        report.summary = {"target": cfg.target, "removed": round(1 - kept_total / dense_total, 4),
+                          "decoder_params_before": dense_total, "decoder_params_after": kept_total,
+                          "levels": cfg.levels, "rounds": rounds, "bias": cfg.bias, "damp": cfg.damp,
+                          "evaluations": sum(r["evaluations"] for r in rounds)}
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    @staticmethod
+    def _search_units(units: list[PruneUnit], levels: dict[str, list[int]]) -> list[Unit]:
+        return [Unit(u.name, tuple(Option(k, float(k * u.cost)) for k in levels[u.name])) for u in units]
+
+    def _build_variants(self, model, ctx: PassContext, units: list[PruneUnit], levels: dict[str, list[int]],
+                        upstream: dict[str, int], db: VariantDB, state: "_Assembler", where: str) -> None:
+        """Every unit at every level of the round (the full width is the dense unit itself), block by block, each
+        block calibrated on the upstream variants of the blocks before it."""
+        cfg = self.config
+        by_layer: dict[int, list[PruneUnit]] = {}
+        for u in units:
+            by_layer.setdefault(u.layer, []).append(u)
+
+        def todo(u: PruneUnit) -> list[int]:
+            return [k for k in levels[u.name] if k < u.width and not db.has(u.name, k)]
+
+        def watch(i, block):
+            lin = llama.linears(block)
+            return {OUT_PROJ[u.kind]: lin[OUT_PROJ[u.kind]] for u in by_layer[i] if todo(u)}
+
+        def visit(i, _block, _inputs, _outputs, stats):
+            for u in by_layer[i]:
+                missing = todo(u)
+                if not missing:
+                    continue
+                s = stats[OUT_PROJ[u.kind]]
+                W, b = state.dense[i][OUT_PROJ[u.kind]]
+                if not (torch.isfinite(s.xtx).all() and torch.isfinite(W).all()):
+                    raise CompressError(f"layer {i} {OUT_PROJ[u.kind]}: non-finite weights or calibration "
+                                        "activations; stopping")
+                n_cols = u.width * u.size
+                if cfg.bias:  # the bias is one more input column, fixed at 1, never removed
+                    H = damped(augment(s.xtx, s.total, s.n), cfg.damp)
+                    W = torch.cat([W.double(), (b.double() if b is not None else torch.zeros(W.shape[0],
+                                                                                            dtype=torch.float64))[:, None]], 1)
+                else:
+                    H = damped(s.xtx, cfg.damp)
+                order = removal_order(W, H, u.size, u.width - min(missing), n_structures=u.width,
+                                      per_step=max(1, u.width // STEPS_PER_LAYER))
+                for k in missing:
+                    keep = torch.tensor(sorted(set(range(u.width)) - set(order[: u.width - k])), dtype=torch.int64)
+                    cols = structure_columns(keep, u.size)
+                    if cfg.bias:
+                        cols = torch.cat([cols, torch.tensor([n_cols])])
+                    W_kept = refit(W, H, cols).float()  # (out, k * size [+ 1])
+                    tensors = {"keep": keep, "weight": W_kept[:, : k * u.size].contiguous()}
+                    if cfg.bias:
+                        tensors["bias"] = W_kept[:, -1].contiguous()
+                    db.put(u.name, k, tensors, {"unit": u.name, "kept": k, "width": u.width})
+            state.assemble({u.name: upstream[u.name] for u in by_layer[i]}, db)
+            return True
+
+        for_each_block(model, llama.blocks(model), ctx.calibration, visit, watch, batch_size=ctx.batch_size,
+                       want_xtx=True, desc="tyr: variants")
+
+    def _search(self, units, levels, budget, start_levels: dict[str, int], db, state: "_Assembler",
+                stages: list[TailKL], ctx: PassContext, key: str) -> tuple[dict[str, int], dict]:
+        evo = self.config.evolution
+        search_units = self._search_units(units, levels)
+        start = {su.name: min(range(len(su.options)), key=lambda j: abs(su.options[j].level - start_levels[su.name]))
+                 for su in search_units}
+        start = _fit_budget(search_units, start, budget)
+
+        def fitness(choice: dict[str, int], stage: int) -> float:
+            state.assemble({su.name: su.options[choice[su.name]].level for su in search_units}, db)
+            return stages[stage].kl_from(0)
+
+        settings = EvolutionSettings(generations=evo.generations, offspring=evo.offspring,
+                                     survivors=tuple(evo.survivors), max_switches=evo.max_switches, seed=ctx.seed)
+        identity = {"variants": key, "stage_windows": evo.stage_windows}
+        search_id = fingerprint(identity, settings.__dict__, budget, start)
+        alloc = evolve(search_units, budget, fitness, start, settings,
+                       state_path=None if db.folder is None else db.folder / f"evolution-{search_id[:16]}.json",
+                       identity=identity, log=lambda *_: None)
+        hist = alloc.details["history"]
+        chosen = {su.name: su.options[alloc.choice[su.name]].level for su in search_units}
+        return chosen, {"start_kl": round(hist[0]["fitness"], 6), "final_kl": round(alloc.error, 6),
+                        "generations": evo.generations, "evaluations": alloc.details["evaluations"],
+                        "accepted": sum(h["accepted"] for h in hist[1:]), "resumed_from": alloc.details["resumed_from"],
+                        "search_s": alloc.details["seconds_this_run"],
+                        "kl_by_generation": [round(h["fitness"], 6) for h in hist]}
+
+
+def _fit_budget(units: list[Unit], choice: dict[str, int], budget: float) -> dict[str, int]:
+    """Lower units one level at a time (the one keeping the largest share of its width first) until within budget."""
+    choice = dict(choice)
+    while total(units, choice) > budget + 1e-9:
+        lowerable = [u for u in units if choice[u.name] > 0]
+        u = max(lowerable, key=lambda u: u.options[choice[u.name]].cost / u.options[-1].cost)
+        choice[u.name] -= 1
+    return choice
+
+
+class _Assembler:
+    """Puts variants into the model's blocks: the kept rows of q/k/v or gate/up come from the dense weights, the
+    refitted o_proj / down_proj from the variant database. Knows what every unit holds, so only changes are applied."""
+
+    def __init__(self, blocks: nn.ModuleList, dense: dict, shapes: list[llama.BlockShape]):
+        self.blocks, self.dense, self.shapes = blocks, dense, shapes
+        self.level: dict[str, int] = {}
+        self.kept: dict[str, torch.Tensor] = {}
+        self._db: VariantDB | None = None
+        self._load = None
+
+    def _loader(self, db: VariantDB):
+        """A bounded in-memory cache of one database's variants (a search revisits the same few levels per unit);
+        a new database (the next round) replaces it."""
+        if db is not self._db:
+            self._db = db
+            self._load = lru_cache(maxsize=VARIANT_CACHE)(lambda name, k: db.get(name, k)[0])
+        return self._load
+
+    def restore_dense(self) -> None:
+        for i, block in enumerate(self.blocks):
+            for name, lin in llama.linears(block).items():
+                llama.set_linear(lin, *self.dense[i][name])
+        self.level = {}
+        self.kept = {f"model.layers.{i}.{k}": torch.arange(w) for i, s in enumerate(self.shapes)
+                     for k, w in (("attn", s.num_key_value_heads), ("mlp", s.intermediate_size))}
+
+    def assemble(self, levels: dict[str, int], db: VariantDB) -> None:
+        load = self._loader(db)
+        for name, k in levels.items():
+            if self.level.get(name) == k:
+                continue
+            i, kind = int(name.split(".")[2]), name.rsplit(".", 1)[1]
+            shape, dense, lin = self.shapes[i], self.dense[i], llama.linears(self.blocks[i])
+            width = shape.num_key_value_heads if kind == "attn" else shape.intermediate_size
+            if k == width:
+                keep, W, b = torch.arange(width), *dense[OUT_PROJ[kind]]
+            else:
+                v = load(name, k)
+                keep, W, b = v["keep"], v["weight"], v.get("bias", dense[OUT_PROJ[kind]][1])
+            if kind == "attn":
+                q_dims, kv_dims = llama.group_dims(shape, keep)
+                for proj, rows in (("q_proj", q_dims), ("k_proj", kv_dims), ("v_proj", kv_dims)):
+                    w, bias = dense[proj]
+                    llama.set_linear(lin[proj], w[rows], None if bias is None else bias[rows])
+            else:
+                for proj in ("gate_proj", "up_proj"):
+                    w, bias = dense[proj]
+                    llama.set_linear(lin[proj], w[keep], None if bias is None else bias[keep])
+                if hasattr(self.blocks[i].mlp, "intermediate_size"):
+                    self.blocks[i].mlp.intermediate_size = int(keep.numel())
+            llama.set_linear(lin[OUT_PROJ[kind]], W, b)
+            self.level[name], self.kept[name] = k, keep
+
