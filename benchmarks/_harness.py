@@ -64,3 +64,16 @@ def write_results(out: Path, title: str, script: str, meta: dict, rows: list[dic
     out.with_suffix(".md").write_text("\n".join([f"# {title}\n", f"Command: `{meta['command']}`\n",
                                                  *(f"- {k}: {v}" for k, v in meta.items() if k != "command"), "",
                                                  markdown_table(rows), ""]))
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a note) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install -e '.[bench]')")
+        return None
+    return plt

@@ -18,7 +18,7 @@ import resource
 import time
 from pathlib import Path
 
-from _harness import ROOT, default_setup, quantized_bits, run_each, write_results
+from _harness import ROOT, default_setup, pyplot, quantized_bits, run_each, write_results
 GPTQ = {"pass": "gptq", "group_size": 64, "act_order": True, "static_groups": True, "damp": 0.1}
 ALL = [2, 3, 4, 8]
 METHODS = {
@@ -88,13 +88,8 @@ def main() -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install -e '.[bench]')")
+    plt = pyplot()
+    if plt is None:
         return
     style = {"uniform": ("s", "tab:gray"), "lim": ("^", "tab:green"), "knapsack": ("o", "tab:blue"),
              "evolution": ("D", "tab:orange")}

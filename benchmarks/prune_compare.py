@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _harness import ROOT, default_setup, run_each, write_results
+from _harness import ROOT, default_setup, pyplot, run_each, write_results
 
 METHODS = {
     "flap (adaptive)": {"pass": "flap", "structure": "adaptive"},
@@ -99,13 +99,8 @@ def main() -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install -e '.[bench]')")
+    plt = pyplot()
+    if plt is None:
         return
     style = {"flap (adaptive)": ("o", "tab:blue"), "flap (uniform)": ("s", "tab:cyan"),
              "wanda-sp (uniform)": ("v", "tab:gray"), "cfsp": ("^", "tab:green"), "tyr": ("D", "tab:orange")}

@@ -20,7 +20,7 @@ import resource
 import time
 from pathlib import Path
 
-from _harness import ROOT, default_setup, quantized_bits, run_each, write_results
+from _harness import ROOT, default_setup, pyplot, quantized_bits, run_each, write_results
 G = 64
 GPTQ = {"pass": "gptq", "group_size": G, "act_order": True, "static_groups": True, "damp": 0.1}  # the recipes'
 METHODS = {
@@ -133,13 +133,8 @@ def main() -> None:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Perplexity against bits per weight, one panel per text; marker by method family."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install -e '.[bench]')")
+    plt = pyplot()
+    if plt is None:
         return
     style = {"gptqmodel": ("D", "tab:orange"), "rtn": ("s", "tab:red"), "gptq w": ("o", "tab:blue"), "lim": ("^", "tab:green"),
              "zd": ("v", "tab:purple"), "random": ("x", "tab:gray")}

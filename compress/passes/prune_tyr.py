@@ -14,6 +14,7 @@ physically smaller.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -66,8 +67,8 @@ def _widths(unit: PruneUnit, sparsities: list[float], max_sparsity: float, round
     """Distinct kept widths for the given sparsities: MLP widths a multiple of `round_to` (or the full width), at
     least one structure kept, never more removed than `max_sparsity` allows."""
     step = round_to if unit.kind == "mlp" else 1
-    least = max(1, -(-int(round((1 - max_sparsity) * unit.width * 1e6)) // 1_000_000))
-    least = min(unit.width, -(-least // step) * step)
+    least = max(1, math.ceil(round((1 - max_sparsity) * unit.width, 9)))  # fewest structures max_sparsity allows
+    least = min(unit.width, math.ceil(least / step) * step)
     out = set()
     for s in sparsities:
         k = unit.width if s <= 0 else int(round((1 - s) * unit.width / step)) * step
@@ -89,8 +90,9 @@ class TyrPass:
         dense = {i: {n: (lin.weight.data.clone(), None if lin.bias is None else lin.bias.data.clone())
                      for n, lin in llama.linears(b).items()} for i, b in enumerate(blocks)}
         shapes = [llama.block_shape(b) for b in blocks]
-        key0 = fingerprint(CODE_VERSION, *[w for i in sorted(dense) for n in sorted(dense[i]) for w in dense[i][n] if w is not None],
-                           cfg.model_dump(mode="json", exclude={"evolution", "rounds"}), ctx.calibration)
+        weights = [w for i in sorted(dense) for n in sorted(dense[i]) for w in dense[i][n] if w is not None]
+        key0 = fingerprint(CODE_VERSION, *weights, cfg.model_dump(mode="json", exclude={"evolution", "rounds"}),
+                           ctx.calibration)
 
         # round 1 levels; the evolution starts from the level nearest the target in every unit
         top = min(2 * cfg.target, cfg.max_sparsity)
@@ -121,11 +123,12 @@ class TyrPass:
                 db = VariantDB(None if ctx.cache is None else ctx.cache / f"variants-tyr-{key[:20]}")
                 t_var = time.perf_counter()
                 state.restore_dense()
-                self._build_variants(model, ctx, units, levels, upstream, db, state, where)
+                self._build_variants(model, ctx, units, levels, upstream, db, state)
                 t_var = time.perf_counter() - t_var
                 choice, info = self._search(units, levels, budget, choice or upstream, db, state, stages, ctx, key)
                 rounds.append({"round": r + 1, "spacing": round(spacing, 4), "variants_s": round(t_var, 1),
-                               "levels": {k: len(v) for k, v in levels.items()}, **info})
+                               "levels_per_unit": [min(map(len, levels.values())), max(map(len, levels.values()))],
+                               **info})
                 state.assemble(choice, db)
         except BaseException:
             state.restore_dense()
@@ -157,7 +160,7 @@ class TyrPass:
         return [Unit(u.name, tuple(Option(k, float(k * u.cost)) for k in levels[u.name])) for u in units]
 
     def _build_variants(self, model, ctx: PassContext, units: list[PruneUnit], levels: dict[str, list[int]],
-                        upstream: dict[str, int], db: VariantDB, state: "_Assembler", where: str) -> None:
+                        upstream: dict[str, int], db: VariantDB, state: "_Assembler") -> None:
         """Every unit at every level of the round (the full width is the dense unit itself), block by block, each
         block calibrated on the upstream variants of the blocks before it."""
         cfg = self.config

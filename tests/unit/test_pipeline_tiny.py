@@ -283,6 +283,9 @@ def test_tyr_interrupted_run_resumes_to_the_same_result_and_refuses_changed_inpu
 
 @pytest.mark.parametrize("over, message", [
     ({"target": 0.6, "max_sparsity": 0.5}, "levels do not cover 60%"),
+    ({"target": 0.0}, "passes.0.target: Input should be greater than 0"),  # a budget at or above the dense size
+    ({"target": 1.0}, "passes.0.target: Input should be less than 1"),
+    ({"levels": 1}, "passes.0.levels"),
     ({"evolution": {**TYR_SEARCH, "stage_windows": [2, 99]}}, "stage_windows"),
 ])
 def test_tyr_bad_inputs(tiny_llama, tmp_path, over, message):
