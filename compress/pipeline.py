@@ -229,7 +229,8 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
         f"from {corpus.name}")
     source_sha = {p.name: sha256_file(p) for p in sorted(source.path.glob("*.safetensors"))}
     journal_file = journal.journal_path(runs_dir(), out)
-    note = journal.start(journal_file, out, {"recipe": recipe.to_dict(), "model files sha256": source_sha,
+    model_files = {**source_sha, "config.json": sha256_file(source.path / "config.json")}
+    note = journal.start(journal_file, out, {"recipe": recipe.to_dict(), "model files sha256": model_files,
                                              "calibration tokens sha256": fingerprint(calib)}, resume)
     if note:
         log(note)

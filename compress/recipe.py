@@ -113,7 +113,7 @@ class EvolutionConfig(_Strict):
 class TyrConfig(_Strict):
     """Tyr-the-Pruner-style search (Li et al., 2025): every block's attention (key-value groups) and MLP (channels)
     pruned locally at `levels` sparsities with a Hessian least-squares refit of o_proj / down_proj, later blocks
-    calibrated on the middle-level variants of earlier ones; an evolutionary search over the assembled model's KL to
+    calibrated on the variants of earlier ones nearest the target; an evolutionary search over the assembled model's KL to
     the dense one picks a level per unit under the global budget; each further round halves the level spacing
     around the best allocation so far."""
 

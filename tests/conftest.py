@@ -9,12 +9,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # gptqmodel's default CPU worker pool asks for more workers than a 2-core machine has and refuses to start
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
 
-import tempfile  # noqa: E402
-
-# run state (variant databases, search states) of the tests goes to a fresh folder, never the user's cache, so a test
-# never passes on what an earlier session computed
-os.environ.setdefault("COMPRESS_RUNS", tempfile.mkdtemp(prefix="compress-test-runs-"))
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -31,3 +25,16 @@ def tiny_llama(tmp_path_factory):
 @pytest.fixture(scope="session", params=["llama", "mistral", "qwen2", "qwen3"])
 def tiny_any(request, tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fresh_run_state(tmp_path_factory):
+    """Run state (variant databases, search states, run journals) goes to a fresh folder, never the user's, so a
+    test never passes on what an earlier session computed; tests that need their own set COMPRESS_RUNS again."""
+    before = os.environ.get("COMPRESS_RUNS")
+    os.environ["COMPRESS_RUNS"] = str(tmp_path_factory.mktemp("runs"))
+    yield
+    if before is None:
+        os.environ.pop("COMPRESS_RUNS", None)
+    else:
+        os.environ["COMPRESS_RUNS"] = before

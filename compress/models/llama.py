@@ -115,6 +115,13 @@ def set_linear(lin: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None =
     lin.out_features, lin.in_features = lin.weight.shape
 
 
+def sync_widths(block: nn.Module) -> None:
+    """Set the width attributes some attention / MLP code reads from the block's current projections."""
+    block.self_attn.num_key_value_groups = block_shape(block).group_size
+    if hasattr(block.mlp, "intermediate_size"):
+        block.mlp.intermediate_size = block.mlp.up_proj.out_features
+
+
 def add_output_bias(lin: nn.Linear, bias: torch.Tensor) -> None:
     """Add `bias` (out,) to a linear's output, creating the bias if the layer had none."""
     bias = bias.to(lin.weight.dtype)

@@ -32,7 +32,7 @@ from compress.plan import PassReport
 from compress.recipe import TyrConfig
 from compress.search.base import Option, Unit, cost_range, total
 from compress.search.evolution import EvolutionSettings, evolve
-from compress.search.variants import CODE_VERSION, VariantDB, fingerprint
+from compress.search.variants import CODE_VERSION, VariantDB, fingerprint, model_parts
 
 OUT_PROJ = {"attn": "o_proj", "mlp": "down_proj"}
 STEPS_PER_LAYER = 256  # OBS updates per layer at most: channels are removed a few at a time above this width
@@ -90,9 +90,8 @@ class TyrPass:
         dense = {i: {n: (lin.weight.data.clone(), None if lin.bias is None else lin.bias.data.clone())
                      for n, lin in llama.linears(b).items()} for i, b in enumerate(blocks)}
         shapes = [llama.block_shape(b) for b in blocks]
-        weights = [w for i in sorted(dense) for n in sorted(dense[i]) for w in dense[i][n] if w is not None]
-        key0 = fingerprint(CODE_VERSION, *weights, cfg.model_dump(mode="json", exclude={"evolution", "rounds"}),
-                           ctx.calibration)
+        key0 = fingerprint(CODE_VERSION, *model_parts(model),
+                           cfg.model_dump(mode="json", exclude={"evolution", "rounds"}), ctx.calibration)
 
         # round 1 levels; the evolution starts from the level nearest the target in every unit
         top = min(2 * cfg.target, cfg.max_sparsity)
@@ -106,7 +105,7 @@ class TyrPass:
                              f"keep {lo / dense_total:.1%}; raise max_sparsity or lower the target")
         upstream = {u.name: min(levels[u.name], key=lambda k: (abs(k / u.width - (1 - cfg.target)), -k)) for u in units}
 
-        state = _Assembler(blocks, dense, shapes)
+        state = _Assembler(blocks, dense, units)
         stages = [TailKL(model, ctx.calibration[:n], batch_size=ctx.batch_size) for n in cfg.evolution.stage_windows]
         rounds, choice = [], None
         try:
@@ -141,7 +140,7 @@ class TyrPass:
             before, after = shapes[i], llama.block_shape(block)
             kept = llama.block_params(after, model.config.hidden_size)
             kept_total += kept
-            groups, channels = state.kept[f"model.layers.{i}.attn"], state.kept[f"model.layers.{i}.mlp"]
+            groups, channels = (state.kept[u.name] for u in units if u.layer == i)
             ctx.plan.record(i, kept_kv_groups=groups.tolist(), kept_mlp_channels=channels.tolist(),
                             compensated=cfg.bias, refit="least squares")
             report.rows.append({"layer": i, "q_heads": f"{after.num_attention_heads}/{before.num_attention_heads}",
@@ -252,8 +251,9 @@ class _Assembler:
     """Puts variants into the model's blocks: the kept rows of q/k/v or gate/up come from the dense weights, the
     refitted o_proj / down_proj from the variant database. Knows what every unit holds, so only changes are applied."""
 
-    def __init__(self, blocks: nn.ModuleList, dense: dict, shapes: list[llama.BlockShape]):
-        self.blocks, self.dense, self.shapes = blocks, dense, shapes
+    def __init__(self, blocks: nn.ModuleList, dense: dict, units: list[PruneUnit]):
+        self.blocks, self.dense = blocks, dense
+        self.units = {u.name: u for u in units}
         self.level: dict[str, int] = {}
         self.kept: dict[str, torch.Tensor] = {}
         self._db: VariantDB | None = None
@@ -271,34 +271,31 @@ class _Assembler:
         for i, block in enumerate(self.blocks):
             for name, lin in llama.linears(block).items():
                 llama.set_linear(lin, *self.dense[i][name])
+            llama.sync_widths(block)
         self.level = {}
-        self.kept = {f"model.layers.{i}.{k}": torch.arange(w) for i, s in enumerate(self.shapes)
-                     for k, w in (("attn", s.num_key_value_heads), ("mlp", s.intermediate_size))}
+        self.kept = {u.name: torch.arange(u.width) for u in self.units.values()}
 
     def assemble(self, levels: dict[str, int], db: VariantDB) -> None:
         load = self._loader(db)
         for name, k in levels.items():
             if self.level.get(name) == k:
                 continue
-            i, kind = int(name.split(".")[2]), name.rsplit(".", 1)[1]
-            shape, dense, lin = self.shapes[i], self.dense[i], llama.linears(self.blocks[i])
-            width = shape.num_key_value_heads if kind == "attn" else shape.intermediate_size
-            if k == width:
-                keep, W, b = torch.arange(width), *dense[OUT_PROJ[kind]]
+            u = self.units[name]
+            block, dense = self.blocks[u.layer], self.dense[u.layer]
+            lin = llama.linears(block)
+            if k == u.width:
+                keep, W, b = torch.arange(u.width), *dense[OUT_PROJ[u.kind]]
             else:
                 v = load(name, k)
-                keep, W, b = v["keep"], v["weight"], v.get("bias", dense[OUT_PROJ[kind]][1])
-            if kind == "attn":
-                q_dims, kv_dims = llama.group_dims(shape, keep)
-                for proj, rows in (("q_proj", q_dims), ("k_proj", kv_dims), ("v_proj", kv_dims)):
-                    w, bias = dense[proj]
-                    llama.set_linear(lin[proj], w[rows], None if bias is None else bias[rows])
+                keep, W, b = v["keep"], v["weight"], v.get("bias", dense[OUT_PROJ[u.kind]][1])
+            if u.kind == "attn":
+                q_dims, kv_dims = llama.group_dims(llama.block_shape(block), keep)
+                rows = {"q_proj": q_dims, "k_proj": kv_dims, "v_proj": kv_dims}
             else:
-                for proj in ("gate_proj", "up_proj"):
-                    w, bias = dense[proj]
-                    llama.set_linear(lin[proj], w[keep], None if bias is None else bias[keep])
-                if hasattr(self.blocks[i].mlp, "intermediate_size"):
-                    self.blocks[i].mlp.intermediate_size = int(keep.numel())
-            llama.set_linear(lin[OUT_PROJ[kind]], W, b)
+                rows = {"gate_proj": keep, "up_proj": keep}
+            for proj, r in rows.items():
+                w, bias = dense[proj]
+                llama.set_linear(lin[proj], w[r], None if bias is None else bias[r])
+            llama.set_linear(lin[OUT_PROJ[u.kind]], W, b)
+            llama.sync_widths(block)
             self.level[name], self.kept[name] = k, keep
-

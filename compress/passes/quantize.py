@@ -25,7 +25,7 @@ from compress.search.base import Allocation, Option, Unit
 from compress.search.evolution import EvolutionSettings, evolve
 from compress.search.knapsack import knapsack
 from compress.search.ranking import assign_by_rank
-from compress.search.variants import CODE_VERSION, VariantDB, fingerprint
+from compress.search.variants import CODE_VERSION, VariantDB, fingerprint, model_parts
 
 
 def select_modules(model: nn.Module, targets: list[str], ignore: list[str], where: str) -> dict[str, tuple[int, str, nn.Linear]]:
@@ -133,7 +133,7 @@ def _searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modu
     # budget or the search: a knapsack at 3.0 and at 3.5 bits, or an evolution, share one database
     settings = cfg.model_dump(mode="json")
     settings["bits"] = {"choices": levels}
-    key = fingerprint(CODE_VERSION, *[dense[n] for n in sorted(dense)], settings, ctx.calibration)
+    key = fingerprint(CODE_VERSION, *model_parts(model), settings, ctx.calibration)
     db = VariantDB(None if ctx.cache is None else ctx.cache / f"variants-{key[:20]}")
     specs = {(name, b): _spec_for(name, lin.in_features, b, cfg, where) for name, (_, _, lin) in modules.items()
              for b in levels}

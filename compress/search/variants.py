@@ -36,6 +36,14 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()
 
 
+def model_parts(model) -> list:
+    """What a model's variants and search scores depend on besides the pass: every tensor of its state (embeddings,
+    norms and head included, by name) and its config (rope, norm epsilon, ...), for `fingerprint`."""
+    state = model.state_dict()
+    config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}  # where it was read from
+    return [config, *[p for name in sorted(state) for p in (name, state[name])]]
+
+
 class VariantDB:
     """get/put of named tensor groups per (module, level); `folder=None` keeps them in memory."""
 

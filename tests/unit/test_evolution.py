@@ -85,3 +85,28 @@ def test_a_different_search_is_refused(tmp_path):
     with pytest.raises(ResumeError, match="what changed: budget"):
         evolve(units, budget - 1, _fitness(units), knapsack(units, budget - 1).choice, cfg, state_path=state,
                identity={"recipe": "a", "data": "x"}, **QUIET)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.lists(option, min_size=2, max_size=4), min_size=2, max_size=7), st.floats(0, 1), st.integers(0, 9))
+def test_mutants_fit_the_budget_and_leave_no_untouched_unit_that_could_still_rise(raw, frac, seed):
+    import random
+
+    from compress.search.evolution import _mutate, _sorted_options
+
+    units = _sorted_options(_units(raw))
+    lo, hi = cost_range(units)
+    budget = lo + frac * (hi - lo)
+    parent = [k for k in knapsack(units, budget).choice.values()]
+    rng = random.Random(seed)
+    cost = lambda c: sum(u.options[o].cost for u, o in zip(units, c))  # noqa: E731
+    for _ in range(20):
+        child = _mutate(units, parent, budget, rng, 3)
+        if child is None:
+            continue
+        assert cost(child) <= budget + 1e-9 and child != parent
+        assert all(0 <= o < len(u.options) for u, o in zip(units, child))
+        risen_only = [i for i in range(len(units)) if child[i] == parent[i] and child[i] < len(units[i].options) - 1]
+        # a unit the mutation did not touch is raised by the fill whenever one more level fits
+        assert all(cost(child) + units[i].options[child[i] + 1].cost - units[i].options[child[i]].cost > budget + 1e-9
+                   for i in risen_only)

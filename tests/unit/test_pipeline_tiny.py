@@ -237,9 +237,13 @@ def test_tyr_searches_per_unit_sparsity_within_budget_and_reloads(tiny_any, tmp_
     model = export.load(res.artifact)
     rows = rep["passes"][0]["rows"]
     for layer, row in zip(model.model.layers, rows):
-        assert layer.mlp.down_proj.in_features == int(row["mlp"].split("/")[0])
+        kept, width = map(int, row["mlp"].split("/"))
+        assert layer.mlp.down_proj.in_features == kept
         assert layer.self_attn.k_proj.out_features == int(row["kv_heads"].split("/")[0]) * layer.self_attn.head_dim
-        assert (layer.mlp.down_proj.bias is not None) == bias
+        # a pruned unit carries the refit bias when asked; a unit left whole is the dense one (no bias)
+        assert (layer.mlp.down_proj.bias is not None) == (bias and kept < width)
+    if bias:
+        assert any(int(r["mlp"].split("/")[0]) < int(r["mlp"].split("/")[1]) for r in rows)
     assert len({r["mlp"] for r in rows} | {r["kv_heads"] for r in rows}) > 2  # widths differ per unit
 
 
@@ -279,6 +283,17 @@ def test_tyr_interrupted_run_resumes_to_the_same_result_and_refuses_changed_inpu
     # finished: nothing left to resume
     with pytest.raises(InputError, match="no unfinished run"):
         api.run(_tyr(tiny_llama), out=tmp_path / "art2", overrides=SMALL, log=lambda *_: None, resume=True)
+
+
+def test_cli_resume_without_an_interrupted_run_is_refused(tiny_llama, tmp_path):
+    from click.testing import CliRunner
+
+    from compress.cli import cli
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps(_tyr(tiny_llama)))
+    res = CliRunner().invoke(cli, ["run", "--recipe", str(recipe), "--out", str(tmp_path / "art"), "--resume"])
+    assert res.exit_code == 2 and "--resume: no unfinished run of" in res.output, res.output
 
 
 @pytest.mark.parametrize("over, message", [
