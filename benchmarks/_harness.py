@@ -3,6 +3,7 @@ subprocess per method (so each method's peak memory is its own), and writing the
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -77,3 +78,52 @@ def pyplot():
         print("matplotlib not installed: no plot (pip install -e '.[bench]')")
         return None
     return plt
+
+
+def benchmark_args(doc: str, name: str) -> argparse.ArgumentParser:
+    """The options every comparison script takes: --methods, --windows, --max-windows, --threads, --out (default
+    docs/results/<name>), --plot-only, and the internal --one LABEL (one method in this process)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="+", default=["all"])
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--max-windows", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the JSON of the last run")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / name))
+    return ap
+
+
+def handled_alone(args, run_one, plot) -> bool:
+    """--one LABEL: print that method's row as JSON; --plot-only: redraw from OUT.json. True when one was done."""
+    if args.one:
+        print(json.dumps(run_one(args.one, args)))
+        return True
+    if args.plot_only:
+        out = Path(args.out)
+        plot(json.loads(out.with_suffix(".json").read_text())["rows"], out.with_suffix(".png"))
+        return True
+    return False
+
+
+def base_meta(args) -> dict:
+    """What every comparison shares: calibration windows, perplexity protocol, threads."""
+    return {"calibration": f"{args.windows} x 256 tokens, pydoc calibration split, seed 0",
+            "perplexity": f"seq_len 256, <= {args.max_windows} windows per text", "threads": args.threads}
+
+
+def ppl_panels(rows: list[dict], draw, xlabel: str, title: str, path: Path) -> None:
+    """One log-scale panel per perplexity column (rows[0] is dense); draw(ax, key) adds the methods' points."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key in zip(axes, [k for k in rows[0] if k.startswith("ppl ")]):
+        draw(ax, key)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(key)
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -12,13 +12,13 @@ Writes docs/results/alloc_compare.{json,md} and, with matplotlib, alloc_compare.
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import time
 from pathlib import Path
 
-from _harness import ROOT, default_setup, pyplot, quantized_bits, run_each, write_results
+from _harness import (base_meta, benchmark_args, default_setup, handled_alone, ppl_panels, quantized_bits,
+                      run_each, write_results)
 GPTQ = {"pass": "gptq", "group_size": 64, "act_order": True, "static_groups": True, "damp": 0.1}
 ALL = [2, 3, 4, 8]
 METHODS = {
@@ -61,51 +61,31 @@ def run_one(label: str, args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", nargs="+", default=["all"])
-    ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--max-windows", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--one", help=argparse.SUPPRESS)
-    ap.add_argument("--plot-only", action="store_true")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "alloc_compare"))
-    args = ap.parse_args()
-    if args.one:
-        print(json.dumps(run_one(args.one, args)))
-        return
-    out = Path(args.out)
-    if args.plot_only:
-        plot(json.loads(out.with_suffix(".json").read_text())["rows"], out.with_suffix(".png"))
+    args = benchmark_args(__doc__, "alloc_compare").parse_args()
+    if handled_alone(args, run_one, plot):
         return
     labels = ["dense", *METHODS] if args.methods == ["all"] else args.methods
     rows = run_each(__file__, labels, args)
+    out = Path(args.out)
     write_results(out, "Bit allocation compared", __file__, {
-        "calibration": f"{args.windows} x 256 tokens, pydoc calibration split, seed 0",
-        "perplexity": f"seq_len 256, <= {args.max_windows} windows per text", "threads": args.threads,
+        **base_meta(args),
         "search s": "pass time; the first searched method includes building the variant database and unit errors",
         "bits/weight": "codes + one 16-bit scale per group of 64"}, rows)
     plot(rows, out.with_suffix(".png"))
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    plt = pyplot()
-    if plt is None:
-        return
     style = {"uniform": ("s", "tab:gray"), "lim": ("^", "tab:green"), "knapsack": ("o", "tab:blue"),
              "evolution": ("D", "tab:orange")}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key in zip(axes, [k for k in rows[0] if k.startswith("ppl ")]):
+
+    def draw(ax, key):
         for r in rows[1:]:
             marker, color = next(v for k, v in style.items() if r["method"].startswith(k))
             ax.scatter(r["bits/weight"], r[key], marker=marker, s=50, color=color, label=r["method"])
         ax.axhline(rows[0][key], color="black", linestyle="--", linewidth=1, label="dense")
-        ax.set_xlabel("bits per weight (codes + 16-bit scales)")
-        ax.set_ylabel(key)
-        ax.set_yscale("log")
-    axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle("SmolLM2-135M, GPTQ group 64 symmetric: bit allocation at equal budgets", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+
+    ppl_panels(rows, draw, "bits per weight (codes + 16-bit scales)",
+               "SmolLM2-135M, GPTQ group 64 symmetric: bit allocation at equal budgets", path)
 
 
 if __name__ == "__main__":

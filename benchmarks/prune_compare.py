@@ -14,7 +14,6 @@ Speed of the pruned models is measured separately (benchmarks/speed.py).
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import shutil
@@ -22,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _harness import ROOT, default_setup, pyplot, run_each, write_results
+from _harness import base_meta, benchmark_args, default_setup, handled_alone, ppl_panels, run_each, write_results
 
 METHODS = {
     "flap (adaptive)": {"pass": "flap", "structure": "adaptive"},
@@ -62,23 +61,11 @@ def run_one(label: str, args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", nargs="+", default=["all"], help=f"from {list(METHODS)}")
+    ap = benchmark_args(__doc__, "prune_compare")
     ap.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.3])
-    ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--max-windows", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep-runs", action="store_true", help="reuse cached variant databases (times then exclude them)")
-    ap.add_argument("--one", help=argparse.SUPPRESS)
-    ap.add_argument("--plot-only", action="store_true")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "prune_compare"))
     args = ap.parse_args()
-    if args.one:
-        print(json.dumps(run_one(args.one, args)))
-        return
-    out = Path(args.out)
-    if args.plot_only:
-        plot(json.loads(out.with_suffix(".json").read_text())["rows"], out.with_suffix(".png"))
+    if handled_alone(args, run_one, plot):
         return
     methods = list(METHODS) if args.methods == ["all"] else args.methods
     labels = ["dense"] + [f"{m}@{t}" for t in args.targets for m in methods]
@@ -88,9 +75,9 @@ def main() -> None:
     finally:
         if runs:
             shutil.rmtree(runs, ignore_errors=True)
+    out = Path(args.out)
     write_results(out, "Structured pruning compared", __file__, {
-        "calibration": f"{args.windows} x 256 tokens, pydoc calibration split, seed 0",
-        "perplexity": f"seq_len 256, <= {args.max_windows} windows per text", "threads": args.threads,
+        **base_meta(args),
         "removed": "share of decoder-block projection parameters removed",
         "prune s": "pass time (Tyr: variant database + search, from scratch)",
         "evaluations": "Tyr: KL evaluations of assembled models in the search",
@@ -99,26 +86,19 @@ def main() -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    plt = pyplot()
-    if plt is None:
-        return
     style = {"flap (adaptive)": ("o", "tab:blue"), "flap (uniform)": ("s", "tab:cyan"),
              "wanda-sp (uniform)": ("v", "tab:gray"), "cfsp": ("^", "tab:green"), "tyr": ("D", "tab:orange")}
     dense = rows[0]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key in zip(axes, [k for k in dense if k.startswith("ppl ")]):
+
+    def draw(ax, key):
         for method, (marker, color) in style.items():
             pts = sorted((r["decoder params"] / 1e6, r[key]) for r in rows if r["method"] == method)
             if pts:
                 ax.plot(*zip(*pts), marker=marker, color=color, label=method)
         ax.scatter([dense["decoder params"] / 1e6], [dense[key]], marker="*", s=120, color="black", label="dense")
-        ax.set_xlabel("decoder-block parameters kept (millions)")
-        ax.set_ylabel(key)
-        ax.set_yscale("log")
-    axes[0].legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M: structured pruning at 20% and 30% (lower is better)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+
+    ppl_panels(rows, draw, "decoder-block parameters kept (millions)",
+               "SmolLM2-135M: structured pruning at 20% and 30% (lower is better)", path)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,14 @@ docs/results/quant_compare.{json,md} and, when matplotlib is installed, quant_co
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
 import time
 from pathlib import Path
 
-from _harness import ROOT, default_setup, pyplot, quantized_bits, run_each, write_results
+from _harness import (base_meta, benchmark_args, default_setup, handled_alone, ppl_panels, quantized_bits,
+                      run_each, write_results)
 G = 64
 GPTQ = {"pass": "gptq", "group_size": G, "act_order": True, "static_groups": True, "damp": 0.1}  # the recipes'
 METHODS = {
@@ -105,41 +105,23 @@ def run_gptqmodel(model, path: Path, calib, bits: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", nargs="+", default=["all"])
-    ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--max-windows", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--one", help=argparse.SUPPRESS)
-    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the JSON of the last run")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "quant_compare"))
-    args = ap.parse_args()
-    if args.one:
-        print(json.dumps(run_one(args.one, args)))
-        return
-    if args.plot_only:
-        out = Path(args.out)
-        plot(json.loads(out.with_suffix(".json").read_text())["rows"], out.with_suffix(".png"))
+    args = benchmark_args(__doc__, "quant_compare").parse_args()
+    if handled_alone(args, run_one, plot):
         return
     labels = ["dense", *METHODS, *GPTQMODEL] if args.methods == ["all"] else args.methods
     rows = run_each(__file__, labels, args, {"GPTQMODEL_CPU_WORKERS": str(min(args.threads, os.cpu_count() or 1))})
     out = Path(args.out)
     write_results(out, "Quantization compared", __file__, {
-        "calibration": f"{args.windows} x 256 tokens, pydoc calibration split, seed 0",
-        "perplexity": f"seq_len 256, <= {args.max_windows} windows per text", "threads": args.threads,
-        "bits/weight": "codes + one 16-bit scale per group of 64 (symmetric: no zero points)"}, rows)
+        **base_meta(args), "bits/weight": "codes + one 16-bit scale per group of 64 (symmetric: no zero points)"}, rows)
     plot(rows, out.with_suffix(".png"))
 
 
 def plot(rows: list[dict], path: Path) -> None:
     """Perplexity against bits per weight, one panel per text; marker by method family."""
-    plt = pyplot()
-    if plt is None:
-        return
     style = {"gptqmodel": ("D", "tab:orange"), "rtn": ("s", "tab:red"), "gptq w": ("o", "tab:blue"), "lim": ("^", "tab:green"),
              "zd": ("v", "tab:purple"), "random": ("x", "tab:gray")}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key in zip(axes, [k for k in rows[0] if k.startswith("ppl ")]):
+
+    def draw(ax, key):
         for r in rows[1:]:
             marker, color = next(v for k, v in style.items() if k in r["method"])
             filled = "0.01" not in r["method"]
@@ -149,13 +131,9 @@ def plot(rows: list[dict], path: Path) -> None:
                 ax.scatter(r["bits/weight"], r[key], marker=marker, s=50, label=r["method"],
                            color=color if filled else "none", edgecolors=color)
         ax.axhline(rows[0][key], color="black", linestyle="--", linewidth=1, label="dense")
-        ax.set_xlabel("bits per weight (codes + 16-bit scales)")
-        ax.set_ylabel(key)
-        ax.set_yscale("log")
-    axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle("SmolLM2-135M, group 64 symmetric; hollow = damp 0.01", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+
+    ppl_panels(rows, draw, "bits per weight (codes + 16-bit scales)",
+               "SmolLM2-135M, group 64 symmetric; hollow = damp 0.01", path)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from compress.passes.base import PassContext
 from compress.plan import PassReport
 from compress.recipe import TyrConfig
 from compress.search.base import Option, Unit, cost_range, total
-from compress.search.evolution import EvolutionSettings, evolve
+from compress.search.evolution import EvolutionSettings, evolve_saved
 from compress.search.variants import CODE_VERSION, VariantDB, fingerprint, model_parts
 
 OUT_PROJ = {"attn": "o_proj", "mlp": "down_proj"}
@@ -187,8 +187,8 @@ class TyrPass:
                 n_cols = u.width * u.size
                 if cfg.bias:  # the bias is one more input column, fixed at 1, never removed
                     H = damped(augment(s.xtx, s.total, s.n), cfg.damp)
-                    W = torch.cat([W.double(), (b.double() if b is not None else torch.zeros(W.shape[0],
-                                                                                            dtype=torch.float64))[:, None]], 1)
+                    bias_column = (b if b is not None else W.new_zeros(W.shape[0]))[:, None]
+                    W = torch.cat([W, bias_column], 1).double()
                 else:
                     H = damped(s.xtx, cfg.damp)
                 order = removal_order(W, H, u.size, u.width - min(missing), n_structures=u.width,
@@ -221,20 +221,10 @@ class TyrPass:
             state.assemble({su.name: su.options[choice[su.name]].level for su in search_units}, db)
             return stages[stage].kl_from(0)
 
-        settings = EvolutionSettings(generations=evo.generations, offspring=evo.offspring,
-                                     survivors=tuple(evo.survivors), max_switches=evo.max_switches, seed=ctx.seed)
-        identity = {"variants": key, "stage_windows": evo.stage_windows}
-        search_id = fingerprint(identity, settings.__dict__, budget, start)
-        alloc = evolve(search_units, budget, fitness, start, settings,
-                       state_path=None if db.folder is None else db.folder / f"evolution-{search_id[:16]}.json",
-                       identity=identity, log=lambda *_: None)
-        hist = alloc.details["history"]
-        chosen = {su.name: su.options[alloc.choice[su.name]].level for su in search_units}
-        return chosen, {"start_kl": round(hist[0]["fitness"], 6), "final_kl": round(alloc.error, 6),
-                        "generations": evo.generations, "evaluations": alloc.details["evaluations"],
-                        "accepted": sum(h["accepted"] for h in hist[1:]), "resumed_from": alloc.details["resumed_from"],
-                        "search_s": alloc.details["seconds_this_run"],
-                        "kl_by_generation": [round(h["fitness"], 6) for h in hist]}
+        alloc, summary = evolve_saved(search_units, budget, fitness, start,
+                                      EvolutionSettings.from_config(evo, ctx.seed), db.folder,
+                                      {"variants": key, "stage_windows": evo.stage_windows})
+        return {su.name: su.options[alloc.choice[su.name]].level for su in search_units}, summary
 
 
 def _fit_budget(units: list[Unit], choice: dict[str, int], budget: float) -> dict[str, int]:

@@ -22,7 +22,7 @@ from compress.plan import PassReport, QuantRecord
 from compress.recipe import GptqConfig, MixedBits, RtnConfig
 from compress.evaluate import TailKL
 from compress.search.base import Allocation, Option, Unit
-from compress.search.evolution import EvolutionSettings, evolve
+from compress.search.evolution import EvolutionSettings, evolve_saved
 from compress.search.knapsack import knapsack
 from compress.search.ranking import assign_by_rank
 from compress.search.variants import CODE_VERSION, VariantDB, fingerprint, model_parts
@@ -258,24 +258,13 @@ def _evolve(model, ctx: PassContext, mixed: MixedBits, unit_list: list[Unit], un
         assemble(choice)
         return stages[stage].kl_from(0)
 
-    settings = EvolutionSettings(generations=evo.generations, offspring=evo.offspring,
-                                 survivors=tuple(evo.survivors), max_switches=evo.max_switches, seed=ctx.seed)
-    # one state file per search (budget, settings, seed, start): the same search resumes, another starts its own
     identity = {"variants": key, "stage_windows": evo.stage_windows, "error_windows": mixed.error_windows}
-    search_id = fingerprint(identity, settings.__dict__, start.budget, start.choice)
     try:
-        alloc = evolve(unit_list, start.budget, fitness, start.choice, settings,
-                       state_path=None if db.folder is None else db.folder / f"evolution-{search_id[:16]}.json",
-                       identity=identity, log=lambda *_: None)
+        return evolve_saved(unit_list, start.budget, fitness, start.choice,
+                            EvolutionSettings.from_config(evo, ctx.seed), db.folder, identity)
     finally:
         for name, (_, _, lin) in modules.items():
             lin.weight.data = dense[name]
-    hist = alloc.details["history"]
-    return alloc, {"generations": evo.generations, "evaluations": alloc.details["evaluations"],
-                   "start_kl": round(hist[0]["fitness"], 6), "final_kl": round(alloc.error, 6),
-                   "accepted": sum(h["accepted"] for h in hist[1:]), "resumed_from": alloc.details["resumed_from"],
-                   "seconds": alloc.details["seconds_this_run"],
-                   "kl_by_generation": [round(h["fitness"], 6) for h in hist]}
 
 
 def _check_finite(name: str, W: torch.Tensor, xtx: torch.Tensor | None) -> None:

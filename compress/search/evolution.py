@@ -21,6 +21,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from compress.search.base import Allocation, Unit, check_budget, total
+from compress.search.variants import fingerprint
 
 # fitness(choice, stage) -> lower is better; `stage` indexes the token sets (0 = fewest tokens)
 Fitness = Callable[[dict[str, int], int], float]
@@ -33,6 +34,13 @@ class EvolutionSettings:
     survivors: tuple[int, ...] = (4,)  # how many go on from each stage but the last; len + 1 = number of stages
     max_switches: int = 3  # units raised per mutation (each raise is paid for by lowering others)
     seed: int = 0
+
+
+    @classmethod
+    def from_config(cls, config, seed: int) -> "EvolutionSettings":
+        """From a recipe's evolution settings (generations, offspring, survivors, max_switches) and the run seed."""
+        return cls(generations=config.generations, offspring=config.offspring, survivors=tuple(config.survivors),
+                   max_switches=config.max_switches, seed=seed)
 
 
 class ResumeError(ValueError):
@@ -163,3 +171,19 @@ def _save_state(path: Path | None, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state))
     os.replace(tmp, path)
+
+
+def evolve_saved(units: list[Unit], budget: float, fitness: Fitness, start: dict[str, int],
+                 settings: EvolutionSettings, folder: Path | None, identity: dict) -> tuple[Allocation, dict]:
+    """`evolve` with its state saved in `folder` (one file per search: identity, settings, budget and start, so the
+    same search resumes and another starts its own), and the summary a pass report shows."""
+    search_id = fingerprint(identity, settings.__dict__, budget, start)
+    alloc = evolve(units, budget, fitness, start, settings,
+                   state_path=None if folder is None else folder / f"evolution-{search_id[:16]}.json",
+                   identity=identity, log=lambda *_: None)
+    hist = alloc.details["history"]
+    return alloc, {"generations": settings.generations, "evaluations": alloc.details["evaluations"],
+                   "start_kl": round(hist[0]["fitness"], 6), "final_kl": round(alloc.error, 6),
+                   "accepted": sum(h["accepted"] for h in hist[1:]), "resumed_from": alloc.details["resumed_from"],
+                   "seconds": alloc.details["seconds_this_run"],
+                   "kl_by_generation": [round(h["fitness"], 6) for h in hist]}
