@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from torch import nn
@@ -32,11 +31,10 @@ from compress.plan import PassReport
 from compress.recipe import TyrConfig
 from compress.search.base import Option, Unit, cost_range, total
 from compress.search.evolution import EvolutionSettings, evolve_saved
-from compress.search.variants import CODE_VERSION, VariantDB, fingerprint, model_parts
+from compress.search.variants import CODE_VERSION, LoadCache, VariantDB, fingerprint, model_parts
 
 OUT_PROJ = {"attn": "o_proj", "mlp": "down_proj"}
 STEPS_PER_LAYER = 256  # OBS updates per layer at most: channels are removed a few at a time above this width
-VARIANT_CACHE = 256  # variants held in memory during a search (each at most one output projection)
 
 
 @dataclass(frozen=True)
@@ -254,7 +252,7 @@ class _Assembler:
         a new database (the next round) replaces it."""
         if db is not self._db:
             self._db = db
-            self._load = lru_cache(maxsize=VARIANT_CACHE)(lambda name, k: db.get(name, k)[0])
+            self._load = LoadCache(lambda name, k: db.get(name, k)[0])
         return self._load
 
     def restore_dense(self) -> None:

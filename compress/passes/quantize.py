@@ -25,7 +25,7 @@ from compress.search.base import Allocation, Option, Unit
 from compress.search.evolution import EvolutionSettings, evolve_saved
 from compress.search.knapsack import knapsack
 from compress.search.ranking import assign_by_rank
-from compress.search.variants import CODE_VERSION, VariantDB, fingerprint, model_parts
+from compress.search.variants import CODE_VERSION, LoadCache, VariantDB, fingerprint, model_parts
 
 
 def select_modules(model: nn.Module, targets: list[str], ignore: list[str], where: str) -> dict[str, tuple[int, str, nn.Linear]]:
@@ -173,10 +173,12 @@ def _searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modu
             lin.weight.data = load_variant(name, ref_level).dequantize().to(lin.weight.dtype)
         return True
 
-    for_each_block(model, blocks, ctx.calibration, visit, watch, batch_size=ctx.batch_size, want_xtx=True,
-                   desc="knapsack: variants")
-    for name, (_, _, lin) in modules.items():
-        lin.weight.data = dense[name]
+    reused = all(db.has(n, b) for n in modules for b in levels)  # a rerun: nothing to quantize, no pass over blocks
+    if not reused:
+        for_each_block(model, blocks, ctx.calibration, visit, watch, batch_size=ctx.batch_size, want_xtx=True,
+                       desc="knapsack: variants")
+        for name, (_, _, lin) in modules.items():
+            lin.weight.data = dense[name]
 
     # 2. errors: KL with one unit quantized at a time
     errors_key = f"unit_kl-{mixed.error_windows}w"
@@ -227,7 +229,7 @@ def _searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modu
     report.summary.update({
         "method": "gptq", "allocator": mixed.allocator, "modules": len(modules), "units": len(units),
         "average_bits": round(alloc.cost / n_weights, 4), "unit_bits": chosen, "error_windows": mixed.error_windows,
-        **summary, "variants": str(db.folder) if db.folder else "memory",
+        **summary, "variants": str(db.folder) if db.folder else "memory", "variants_reused": reused,
         "group_size": cfg.group_size, "sym": cfg.sym,
         "layer_bits": [round(sum(ctx.plan.quantized[n].bits * dense[n].numel() for n in dense if modules[n][0] == i)
                              / max(1, sum(dense[n].numel() for n in dense if modules[n][0] == i)), 3)
@@ -241,7 +243,7 @@ def _evolve(model, ctx: PassContext, mixed: MixedBits, unit_list: list[Unit], un
     evo = mixed.evolution
     stages = [TailKL(model, ctx.calibration[:n], batch_size=ctx.batch_size) for n in evo.stage_windows]
     current: dict[str, int] = {}  # unit -> level the model holds now (absent: dense)
-    weights: dict[tuple[str, int], torch.Tensor] = {}
+    weights = LoadCache(lambda name, level: load_variant(name, level).dequantize().to(dense[name].dtype))
 
     def assemble(choice: dict[str, int]) -> None:
         for u in unit_list:
@@ -249,9 +251,7 @@ def _evolve(model, ctx: PassContext, mixed: MixedBits, unit_list: list[Unit], un
             if current.get(u.name) == level:
                 continue
             for name in units[u.name]:
-                if (name, level) not in weights:
-                    weights[(name, level)] = load_variant(name, level).dequantize().to(dense[name].dtype)
-                modules[name][2].weight.data = weights[(name, level)]
+                modules[name][2].weight.data = weights(name, level)
             current[u.name] = level
 
     def fitness(choice: dict[str, int], stage: int) -> float:

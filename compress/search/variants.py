@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from compress import __version__
 # part of every variant key: a new release, or a change to how variants are computed (bump the suffix), never reads
 # variants an older version wrote
 CODE_VERSION = f"{__version__}/variants-2"
+CACHE_BYTES = 1 << 30  # what a search keeps of loaded variants in memory (least recently used dropped first)
 
 
 def fingerprint(*parts) -> str:
@@ -95,3 +98,35 @@ class VariantDB:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(value, indent=1))
         os.replace(tmp, path)
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    return 0
+
+
+class LoadCache:
+    """`load(*key)` memoized in a least-recently-used cache bounded by the bytes of the tensors it holds, so a search
+    that revisits a few levels per unit reads each from disk once, and one that roams never holds the whole database."""
+
+    def __init__(self, load: Callable, max_bytes: int = CACHE_BYTES):
+        self.load, self.max_bytes = load, max_bytes
+        self.items: OrderedDict = OrderedDict()
+        self.bytes = self.hits = self.misses = 0
+
+    def __call__(self, *key):
+        if key in self.items:
+            self.items.move_to_end(key)
+            self.hits += 1
+            return self.items[key]
+        self.misses += 1
+        value = self.load(*key)
+        self.items[key] = value
+        self.bytes += _nbytes(value)
+        while self.bytes > self.max_bytes and len(self.items) > 1:
+            _, old = self.items.popitem(last=False)
+            self.bytes -= _nbytes(old)
+        return value

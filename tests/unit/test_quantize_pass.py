@@ -232,6 +232,7 @@ def test_knapsack_allocation_meets_budget_shares_fused_groups_and_reuses_variant
     res = _run(tiny_q, passes, tmp_path / "a")
     summary = res.report["passes"][0]["summary"]
     assert summary["allocator"] == "knapsack" and summary["knapsack"]["exact"] is True
+    assert summary["variants_reused"] is False
     assert summary["average_bits"] <= 3.0 and len(set(summary["unit_bits"].values())) > 1  # a real mix
     manifest = json.loads((res.artifact / "manifest.json").read_text())["quantization"]
     for layer in range(4):  # fused groups share one width in the artifact
@@ -250,6 +251,7 @@ def test_knapsack_allocation_meets_budget_shares_fused_groups_and_reuses_variant
     stamp = {p: p.stat().st_mtime_ns for p in variants.iterdir()}
     again = _run(tiny_q, passes, tmp_path / "b")
     assert {p: p.stat().st_mtime_ns for p in variants.iterdir()} == stamp
+    assert again.report["passes"][0]["summary"]["variants_reused"] is True
     with safe_open(res.artifact / "model.safetensors", "pt") as f, safe_open(again.artifact / "model.safetensors", "pt") as g:
         assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())
     # another budget searches the same variants and errors: nothing recomputed
