@@ -42,10 +42,13 @@ def count_parameters(model: nn.Module) -> int:
 class TailKL:
     """KL divergence of the model's next-token distribution to the dense model's on fixed windows, when only blocks
     from `start` on have changed: the dense inputs of every block are cached once, so scoring a change to block i
-    runs blocks i.. and the head only. Measures the mean per-token KL(dense || current), in nats."""
+    runs blocks i.. and the head only. Measures the mean per-token KL(dense || current), in nats.
+
+    `any_start=False` keeps only the first block's inputs (scores with `kl_from(0)` only): a whole-model search needs
+    no more, and the cache is then one hidden-state copy instead of one per block."""
 
     @torch.no_grad()
-    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 4):
+    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 4, any_start: bool = True):
         from calibration.capture import BlockInputs, capture_block_inputs, run_block
         from compress.models import llama
 
@@ -53,9 +56,12 @@ class TailKL:
         first = capture_block_inputs(model, self.layers, windows, batch_size)
         self.kwargs = first.kwargs
         self.inputs = [first.hidden]  # inputs[i]: what block i receives (dense), per batch
+        hidden = first.hidden
         for block in self.layers:
-            self.inputs.append(run_block(block, BlockInputs(self.inputs[-1], self.kwargs)))
-        self.ref = [F.log_softmax(self._head(h), -1) for h in self.inputs[-1]]
+            hidden = run_block(block, BlockInputs(hidden, self.kwargs))
+            if any_start:
+                self.inputs.append(hidden)
+        self.ref = [F.log_softmax(self._head(h), -1) for h in hidden]
         self.tokens = int(windows.numel())
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -66,6 +72,8 @@ class TailKL:
         """Mean per-token KL after running blocks start.. on the cached dense inputs of block `start`."""
         from calibration.capture import BlockInputs, run_block
 
+        if start >= len(self.inputs):
+            raise ValueError(f"kl_from({start}): this TailKL keeps only the first block's inputs (any_start=False)")
         hidden = self.inputs[start]
         for block in self.layers[start:]:
             hidden = run_block(block, BlockInputs(hidden, self.kwargs))

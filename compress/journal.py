@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from compress.atomic import write_text_atomic
 from compress.errors import InputError
 
 
@@ -47,7 +47,12 @@ def differences(saved: dict, now: dict) -> list[str]:
 def start(path: Path, out: Path, entry: dict, resume: bool) -> str | None:
     """Check a resume against the journal (refusing with what changed), then record this run. Returns a line for
     the log when an earlier unfinished run of the same artifact is found."""
-    saved = json.loads(path.read_text()) if path.exists() else None
+    try:
+        saved = json.loads(path.read_text()) if path.exists() else None
+        if saved is not None and not isinstance(saved.get("entry"), dict):
+            raise ValueError("no entry")
+    except (ValueError, AttributeError) as err:
+        raise InputError(f"{path}: the run journal of {out} is unreadable ({err}); delete it to start over") from None
     if resume:
         if saved is None:
             raise InputError(f"--resume: no unfinished run of {out} is recorded (it finished, or never started); "
@@ -60,10 +65,7 @@ def start(path: Path, out: Path, entry: dict, resume: bool) -> str | None:
     if saved is not None and not resume:
         note = (f"an unfinished run of {out} was found; cached work is reused where its inputs match "
                 "(--resume also checks that nothing changed)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"out": str(out.resolve()), "entry": entry}, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps({"out": str(out.resolve()), "entry": entry}, indent=1))
     return note
 
 

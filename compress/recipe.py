@@ -95,7 +95,8 @@ class EvolutionConfig(_Strict):
     generations: int = Field(30, ge=1)
     offspring: int = Field(8, ge=1)
     survivors: list[int] = Field([2], description="how many offspring go on after each stage but the last")
-    stage_windows: list[int] = Field([2, 6], min_length=1, description="calibration windows scored at each stage")
+    stage_windows: list[Annotated[int, Field(ge=1)]] = Field([2, 6], min_length=1,
+                                                             description="calibration windows scored at each stage")
     max_switches: int = Field(3, ge=1, description="units raised per mutation")
 
     @model_validator(mode="after")
@@ -225,6 +226,26 @@ class Recipe(_Strict):
             raise ValueError("export.remote_code: the shipped modeling code loads pruned models in the export dtype, "
                              "not quantized ones (quantized artifacts load with export.load, or stock transformers "
                              "when uniform)")
+        return self
+
+    @model_validator(mode="after")
+    def _order_fits(self) -> "Recipe":
+        quant = [i for i, p in enumerate(self.passes) if isinstance(p, (GptqConfig, RtnConfig))]
+        for i, p in enumerate(self.passes):
+            if quant and i > quant[0] and not isinstance(p, (GptqConfig, RtnConfig)):
+                raise ValueError(f"passes.{i}: {p.pass_} prunes weights that passes.{quant[0]} already quantized; "
+                                 "put the pruning passes first")
+        return self
+
+    @model_validator(mode="after")
+    def _overrides_fit(self) -> "Recipe":
+        for i, p in enumerate(self.passes):
+            if not isinstance(getattr(p, "bits", None), MixedBits):
+                continue
+            for j, o in enumerate(p.overrides):
+                if o.bits is not None:
+                    raise ValueError(f"passes.{i}.overrides.{j}.bits: with bits.average the allocation chooses every "
+                                     "width; drop the override's bits (or keep the module out with ignore)")
         return self
 
     @model_validator(mode="after")

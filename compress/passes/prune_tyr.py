@@ -104,7 +104,7 @@ class TyrPass:
         upstream = {u.name: min(levels[u.name], key=lambda k: (abs(k / u.width - (1 - cfg.target)), -k)) for u in units}
 
         state = _Assembler(blocks, dense, units)
-        stages = [TailKL(model, ctx.calibration[:n], batch_size=ctx.batch_size) for n in cfg.evolution.stage_windows]
+        stages = [TailKL(model, ctx.calibration[:n], batch_size=ctx.batch_size, any_start=False) for n in cfg.evolution.stage_windows]
         rounds, choice = [], None
         try:
             for r in range(cfg.rounds):

@@ -4,6 +4,7 @@ and round-to-nearest, with regex targets, per-pattern overrides and layer-wise m
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 
@@ -129,10 +130,11 @@ def _searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modu
     ref_level = min(levels, key=lambda b: (abs(b - mixed.average), b))
     blocks = llama.blocks(model)
     dense = {name: lin.weight.data.clone() for name, (_, _, lin) in modules.items()}
-    # the variants depend on the weights, the quantizer settings, the widths and the calibration windows, not on the
-    # budget or the search: a knapsack at 3.0 and at 3.5 bits, or an evolution, share one database
+    # the variants depend on the weights, the quantizer settings, the widths, the reference width later blocks are
+    # calibrated at, and the calibration windows, not on the budget or the search: a knapsack at 3.0 and at 3.5 bits
+    # (reference 3 for both), or an evolution, share one database
     settings = cfg.model_dump(mode="json")
-    settings["bits"] = {"choices": levels}
+    settings["bits"] = {"choices": levels, "reference": ref_level}
     key = fingerprint(CODE_VERSION, *model_parts(model), settings, ctx.calibration)
     db = VariantDB(None if ctx.cache is None else ctx.cache / f"variants-{key[:20]}")
     specs = {(name, b): _spec_for(name, lin.in_features, b, cfg, where) for name, (_, _, lin) in modules.items()
@@ -190,6 +192,10 @@ def _searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modu
             for name in units[u]:
                 modules[name][2].weight.data = load_variant(name, b).dequantize().to(dense[name].dtype)
             errors[f"{u}@{b}"] = tail.kl_from(layer_of[u])
+            if not math.isfinite(errors[f"{u}@{b}"]):
+                raise CompressError(f"{u} at {b} bits: the model's KL to the dense one is {errors[f'{u}@{b}']} "
+                                    "(non-finite outputs); leave this width out of bits.choices or the unit out "
+                                    "of targets")
             for name in units[u]:
                 modules[name][2].weight.data = dense[name]
             db.write_json(errors_key, errors)
@@ -241,7 +247,7 @@ def _evolve(model, ctx: PassContext, mixed: MixedBits, unit_list: list[Unit], un
             modules: dict, dense: dict, start: Allocation, db: VariantDB, key: str, load_variant):
     """EvoPress-style refinement of the knapsack allocation; fitness = KL of the assembled model to the dense one."""
     evo = mixed.evolution
-    stages = [TailKL(model, ctx.calibration[:n], batch_size=ctx.batch_size) for n in evo.stage_windows]
+    stages = [TailKL(model, ctx.calibration[:n], batch_size=ctx.batch_size, any_start=False) for n in evo.stage_windows]
     current: dict[str, int] = {}  # unit -> level the model holds now (absent: dense)
     weights = LoadCache(lambda name, level: load_variant(name, level).dequantize().to(dense[name].dtype))
 

@@ -11,7 +11,7 @@ again with the same state file it resumes where it stopped and reaches the same 
 from __future__ import annotations
 
 import json
-import os
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -20,6 +20,8 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
+from compress.atomic import write_text_atomic
+from compress.errors import CompressError, InputError
 from compress.search.base import Allocation, Unit, check_budget, total
 from compress.search.variants import fingerprint
 
@@ -43,7 +45,7 @@ class EvolutionSettings:
                    max_switches=config.max_switches, seed=seed)
 
 
-class ResumeError(ValueError):
+class ResumeError(InputError, ValueError):
     """A saved search state that does not belong to this search."""
 
 
@@ -105,6 +107,17 @@ def evolve(units: list[Unit], budget: float, fitness: Fitness, start: dict[str, 
     identity = {**(identity or {}), "settings": settings.__dict__ | {"survivors": list(settings.survivors)},
                 "budget": budget, "units": [u.name for u in units], "start": start}
     rng = random.Random(settings.seed)
+    non_finite = 0
+
+    def score(c: list[int], stage: int) -> float:
+        """A candidate whose fitness is not finite (a variant that overflows) is never selected; it is counted."""
+        nonlocal non_finite
+        value = fitness(to_choice(c), stage)
+        if math.isfinite(value):
+            return value
+        non_finite += 1
+        return math.inf
+
     state = _load_state(state_path, identity)
     if state:
         parent, parent_fit, gen0, history, evaluations = (state["parent"], state["fitness"], state["generation"],
@@ -113,6 +126,9 @@ def evolve(units: list[Unit], budget: float, fitness: Fitness, start: dict[str, 
         log(f"evolution: resuming at generation {gen0} (fitness {parent_fit:.6g})")
     else:
         parent_fit, gen0, evaluations = fitness(to_choice(parent), n_stages - 1), 0, 1
+        if not math.isfinite(parent_fit):
+            raise CompressError(f"evolution: the starting allocation's fitness is {parent_fit}; the variants it "
+                                "assembles produce non-finite outputs")
         history = [{"generation": 0, "fitness": parent_fit, "accepted": True, "seconds": 0.0}]
     t_start = time.perf_counter()
     for gen in tqdm(range(gen0 + 1, settings.generations + 1), desc="evolution", unit="gen",
@@ -126,10 +142,10 @@ def evolve(units: list[Unit], budget: float, fitness: Fitness, start: dict[str, 
                 children.append(child)
         finalists = children
         for stage, keep in enumerate(settings.survivors):
-            scored = sorted(((fitness(to_choice(c), stage), k) for k, c in enumerate(finalists)))
+            scored = sorted(((score(c, stage), k) for k, c in enumerate(finalists)))
             evaluations += len(finalists)
             finalists = [finalists[k] for _, k in scored[:keep]]
-        final = [(fitness(to_choice(c), n_stages - 1), c) for c in finalists]
+        final = [(score(c, n_stages - 1), c) for c in finalists]
         evaluations += len(final)
         best_fit, best = min(final, key=lambda t: t[0], default=(float("inf"), None))
         accepted = best is not None and best_fit < parent_fit
@@ -145,7 +161,8 @@ def evolve(units: list[Unit], budget: float, fitness: Fitness, start: dict[str, 
     return Allocation(choice=choice, cost=total(units, choice), budget=budget, method="evolution", error=parent_fit,
                       details={"generations": settings.generations, "evaluations": evaluations,
                                "seconds_this_run": round(time.perf_counter() - t_start, 1), "history": history,
-                               "start_fitness": history[0]["fitness"], "resumed_from": gen0 or None})
+                               "start_fitness": history[0]["fitness"], "resumed_from": gen0 or None,
+                               "non_finite_this_run": non_finite})
 
 
 def _tuplify(x):
@@ -155,8 +172,11 @@ def _tuplify(x):
 def _load_state(path: Path | None, identity: dict) -> dict | None:
     if path is None or not path.exists():
         return None
-    state = json.loads(path.read_text())
-    saved = state["identity"]
+    try:
+        state = json.loads(path.read_text())
+        saved = state["identity"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ResumeError(f"{path}: saved search state is unreadable ({err}); delete it to start over") from None
     changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
     if changed:
         raise ResumeError(f"{path}: saved search state is for a different search (what changed: {', '.join(changed)}); "
@@ -167,10 +187,7 @@ def _load_state(path: Path | None, identity: dict) -> dict | None:
 def _save_state(path: Path | None, state: dict) -> None:
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(state))
 
 
 def evolve_saved(units: list[Unit], budget: float, fitness: Fitness, start: dict[str, int],

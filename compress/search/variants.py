@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from compress import __version__
+from compress.atomic import write_atomic, write_text_atomic
 
 # part of every variant key: a new release, or a change to how variants are computed (bump the suffix), never reads
 # variants an older version wrote
@@ -69,10 +69,9 @@ class VariantDB:
         if self.folder is None:
             self._memory[(name, str(level))] = (tensors, meta)
             return
-        path = self._path(name, level)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)  # a crash never leaves a half-written variant under the real name
+        # a crash never leaves a half-written variant under the real name
+        write_atomic(self._path(name, level),
+                     lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta))
 
     def get(self, name: str, level) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         if self.folder is None:
@@ -94,10 +93,7 @@ class VariantDB:
         if self.folder is None:
             self._memory[("json", key)] = (value, {})
             return
-        path = self.folder / f"{key}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(value, indent=1))
-        os.replace(tmp, path)
+        write_text_atomic(self.folder / f"{key}.json", json.dumps(value, indent=1))
 
 
 def _nbytes(value) -> int:

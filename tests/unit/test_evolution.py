@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compress.search.base import Option, Unit, cost_range
+from compress.errors import CompressError, InputError
 from compress.search.evolution import EvolutionSettings, ResumeError, evolve
 from compress.search.knapsack import knapsack
 
@@ -82,9 +83,28 @@ def test_a_different_search_is_refused(tmp_path):
     with pytest.raises(ResumeError, match=r"\(what changed: recipe\)"):
         evolve(units, budget, _fitness(units), start, cfg, state_path=state, identity={"recipe": "b", "data": "x"},
                **QUIET)
-    with pytest.raises(ResumeError, match="what changed: budget"):
+    with pytest.raises(ResumeError, match="what changed: budget") as err:
         evolve(units, budget - 1, _fitness(units), knapsack(units, budget - 1).choice, cfg, state_path=state,
                identity={"recipe": "a", "data": "x"}, **QUIET)
+    assert isinstance(err.value, InputError) and err.value.exit_code == 2  # the CLI says it, no traceback
+    state.write_text('{"identity": {"recipe": "a"')  # damaged by hand: refused by name, not a JSON traceback
+    with pytest.raises(ResumeError, match=r"evo.json: saved search state is unreadable .*delete it"):
+        evolve(units, budget, _fitness(units), start, cfg, state_path=state, identity={"recipe": "a", "data": "x"},
+               **QUIET)
+
+
+def test_candidates_with_non_finite_fitness_are_never_selected_and_are_counted():
+    units, budget = _instance()
+    start = knapsack(units, budget).choice
+    good = _fitness(units)
+    bad = lambda choice, stage: float("nan") if choice != start and hash(tuple(choice.values())) % 2 else good(choice, stage)  # noqa: E731
+    cfg = EvolutionSettings(generations=6, offspring=6, survivors=(2,), seed=1)
+    res = evolve(units, budget, bad, start, cfg, **QUIET)
+    assert res.details["non_finite_this_run"] > 0
+    fits = [h["fitness"] for h in res.details["history"]]
+    assert all(f == f and f < float("inf") for f in fits) and all(b <= a for a, b in zip(fits, fits[1:]))
+    with pytest.raises(CompressError, match="starting allocation's fitness is nan"):
+        evolve(units, budget, lambda c, s: float("nan"), start, cfg, **QUIET)
 
 
 @settings(max_examples=80, deadline=None)
