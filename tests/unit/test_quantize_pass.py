@@ -259,6 +259,10 @@ def test_knapsack_allocation_meets_budget_shares_fused_groups_and_reuses_variant
     assert wider.report["passes"][0]["summary"]["variants"] == str(variants)
     assert {p: p.stat().st_mtime_ns for p in variants.iterdir()} == stamp
     assert wider.report["passes"][0]["summary"]["average_bits"] > 3.0
+    # a budget nearest another width calibrates later blocks at that width: its own variants, never these
+    low = _run(tiny_q, [{**passes[0], "bits": {**passes[0]["bits"], "average": 2.4}}], tmp_path / "d")
+    assert low.report["passes"][0]["summary"]["variants"] != str(variants)
+    assert low.report["passes"][0]["summary"]["variants_reused"] is False
 
 
 def test_evolution_refines_the_knapsack_and_resumes(tiny_q, tmp_path, monkeypatch):
