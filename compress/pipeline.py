@@ -118,6 +118,18 @@ class RunResult:
         return {"artifact": str(self.artifact), **self.report}
 
 
+def _card_passes(passes: list[dict]) -> list[str]:
+    """Per pass: its per-layer table (widths kept, bits chosen, errors) and any fallback it recorded."""
+    lines = []
+    for i, rep in enumerate(passes):
+        lines += [f"## passes[{i}]: {rep['name']} ({rep['seconds']:.0f} s)", ""]
+        if rep.get("rows"):
+            lines += [markdown_table(rep["rows"]), ""]
+        if rep.get("fallbacks"):
+            lines += ["Fallbacks:", "", *[f"- {f}" for f in rep["fallbacks"]], ""]
+    return lines
+
+
 def _model_card(recipe: Recipe, source: ModelSource, report: dict) -> str:
     lines = [
         f"# {recipe.name}",
@@ -133,6 +145,7 @@ def _model_card(recipe: Recipe, source: ModelSource, report: dict) -> str:
         "",
         markdown_table(RunResult(Path("."), report).summary_rows()),
         "",
+        *_card_passes(report["passes"]),
         "## Loading",
         "",
         "```python",

@@ -39,7 +39,12 @@ def test_run_reload_equal(tiny_any, tmp_path, structure):
     assert manifest["source"]["path"] == str(tiny_any.resolve())
     assert set(manifest["files"]) >= {"config.json", "model.safetensors", "recipe.yaml", "report.json", "README.md",
                                       "tokenizer.json", "plan.json"}
-    assert "| pydoc-heldout |" in (res.artifact / "README.md").read_text()
+    card = (res.artifact / "README.md").read_text()
+    assert "| pydoc-heldout |" in card
+    # the card shows the structure per layer, as the report has it
+    assert "## passes[0]: flap" in card and "| layer | q_heads | kv_heads | mlp | kept |" in card
+    first = rep["passes"][0]["rows"][0]
+    assert f"| 0 | {first['q_heads']} | {first['kv_heads']} | {first['mlp']} |" in card
 
 
 def test_uniform_llama_loads_in_stock_transformers(tiny_llama, tmp_path):
