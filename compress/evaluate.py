@@ -45,10 +45,16 @@ class TailKL:
     runs blocks i.. and the head only. Measures the mean per-token KL(dense || current), in nats.
 
     `any_start=False` keeps only the first block's inputs (scores with `kl_from(0)` only): a whole-model search needs
-    no more, and the cache is then one hidden-state copy instead of one per block."""
+    no more, and the cache is then one hidden-state copy instead of one per block.
+
+    The head and the KL run on `chunk_tokens` positions at a time, so the vocabulary-wide temporaries (logits,
+    log-probabilities, the KL terms) are a few times chunk x vocab floats, not batch x seq_len x vocab: with a 32k
+    vocabulary, 8 windows of 2048 tokens would otherwise need about 2 GB per temporary. The reference
+    log-probabilities of every position are kept (tokens x vocab floats)."""
 
     @torch.no_grad()
-    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 4, any_start: bool = True):
+    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 4, any_start: bool = True,
+                 chunk_tokens: int = 128):
         from calibration.capture import BlockInputs, capture_block_inputs, run_block
         from compress.models import llama
 
@@ -61,8 +67,12 @@ class TailKL:
             hidden = run_block(block, BlockInputs(hidden, self.kwargs))
             if any_start:
                 self.inputs.append(hidden)
-        self.ref = [F.log_softmax(self._head(h), -1) for h in hidden]
+        self.chunk = chunk_tokens
+        self.ref = [torch.cat([F.log_softmax(self._head(c), -1) for c in self._chunks(h)]) for h in hidden]
         self.tokens = int(windows.numel())
+
+    def _chunks(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return hidden.reshape(-1, hidden.shape[-1]).split(self.chunk)  # (positions, hidden) in chunks
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.model.norm(hidden)).float()
@@ -79,6 +89,7 @@ class TailKL:
             hidden = run_block(block, BlockInputs(hidden, self.kwargs))
         total = 0.0
         for h, ref in zip(hidden, self.ref):
-            logp = F.log_softmax(self._head(h), -1)
-            total += float((ref.exp() * (ref - logp)).sum())
+            for c, r in zip(self._chunks(h), ref.split(self.chunk)):
+                logp = F.log_softmax(self._head(c), -1)
+                total += float(F.kl_div(logp, r, reduction="sum", log_target=True))  # sum p_ref (log p_ref - log p)
         return total / self.tokens
