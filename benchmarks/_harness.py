@@ -39,13 +39,14 @@ def quantized_bits(plan) -> dict:
     return {"avg bits": round(code_bits / n, 3), "bits/weight": round((code_bits + scale_bits) / n, 3)}
 
 
-def run_each(script: str, labels: list[str], args, extra_env: dict | None = None) -> list[dict]:
+def run_each(script: str, labels: list[str], args, extra_env: dict | None = None,
+             extra_args: list[str] | None = None) -> list[dict]:
     """Run `script --one LABEL` in a fresh process per label; each prints its row as JSON on its last line."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1", **(extra_env or {})}
     rows = []
     for label in labels:
         cmd = [sys.executable, script, "--one", label, "--windows", str(args.windows),
-               "--max-windows", str(args.max_windows), "--threads", str(args.threads)]
+               "--max-windows", str(args.max_windows), "--threads", str(args.threads), *(extra_args or [])]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         if proc.returncode != 0:
             raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")

@@ -54,7 +54,9 @@ def run_one(label: str, args) -> dict:
                     "search s": round(seconds, 1),
                     "evaluations": (s.get("evolution") or {}).get("evaluations", ""),
                     "summed unit KL": (s.get("knapsack") or {}).get("summed_unit_kl", ""),
-                    "final KL": (s.get("evolution") or {}).get("final_kl", "")})
+                    "start KL": (s.get("evolution") or {}).get("start_kl", ""),
+                    "final KL": (s.get("evolution") or {}).get("final_kl", ""),
+                    "accepted": (s.get("evolution") or {}).get("accepted", "")})
     row.update({f"ppl {k}": round(v, 3) for k, v in sets.perplexities(model, EVAL_BATCH).items()})
     row["peak MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return row

@@ -68,7 +68,12 @@ class TailKL:
             if any_start:
                 self.inputs.append(hidden)
         self.chunk = chunk_tokens
-        self.ref = [torch.cat([F.log_softmax(self._head(c), -1) for c in self._chunks(h)]) for h in hidden]
+        self.ref = []  # per batch: (positions, vocab) reference log-probabilities, filled chunk by chunk in place
+        for h in hidden:
+            ref = torch.empty(h.shape[0] * h.shape[1], self.model.lm_head.out_features)
+            for c, r in zip(self._chunks(h), ref.split(self.chunk)):
+                r.copy_(F.log_softmax(self._head(c), -1))
+            self.ref.append(ref)
         self.tokens = int(windows.numel())
 
     def _chunks(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:

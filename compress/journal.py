@@ -52,7 +52,10 @@ def start(path: Path, out: Path, entry: dict, resume: bool) -> str | None:
         if saved is not None and not isinstance(saved.get("entry"), dict):
             raise ValueError("no entry")
     except (ValueError, AttributeError) as err:
-        raise InputError(f"{path}: the run journal of {out} is unreadable ({err}); delete it to start over") from None
+        if resume:
+            raise InputError(f"{path}: the run journal of {out} is unreadable ({err}); it cannot be checked, "
+                             "run without --resume (cached work whose inputs match is still reused)") from None
+        saved = None  # a fresh run replaces it
     if resume:
         if saved is None:
             raise InputError(f"--resume: no unfinished run of {out} is recorded (it finished, or never started); "

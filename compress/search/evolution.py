@@ -110,7 +110,8 @@ def evolve(units: list[Unit], budget: float, fitness: Fitness, start: dict[str, 
     non_finite = 0
 
     def score(c: list[int], stage: int) -> float:
-        """A candidate whose fitness is not finite (a variant that overflows) is never selected; it is counted."""
+        """A candidate whose fitness is not finite (a variant that overflows) is never selected; such evaluations
+        are counted."""
         nonlocal non_finite
         value = fitness(to_choice(c), stage)
         if math.isfinite(value):
@@ -162,7 +163,7 @@ def evolve(units: list[Unit], budget: float, fitness: Fitness, start: dict[str, 
                       details={"generations": settings.generations, "evaluations": evaluations,
                                "seconds_this_run": round(time.perf_counter() - t_start, 1), "history": history,
                                "start_fitness": history[0]["fitness"], "resumed_from": gen0 or None,
-                               "non_finite_this_run": non_finite})
+                               "non_finite_evaluations": non_finite})
 
 
 def _tuplify(x):
@@ -175,6 +176,8 @@ def _load_state(path: Path | None, identity: dict) -> dict | None:
     try:
         state = json.loads(path.read_text())
         saved = state["identity"]
+        for key in ("parent", "fitness", "generation", "history", "evaluations", "rng"):
+            state[key]
     except (ValueError, KeyError, TypeError) as err:
         raise ResumeError(f"{path}: saved search state is unreadable ({err}); delete it to start over") from None
     changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
@@ -203,4 +206,5 @@ def evolve_saved(units: list[Unit], budget: float, fitness: Fitness, start: dict
                    "start_kl": round(hist[0]["fitness"], 6), "final_kl": round(alloc.error, 6),
                    "accepted": sum(h["accepted"] for h in hist[1:]), "resumed_from": alloc.details["resumed_from"],
                    "seconds": alloc.details["seconds_this_run"],
+                   "non_finite_evaluations": alloc.details["non_finite_evaluations"],
                    "kl_by_generation": [round(h["fitness"], 6) for h in hist]}

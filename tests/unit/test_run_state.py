@@ -2,6 +2,7 @@
 first), files written whole or not at all, unreadable journals refused by name, and the whole-model KL scorer."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,9 @@ def test_atomic_write_leaves_the_old_file_whole_when_writing_fails(tmp_path):
         write_atomic(path, dies)
     assert json.loads(path.read_text()) == {"generation": 3}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it, not mkstemp's owner-only mode
 
 
 def test_two_writers_of_one_variant_use_their_own_temporary_files(tmp_path, monkeypatch):
@@ -72,8 +76,10 @@ def test_an_unreadable_journal_is_refused_naming_its_file(tmp_path, content):
     path = journal.journal_path(tmp_path / "runs", tmp_path / "art")
     path.parent.mkdir(parents=True)
     path.write_text(content)
-    with pytest.raises(InputError, match=f"{path.name}: the run journal of .* is unreadable.*delete it"):
+    with pytest.raises(InputError, match=f"{path.name}: the run journal of .* is unreadable.*run without --resume"):
         journal.start(path, tmp_path / "art", {"recipe": {}}, resume=True)
+    assert journal.start(path, tmp_path / "art", {"recipe": {"a": 1}}, resume=False) is None  # a fresh run replaces it
+    assert json.loads(path.read_text())["entry"] == {"recipe": {"a": 1}}
 
 
 def test_tail_kl_from_the_first_block_only_keeps_one_input_copy_and_scores_the_same(tiny_llama):
@@ -83,6 +89,9 @@ def test_tail_kl_from_the_first_block_only_keeps_one_input_copy_and_scores_the_s
     model, _ = load_model(resolve_model(str(tiny_llama)))
     windows = torch.randint(0, model.config.vocab_size, (3, 32))
     every, first = TailKL(model, windows, batch_size=2), TailKL(model, windows, batch_size=2, any_start=False)
+    # positions in chunks that do not divide a batch (2 x 32): must score as a whole batch at once does
+    ragged = TailKL(model, windows, batch_size=2, any_start=False, chunk_tokens=7)
+    assert ragged.kl_from(0) == pytest.approx(0.0, abs=1e-6)
     assert len(every.inputs) == len(llama.blocks(model)) + 1 and len(first.inputs) == 1
     assert first.kl_from(0) == every.kl_from(0) == 0.0
     with torch.no_grad():
@@ -91,3 +100,4 @@ def test_tail_kl_from_the_first_block_only_keeps_one_input_copy_and_scores_the_s
     assert kl > 1e-4 and kl == pytest.approx(every.kl_from(0), rel=1e-6) and kl == pytest.approx(every.kl_from(1), rel=1e-5)
     with pytest.raises(ValueError, match="keeps only the first block's inputs"):
         first.kl_from(1)
+    assert ragged.kl_from(0) == pytest.approx(kl, rel=1e-5)
