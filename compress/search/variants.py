@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from compress import __version__
 from compress.atomic import write_atomic, write_text_atomic
+from compress.errors import CompressError
 
 # part of every variant key: a new release, or a change to how variants are computed (bump the suffix), never reads
 # variants an older version wrote
@@ -79,9 +80,12 @@ class VariantDB:
         from safetensors import safe_open
 
         path = self._path(name, level)
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return load_file(str(path)), meta
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            return load_file(str(path)), meta
+        except Exception as err:  # safetensors raises its own error types for a damaged header or payload
+            raise CompressError(f"{path}: unreadable variant ({err}); delete {self.folder} to rebuild it") from None
 
     def read_json(self, key: str) -> dict | None:
         if self.folder is None:

@@ -10,7 +10,7 @@ import torch
 
 from compress import journal
 from compress.atomic import write_atomic, write_text_atomic
-from compress.errors import InputError
+from compress.errors import CompressError, InputError
 from compress.evaluate import TailKL
 from compress.search.variants import LoadCache, VariantDB
 
@@ -101,3 +101,12 @@ def test_tail_kl_from_the_first_block_only_keeps_one_input_copy_and_scores_the_s
     with pytest.raises(ValueError, match="keeps only the first block's inputs"):
         first.kl_from(1)
     assert ragged.kl_from(0) == pytest.approx(kl, rel=1e-5)
+
+
+def test_a_damaged_variant_is_named_with_what_to_do(tmp_path):
+    db = VariantDB(tmp_path / "db")
+    db.put("model.layers.0.mlp.down_proj", 3, {"w": torch.ones(64)})
+    path = tmp_path / "db" / "model.layers.0.mlp.down_proj@3.safetensors"
+    path.write_bytes(path.read_bytes()[:-40])  # truncated on disk
+    with pytest.raises(CompressError, match=r"down_proj@3.safetensors: unreadable variant .*delete .*db to rebuild"):
+        db.get("model.layers.0.mlp.down_proj", 3)
