@@ -101,6 +101,8 @@ def handled_alone(args, run_one, plot) -> bool:
         print(json.dumps(run_one(args.one, args)))
         return True
     if args.plot_only:
+        if plot is None:
+            raise SystemExit("this benchmark draws no plot; its table is in OUT.md")
         out = Path(args.out)
         plot(json.loads(out.with_suffix(".json").read_text())["rows"], out.with_suffix(".png"))
         return True

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 from _harness import benchmark_args, default_setup, handled_alone, run_each, write_results
 
@@ -75,7 +76,7 @@ def main() -> None:
         return
     labels = list(CONFIGS) if args.methods == ["all"] else args.methods
     rows = run_each(__file__, labels, args, extra_args=["--repeats", str(args.repeats)])
-    write_results(__import__("pathlib").Path(args.out), "Whole-model KL score: memory and time", __file__, {
+    write_results(Path(args.out), "Whole-model KL score: memory and time", __file__, {
         "model": "packaged default (SmolLM2-135M, vocabulary 49152), fp32",
         "tokens": f"{args.windows} x 256 calibration windows, batch 8", "threads": args.threads,
         "held MB": "resident memory after building the scorer, above what was resident before (cached inputs, reference log-probabilities, and what the allocator keeps of freed temporaries)",

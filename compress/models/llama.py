@@ -154,7 +154,7 @@ def prune_attention_groups(block: nn.Module, keep_groups: torch.Tensor, o_bias: 
     _slice_linear(attn.o_proj, cols=q_dims)
     if o_bias is not None:
         add_output_bias(attn.o_proj, o_bias)
-    attn.num_key_value_groups = shape.group_size  # unchanged ratio; set explicitly for attention kernels that read it
+    sync_widths(block)
 
 
 def prune_mlp_channels(block: nn.Module, keep: torch.Tensor, down_bias: torch.Tensor | None = None) -> None:
@@ -167,8 +167,7 @@ def prune_mlp_channels(block: nn.Module, keep: torch.Tensor, down_bias: torch.Te
     _slice_linear(mlp.down_proj, cols=keep)
     if down_bias is not None:
         add_output_bias(mlp.down_proj, down_bias)
-    if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = int(keep.numel())
+    sync_widths(block)
 
 
 def named_linears(model: nn.Module) -> dict[str, tuple[int, str, nn.Linear]]:

@@ -9,6 +9,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from compress.errors import CompressError
 from compress.plan import PassReport, Plan
 
 
@@ -28,3 +29,11 @@ class Pass(Protocol):
     def __init__(self, config) -> None: ...
 
     def run(self, model: nn.Module, ctx: PassContext) -> PassReport: ...
+
+
+def check_finite(name: str, W: torch.Tensor, xtx: torch.Tensor | None) -> None:
+    """Stop the run, naming the layer, when its weights or its calibration activations (X^T X) are not finite."""
+    if not torch.isfinite(W).all():
+        raise CompressError(f"{name}: non-finite weights; stopping")
+    if xtx is not None and not torch.isfinite(xtx).all():
+        raise CompressError(f"{name}: non-finite calibration activations; stopping")

@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from calibration.capture import for_each_block
-from compress.errors import CompressError, InputError
+from compress.errors import InputError
 from compress.evaluate import TailKL
 from compress.models import llama
 from compress.ops.refit import augment, damped, refit, removal_order, structure_columns
-from compress.passes.base import PassContext
+from compress.passes.base import PassContext, check_finite
 from compress.plan import PassReport
 from compress.recipe import TyrConfig
 from compress.search.base import Option, Unit, cost_range, total
@@ -179,9 +179,7 @@ class TyrPass:
                     continue
                 s = stats[OUT_PROJ[u.kind]]
                 W, b = state.dense[i][OUT_PROJ[u.kind]]
-                if not (torch.isfinite(s.xtx).all() and torch.isfinite(W).all()):
-                    raise CompressError(f"layer {i} {OUT_PROJ[u.kind]}: non-finite weights or calibration "
-                                        "activations; stopping")
+                check_finite(f"model.layers.{i}.{OUT_PROJ[u.kind]}", W, s.xtx)
                 n_cols = u.width * u.size
                 if cfg.bias:  # the bias is one more input column, fixed at 1, never removed
                     H = damped(augment(s.xtx, s.total, s.n), cfg.damp)

@@ -18,7 +18,7 @@ from compress.models import llama
 from compress.ops.gptq import Quantized, gptq_quantize
 from compress.ops.importance import lim_score, zd_score
 from compress.ops.quant import QuantSpec, pack, rtn
-from compress.passes.base import PassContext
+from compress.passes.base import PassContext, check_finite
 from compress.plan import PassReport, QuantRecord
 from compress.recipe import GptqConfig, MixedBits, RtnConfig
 from compress.evaluate import TailKL
@@ -164,7 +164,7 @@ def _searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modu
                 if db.has(name, b):
                     continue
                 s = stats[_shared_input_name(name, short)]
-                _check_finite(name, dense[name], s.xtx)
+                check_finite(name, dense[name], s.xtx)
                 spec = specs[(name, b)]
                 q = gptq_quantize(dense[name], 2.0 / s.n * s.xtx, spec)
                 rec = _record(q, spec, tuple(dense[name].shape))
@@ -273,13 +273,6 @@ def _evolve(model, ctx: PassContext, mixed: MixedBits, unit_list: list[Unit], un
             lin.weight.data = dense[name]
 
 
-def _check_finite(name: str, W: torch.Tensor, xtx: torch.Tensor | None) -> None:
-    if not torch.isfinite(W).all():
-        raise CompressError(f"{name}: non-finite weights; stopping")
-    if xtx is not None and not torch.isfinite(xtx).all():
-        raise CompressError(f"{name}: non-finite calibration activations; stopping")
-
-
 def _shared_input_name(name: str, short: str) -> str:
     """The module whose inputs `name` shares (model.layers.3.self_attn.k_proj -> ...self_attn.q_proj)."""
     return name.removesuffix(short) + llama.SHARED_INPUT[short]
@@ -336,7 +329,7 @@ class QuantizePass:
             i, _short, lin = modules[name]
             spec = specs[name]
             W = lin.weight.data
-            _check_finite(name, W, xtx)
+            check_finite(name, W, xtx)
             if xtx is None:
                 codes, scale, zero = rtn(W, spec)
                 g = W.shape[1] if spec.group_size == -1 else spec.group_size

@@ -176,8 +176,9 @@ def _load_state(path: Path | None, identity: dict) -> dict | None:
     try:
         state = json.loads(path.read_text())
         saved = state["identity"]
-        for key in ("parent", "fitness", "generation", "history", "evaluations", "rng"):
-            state[key]
+        missing = [k for k in ("parent", "fitness", "generation", "history", "evaluations", "rng") if k not in state]
+        if missing:
+            raise KeyError(", ".join(missing))
     except (ValueError, KeyError, TypeError) as err:
         raise ResumeError(f"{path}: saved search state is unreadable ({err}); delete it to start over") from None
     changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
