@@ -51,7 +51,8 @@ class ExportConfig(_Strict):
 class _PruneBase(_Strict):
     target: float = Field(..., gt=0.0, lt=1.0, description="share of decoder-block projection parameters removed")
     structure: Literal["adaptive", "uniform"] = "adaptive"
-    round_to: int = Field(8, ge=1, description="uniform structure: MLP widths are a multiple of this")
+    round_to: int = Field(8, ge=1, description="MLP channels are removed in multiples of this (kept widths stay "
+                                               "multiples of it when the dense width is)")
 
 
 class FlapConfig(_PruneBase):
@@ -238,6 +239,9 @@ class Recipe(_Strict):
             if quant and i > quant[0] and not isinstance(p, (GptqConfig, RtnConfig)):
                 raise ValueError(f"passes.{i}: {p.pass_} prunes weights that passes.{quant[0]} already quantized; "
                                  "put the pruning passes first")
+        if len(quant) > 1:
+            raise ValueError(f"passes.{quant[1]}: the model is already quantized by passes.{quant[0]}; one "
+                             "quantization pass per recipe (use its targets and overrides for different settings)")
         return self
 
     @model_validator(mode="after")

@@ -55,13 +55,36 @@ def _spec_for(name: str, in_features: int, bits: int, cfg: GptqConfig | RtnConfi
             sym = ov.sym if ov.sym is not None else sym
     if group != -1 and in_features % group:
         divisors = [d for d in range(8, min(in_features, 256) + 1, 8) if in_features % d == 0]
+        hint = (f" (after pruning, a pruning pass with round_to: {group} keeps MLP widths divisible)"
+                if name.endswith("down_proj") else "")
         raise InputError(f"{where}.group_size: {group} does not divide {name}'s {in_features} input columns; "
-                         f"pick one of {divisors or [in_features]} or -1 (after pruning, a pruning pass with "
-                         f"round_to: {group} keeps widths divisible)")
+                         f"pick one of {divisors or [in_features]} or -1{hint}")
     kw = {}
     if isinstance(cfg, GptqConfig):
         kw = dict(act_order=cfg.act_order, static_groups=cfg.static_groups, damp=cfg.damp, block_size=cfg.block_size)
     return QuantSpec(bits=bits, group_size=group, sym=sym, **kw)
+
+
+def check_pruned_widths(model: nn.Module, quant: GptqConfig | RtnConfig, where_q: str, prune, where_p: str) -> None:
+    """Before any pass runs: the widths a pruning pass leaves must suit a later quantization's groups, so that a
+    search is not spent on a structure the quantizer then refuses. MLP channels go `prune.round_to` at a time
+    (down_proj's input); key-value groups (all passes but CFSP) take o_proj's input columns a group at a time."""
+    prunes_attention = getattr(prune, "pass_", None) != "cfsp"
+    for name, (i, short, lin) in select_modules(model, quant.targets, quant.ignore, where_q).items():
+        g = _spec_for(name, lin.in_features, 4, quant, where_q).group_size  # also checks the dense widths
+        if g == -1:
+            continue
+        if short == "down_proj" and prune.round_to % g:
+            raise InputError(f"{where_p}.round_to: {prune.round_to} removes MLP channels in steps that {where_q}."
+                             f"group_size {g} does not divide ({name} reads the MLP width); set {where_p}.round_to "
+                             f"to a multiple of {g}")
+        if short == "o_proj" and prunes_attention:
+            shape = llama.block_shape(llama.blocks(model)[i])
+            step = shape.group_size * shape.head_dim
+            if step % g:
+                raise InputError(f"{where_q}.group_size: {g} does not divide the {step} input columns of {name} that "
+                                 f"{where_p} removes with each key-value group; pick a group size dividing {step}, "
+                                 "or -1, or leave o_proj out with ignore")
 
 
 def _pinned_bits(name: str, cfg: GptqConfig | RtnConfig) -> int | None:

@@ -1,6 +1,7 @@
 """The quantize passes end to end on tiny models: packed artifacts, stock loading, mixed precision, errors."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,16 @@ def test_override_bits_pin_units_in_the_knapsack(tiny_q, tmp_path, monkeypatch):
     assert {k for k in kl if ".down@" in k} == {f"model.layers.{i}.down@8" for i in range(4)}
 
 
+def test_adaptive_flap_then_gptq_with_matching_round_to(tiny_q, tmp_path):
+    """passes: [flap, gptq] composes once the pruning keeps widths the groups divide; widths still differ per layer."""
+    res = _run(tiny_q, [{"pass": "flap", "target": 0.3, "round_to": 32}, {"pass": "gptq", "bits": 4, "group_size": 32}],
+               tmp_path / "a")
+    manifest = json.loads((res.artifact / "manifest.json").read_text())["quantization"]
+    widths = [s["shape"][1] for n, s in manifest.items() if n.endswith("down_proj")]
+    assert all(w % 32 == 0 for w in widths) and min(widths) < 256
+    assert res.report["verify"]["max_abs_logit_diff"] < 1e-4
+
+
 def test_overrides_and_targets(tiny_q, tmp_path):
     res = _run(tiny_q, [{"pass": "gptq", "bits": 4, "group_size": 32, "ignore": [r"layers\.0\."],
                          "overrides": [{"pattern": r"mlp\.down_proj", "bits": 8}]}], tmp_path / "a")
@@ -205,6 +216,14 @@ def test_prune_then_quantize_is_stock(tiny_q, tmp_path):
      "the allocation; fused groups (q/k/v, gate/up) share one scheme"),
     ([{"pass": "gptq", "group_size": 32, "bits": {"average": 3.0, "choices": [3, 4]},
        "overrides": [{"pattern": "proj", "bits": 8}]}], "fix the width of every targeted module"),
+    # pruned widths a later quantization cannot group: refused before any pass runs (a Tyr search is minutes)
+    ([{"pass": "flap", "target": 0.3}, {"pass": "gptq", "group_size": 32}],
+     "passes[0].round_to: 8 removes MLP channels in steps that passes[1].group_size 32 does not divide "
+     "(model.layers.0.mlp.down_proj reads the MLP width); set passes[0].round_to to a multiple of 32"),
+    ([{"pass": "cfsp", "target": 0.3}, {"pass": "rtn", "group_size": 64}], "set passes[0].round_to to a multiple of 64"),
+    ([{"pass": "tyr", "target": 0.3, "round_to": 128}, {"pass": "gptq", "group_size": 128}],
+     "passes[1].group_size: 128 does not divide the 64 input columns of model.layers.0.self_attn.o_proj that "
+     "passes[0] removes with each key-value group"),
 ])
 def test_bad_quantization_input(tiny_q, tmp_path, passes, expected):
     recipe = tmp_path / "r.yaml"
@@ -214,6 +233,7 @@ def test_bad_quantization_input(tiny_q, tmp_path, passes, expected):
     assert res.exit_code == 2, res.output
     assert expected in res.output
     assert not out.exists()
+    assert not re.search(r"passes\[0\] \w+ \(\d+ s\)", res.output)  # refused before the first pass ran
 
 
 @pytest.mark.parametrize("bits", [3, 4])
