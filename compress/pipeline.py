@@ -18,7 +18,7 @@ from compress.models import ModelSource, llama, load_model, resolve_model
 from compress.models.default import runs_dir
 from compress.passes import PassContext, make_pass
 from compress.plan import Plan
-from compress.passes.quantize import check_pruned_widths
+from compress.passes.quantize import check_before_passes
 from compress.recipe import GptqConfig, Recipe, RtnConfig
 from compress.search.variants import fingerprint
 from compress.tables import html_table, markdown_table, text_table
@@ -223,13 +223,13 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 
 def _check_passes_fit(recipe: Recipe, model) -> None:
-    """What only the model can tell, before any pass runs: pruned widths a later quantization's groups divide."""
+    """What only the model can tell, before any pass runs (so no pass runs only for a later one to refuse): a
+    quantization's targets, pins and budget, and group sizes on the dense and the pruned widths."""
     quant = (GptqConfig, RtnConfig)
     for j, q in enumerate(recipe.passes):
         if isinstance(q, quant):
-            for i, p in enumerate(recipe.passes[:j]):
-                if not isinstance(p, quant):
-                    check_pruned_widths(model, q, f"passes[{j}]", p, f"passes[{i}]")
+            check_before_passes(model, q, f"passes[{j}]",
+                                [(p, f"passes[{i}]") for i, p in enumerate(recipe.passes[:j]) if not isinstance(p, quant)])
 
 
 def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, log=print,

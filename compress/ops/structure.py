@@ -90,6 +90,6 @@ def uniform(layers: list[LayerScores], target: float, round_to: int) -> list[Lay
         drop_g = min(round(target * G), G - 1)
         want = target * s.total - drop_g * s.group_cost
         drop_c = round(max(want, 0.0) / s.channel_cost / round_to) * round_to
-        drop_c = min(max(drop_c, 0), C - 1)
+        drop_c = min(max(drop_c, 0), (C - 1) // round_to * round_to)  # keeps >= 1 channel, steps of round_to
         out.append(LayerKeep(_keep_top(s.groups, G - drop_g), _keep_top(s.channels, C - drop_c)))
     return out

@@ -46,6 +46,15 @@ def select_modules(model: nn.Module, targets: list[str], ignore: list[str], wher
     return found
 
 
+def _group_field(name: str, cfg: GptqConfig | RtnConfig) -> str:
+    """The recipe field `name`'s group size comes from: group_size, or the last matching override that sets one."""
+    field = "group_size"
+    for j, ov in enumerate(cfg.overrides):
+        if ov.group_size is not None and re.search(ov.pattern, name):
+            field = f"overrides.{j}.group_size"
+    return field
+
+
 def _spec_for(name: str, in_features: int, bits: int, cfg: GptqConfig | RtnConfig, where: str) -> QuantSpec:
     group, sym = cfg.group_size, cfg.sym
     for ov in cfg.overrides:
@@ -57,7 +66,8 @@ def _spec_for(name: str, in_features: int, bits: int, cfg: GptqConfig | RtnConfi
         divisors = [d for d in range(8, min(in_features, 256) + 1, 8) if in_features % d == 0]
         hint = (f" (after pruning, a pruning pass with round_to: {group} keeps MLP widths divisible)"
                 if name.endswith("down_proj") else "")
-        raise InputError(f"{where}.group_size: {group} does not divide {name}'s {in_features} input columns; "
+        raise InputError(f"{where}.{_group_field(name, cfg)}: {group} does not divide {name}'s {in_features} input "
+                         f"columns; "
                          f"pick one of {divisors or [in_features]} or -1{hint}")
     kw = {}
     if isinstance(cfg, GptqConfig):
@@ -65,26 +75,33 @@ def _spec_for(name: str, in_features: int, bits: int, cfg: GptqConfig | RtnConfi
     return QuantSpec(bits=bits, group_size=group, sym=sym, **kw)
 
 
-def check_pruned_widths(model: nn.Module, quant: GptqConfig | RtnConfig, where_q: str, prune, where_p: str) -> None:
-    """Before any pass runs: the widths a pruning pass leaves must suit a later quantization's groups, so that a
-    search is not spent on a structure the quantizer then refuses. MLP channels go `prune.round_to` at a time
-    (down_proj's input); key-value groups (all passes but CFSP) take o_proj's input columns a group at a time."""
-    prunes_attention = getattr(prune, "pass_", None) != "cfsp"
-    for name, (i, short, lin) in select_modules(model, quant.targets, quant.ignore, where_q).items():
-        g = _spec_for(name, lin.in_features, 4, quant, where_q).group_size  # also checks the dense widths
+def check_before_passes(model: nn.Module, quant: GptqConfig | RtnConfig, where_q: str,
+                        pruning: list[tuple[object, str]]) -> None:
+    """Before any pass runs, what the quantize pass would refuse only after the passes before it (a Tyr search takes
+    minutes): targets, pins and the budget left, group sizes on the dense widths, and on the widths the pruning
+    passes before it leave. MLP widths change `round_to` channels at a time (down_proj's input); key-value groups
+    (every pruning pass but CFSP) take o_proj's input columns a group at a time. The pass checks again on the
+    pruned model."""
+    modules = select_modules(model, quant.targets, quant.ignore, where_q)
+    if isinstance(quant.bits, MixedBits):
+        _free_average(quant.bits, modules, _pins(quant, modules, where_q), where_q)
+    for name, (i, short, lin) in modules.items():
+        g = _spec_for(name, lin.in_features, 4, quant, where_q).group_size  # checks the dense widths
         if g == -1:
             continue
-        if short == "down_proj" and prune.round_to % g:
-            raise InputError(f"{where_p}.round_to: {prune.round_to} removes MLP channels in steps that {where_q}."
-                             f"group_size {g} does not divide ({name} reads the MLP width); set {where_p}.round_to "
-                             f"to a multiple of {g}")
-        if short == "o_proj" and prunes_attention:
+        field = f"{where_q}.{_group_field(name, quant)}"
+        for prune, where_p in pruning:
+            if short == "down_proj" and prune.round_to % g:
+                raise InputError(f"{where_p}.round_to: {prune.round_to} changes MLP widths in steps that {field} {g} "
+                                 f"does not divide ({name} reads the MLP width); set {where_p}.round_to to a "
+                                 f"multiple of {g}")
             shape = llama.block_shape(llama.blocks(model)[i])
             step = shape.group_size * shape.head_dim
-            if step % g:
-                raise InputError(f"{where_q}.group_size: {g} does not divide the {step} input columns of {name} that "
-                                 f"{where_p} removes with each key-value group; pick a group size dividing {step}, "
-                                 "or -1, or leave o_proj out with ignore")
+            if (short == "o_proj" and getattr(prune, "pass_", None) != "cfsp" and shape.num_key_value_heads > 1
+                    and step % g):
+                raise InputError(f"{field}: {g} does not divide the {step} input columns of {name} that {where_p} "
+                                 f"removes with each key-value group; pick a group size dividing {step}, or -1, or "
+                                 "leave o_proj out with ignore")
 
 
 def _pinned_bits(name: str, cfg: GptqConfig | RtnConfig) -> int | None:
@@ -119,13 +136,16 @@ def _free_average(mixed: MixedBits, modules: dict, pinned: dict[str, int], where
                          "allocate; give bits a single width or pin fewer modules")
     free = (mixed.average * total - sum(b * size[n] for n, b in pinned.items())) / (total - fixed)
     lo, hi = min(mixed.choices), max(mixed.choices)
+    if not pinned and not lo <= free <= hi:  # overrides with bits that match no targeted module
+        raise InputError(f"{where}.bits.average: {mixed.average} cannot be met with choices {sorted(set(mixed.choices))}"
+                         f": it must lie in [{lo}, {hi}] (no override's bits matches a targeted module)")
     if not lo - 1e-9 <= free <= hi + 1e-9:
         widths = "/".join(str(b) for b in sorted(set(pinned.values())))
         raise InputError(f"{where}.bits.average: {mixed.average} cannot be met: the overrides fix "
                          f"{fixed / total:.0%} of the quantized weights at {widths} bits, which leaves {free:.3f} bits "
                          f"per weight for the rest, outside the choices [{lo}, {hi}]; change the average or the "
                          "overrides")
-    return free
+    return min(max(free, lo), hi)  # rounding can land a hair outside an exactly met bound
 
 
 def _check_fused_share(specs: dict[str, QuantSpec], modules: dict, where: str) -> None:
@@ -207,7 +227,7 @@ def _searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modu
     db = VariantDB(None if ctx.cache is None else ctx.cache / f"variants-{key[:20]}")
     specs = {(name, b): _spec_for(name, lin.in_features, b, cfg, where) for name, (_, _, lin) in modules.items()
              for b in widths_of(name)}
-    for b in levels:  # a pinned module beside a free one in a fused group differs at some width: refused here
+    for b in levels:  # fused groups share group_size and sym at every width (widths: _pins checked them)
         _check_fused_share({n: specs[(n, pinned.get(n, b))] for n in modules}, modules, where)
     units: dict[str, list[str]] = {}  # model.layers.3.qkv -> [...q_proj, ...k_proj, ...v_proj]
     for name, (i, short, _lin) in modules.items():
@@ -306,8 +326,7 @@ def _searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modu
         "pinned": pinned,
         **summary, "variants": str(db.folder) if db.folder else "memory", "variants_reused": reused,
         "group_size": cfg.group_size, "sym": cfg.sym,
-        "layer_bits": [round(sum(ctx.plan.quantized[n].bits * dense[n].numel() for n in dense if modules[n][0] == i)
-                             / max(1, sum(dense[n].numel() for n in dense if modules[n][0] == i)), 3)
+        "layer_bits": [_layer_average(i, {n: ctx.plan.quantized[n].bits for n in modules}, modules)
                        for i in range(len(blocks))],
     })
 
@@ -342,14 +361,16 @@ def _evolve(model, ctx: PassContext, mixed: MixedBits, unit_list: list[Unit], un
             lin.weight.data = dense[name]
 
 
-def _layer_average(i: int, specs: dict[str, QuantSpec], modules: dict) -> int | float | None:
-    """A layer's parameter-weighted code width (an int when all its projections share one; None: not quantized)."""
+def _layer_average(i: int, bits: dict[str, int], modules: dict) -> int | float | None:
+    """A layer's parameter-weighted code width: an int when all its projections share one, else a float rounded to
+    3 digits; None when none of them is quantized."""
     names = [n for n, (li, _, _) in modules.items() if li == i]
     if not names:
         return None
+    if len({bits[n] for n in names}) == 1:
+        return bits[names[0]]
     size = {n: modules[n][2].weight.numel() for n in names}
-    avg = sum(specs[n].bits * size[n] for n in names) / sum(size.values())
-    return int(avg) if avg == int(avg) else round(avg, 3)
+    return round(sum(bits[n] * size[n] for n in names) / sum(size.values()), 3)
 
 
 def _shared_input_name(name: str, short: str) -> str:
@@ -463,7 +484,7 @@ class QuantizePass:
         report.summary.update({
             "method": self.method, "modules": len(modules),
             "average_bits": round(sum(specs[n].bits * modules[n][2].weight.numel() for n in modules) / total, 4),
-            "layer_bits": [_layer_average(i, specs, modules) for i in range(n_layers)],
+            "layer_bits": [_layer_average(i, {n: s.bits for n, s in specs.items()}, modules) for i in range(n_layers)],
             "group_size": cfg.group_size, "sym": cfg.sym,
         })
         report.seconds = time.perf_counter() - t0

@@ -161,11 +161,11 @@ def test_override_bits_pin_units_in_the_knapsack(tiny_q, tmp_path, monkeypatch):
 
 def test_adaptive_flap_then_gptq_with_matching_round_to(tiny_q, tmp_path):
     """passes: [flap, gptq] composes once the pruning keeps widths the groups divide; widths still differ per layer."""
-    res = _run(tiny_q, [{"pass": "flap", "target": 0.3, "round_to": 32}, {"pass": "gptq", "bits": 4, "group_size": 32}],
+    res = _run(tiny_q, [{"pass": "flap", "target": 0.3, "round_to": 8}, {"pass": "gptq", "bits": 4, "group_size": 8}],
                tmp_path / "a")
     manifest = json.loads((res.artifact / "manifest.json").read_text())["quantization"]
     widths = [s["shape"][1] for n, s in manifest.items() if n.endswith("down_proj")]
-    assert all(w % 32 == 0 for w in widths) and min(widths) < 256
+    assert all(w % 8 == 0 for w in widths) and min(widths) < 256 and len(set(widths)) > 1
     assert res.report["verify"]["max_abs_logit_diff"] < 1e-4
 
 
@@ -218,9 +218,17 @@ def test_prune_then_quantize_is_stock(tiny_q, tmp_path):
        "overrides": [{"pattern": "proj", "bits": 8}]}], "fix the width of every targeted module"),
     # pruned widths a later quantization cannot group: refused before any pass runs (a Tyr search is minutes)
     ([{"pass": "flap", "target": 0.3}, {"pass": "gptq", "group_size": 32}],
-     "passes[0].round_to: 8 removes MLP channels in steps that passes[1].group_size 32 does not divide "
+     "passes[0].round_to: 8 changes MLP widths in steps that passes[1].group_size 32 does not divide "
      "(model.layers.0.mlp.down_proj reads the MLP width); set passes[0].round_to to a multiple of 32"),
     ([{"pass": "cfsp", "target": 0.3}, {"pass": "rtn", "group_size": 64}], "set passes[0].round_to to a multiple of 64"),
+    ([{"pass": "flap", "target": 0.3}, {"pass": "gptq", "group_size": 64, "overrides": [{"pattern": "mlp", "group_size": 32}]}],
+     "passes[0].round_to: 8 changes MLP widths in steps that passes[1].overrides.0.group_size 32 does not divide"),
+    ([{"pass": "flap", "target": 0.3, "round_to": 32},
+      {"pass": "gptq", "group_size": 32, "bits": {"average": 3.0, "choices": [3, 4]}, "overrides": [{"pattern": "up_proj", "bits": 8}]}],
+     "passes[1].overrides leave model.layers.0.mlp.gate_proj to the allocation but pin model.layers.0.mlp.up_proj "
+     "to 8 bits"),
+    ([{"pass": "gptq", "group_size": 32, "bits": {"average": 5.0, "choices": [3, 4]}, "overrides": [{"pattern": "nothing", "bits": 8}]}],
+     "passes[0].bits.average: 5.0 cannot be met with choices [3, 4]: it must lie in [3, 4] (no override's bits"),
     ([{"pass": "tyr", "target": 0.3, "round_to": 128}, {"pass": "gptq", "group_size": 128}],
      "passes[1].group_size: 128 does not divide the 64 input columns of model.layers.0.self_attn.o_proj that "
      "passes[0] removes with each key-value group"),
