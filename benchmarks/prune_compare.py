@@ -25,6 +25,8 @@ from _harness import base_meta, benchmark_args, default_setup, handled_alone, pp
 
 METHODS = {
     "flap (adaptive)": {"pass": "flap", "structure": "adaptive"},
+    # not in the default list: adaptive widths exactly as the threshold leaves them (before round_to applied to them)
+    "flap (adaptive, round_to 1)": {"pass": "flap", "structure": "adaptive", "round_to": 1},
     "flap (uniform)": {"pass": "flap", "structure": "uniform"},
     "wanda-sp (uniform)": {"pass": "wanda_sp", "structure": "uniform"},
     "cfsp": {"pass": "cfsp", "round_to": 64},
@@ -67,7 +69,7 @@ def main() -> None:
     args = ap.parse_args()
     if handled_alone(args, run_one, plot):
         return
-    methods = list(METHODS) if args.methods == ["all"] else args.methods
+    methods = [m for m in METHODS if "round_to 1" not in m] if args.methods == ["all"] else args.methods
     labels = ["dense"] + [f"{m}@{t}" for t in args.targets for m in methods]
     runs = None if args.keep_runs else tempfile.mkdtemp(prefix="prune-compare-runs-")
     try:
@@ -86,7 +88,8 @@ def main() -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    style = {"flap (adaptive)": ("o", "tab:blue"), "flap (uniform)": ("s", "tab:cyan"),
+    style = {"flap (adaptive)": ("o", "tab:blue"), "flap (adaptive, round_to 1)": ("x", "tab:purple"),
+             "flap (uniform)": ("s", "tab:cyan"),
              "wanda-sp (uniform)": ("v", "tab:gray"), "cfsp": ("^", "tab:green"), "tyr": ("D", "tab:orange")}
     dense = rows[0]
 

@@ -18,7 +18,8 @@ from compress.models import ModelSource, llama, load_model, resolve_model
 from compress.models.default import runs_dir
 from compress.passes import PassContext, make_pass
 from compress.plan import Plan
-from compress.recipe import Recipe
+from compress.passes.quantize import check_before_passes
+from compress.recipe import GptqConfig, Recipe, RtnConfig
 from compress.search.variants import fingerprint
 from compress.tables import html_table, markdown_table, text_table
 from export.format import DTYPES
@@ -221,6 +222,16 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise InputError(f"output {out} exists and is not a folder")
 
 
+def _check_passes_fit(recipe: Recipe, model) -> None:
+    """What only the model can tell, before any pass runs (so no pass runs only for a later one to refuse): a
+    quantization's targets, pins and budget, and group sizes on the dense and the pruned widths."""
+    quant = (GptqConfig, RtnConfig)
+    for j, q in enumerate(recipe.passes):
+        if isinstance(q, quant):
+            check_before_passes(model, q, f"passes[{j}]",
+                                [(p, f"passes[{i}]") for i, p in enumerate(recipe.passes[:j]) if not isinstance(p, quant)])
+
+
 def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, log=print,
         resume: bool = False) -> RunResult:
     """Run a validated recipe end to end and write the artifact; see ARCHITECTURE.md for the data flow.
@@ -238,6 +249,7 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     calib = sample_windows(tokenize(tokenizer, corpus.split("calibration")), cal.windows, cal.seq_len, recipe.seed,
                            f"calibration source {corpus.name!r} (calibration split)")
     eval_sets = EvalSets.build(recipe, tokenizer) if recipe.evaluate.enabled else EvalSets()
+    _check_passes_fit(recipe, model)
     log(f"model {source.identity}: {len(llama.blocks(model))} blocks; calibration {tuple(calib.shape)} tokens "
         f"from {corpus.name}")
     source_sha = {p.name: sha256_file(p) for p in sorted(source.path.glob("*.safetensors"))}

@@ -51,7 +51,8 @@ class ExportConfig(_Strict):
 class _PruneBase(_Strict):
     target: float = Field(..., gt=0.0, lt=1.0, description="share of decoder-block projection parameters removed")
     structure: Literal["adaptive", "uniform"] = "adaptive"
-    round_to: int = Field(8, ge=1, description="uniform structure: MLP widths are a multiple of this")
+    round_to: int = Field(8, ge=1, description="MLP channels are removed in multiples of this (kept widths stay "
+                                               "multiples of it when the dense width is)")
 
 
 class FlapConfig(_PruneBase):
@@ -145,14 +146,6 @@ class MixedBits(_Strict):
     error_windows: int = Field(4, ge=1, description="knapsack: calibration windows the per-unit KL is measured on")
     evolution: EvolutionConfig = EvolutionConfig()  # allocator: evolution (started from the knapsack's allocation)
 
-    @model_validator(mode="after")
-    def _reachable(self) -> "MixedBits":
-        lo, hi = min(self.choices), max(self.choices)
-        if not lo <= self.average <= hi:
-            raise ValueError(f"average {self.average} cannot be met with choices {sorted(set(self.choices))}: "
-                             f"it must lie in [{lo}, {hi}]")
-        return self
-
 
 class QuantOverride(_Strict):
     """Settings for the modules whose name matches `pattern` (regex, searched), applied in order."""
@@ -171,6 +164,17 @@ class _QuantBase(_Strict):
     ignore: list[str] = []
     overrides: list[QuantOverride] = []
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _reachable(self) -> "_QuantBase":
+        """An average outside the choices cannot be met, unless overrides pin some modules' widths (then the pass
+        checks what is left for the others)."""
+        if isinstance(self.bits, MixedBits) and not any(o.bits is not None for o in self.overrides):
+            lo, hi = min(self.bits.choices), max(self.bits.choices)
+            if not lo <= self.bits.average <= hi:
+                raise ValueError(f"bits.average {self.bits.average} cannot be met with choices "
+                                 f"{sorted(set(self.bits.choices))}: it must lie in [{lo}, {hi}]")
+        return self
 
     @field_validator("group_size")
     @classmethod
@@ -235,17 +239,9 @@ class Recipe(_Strict):
             if quant and i > quant[0] and not isinstance(p, (GptqConfig, RtnConfig)):
                 raise ValueError(f"passes.{i}: {p.pass_} prunes weights that passes.{quant[0]} already quantized; "
                                  "put the pruning passes first")
-        return self
-
-    @model_validator(mode="after")
-    def _overrides_fit(self) -> "Recipe":
-        for i, p in enumerate(self.passes):
-            if not isinstance(getattr(p, "bits", None), MixedBits):
-                continue
-            for j, o in enumerate(p.overrides):
-                if o.bits is not None:
-                    raise ValueError(f"passes.{i}.overrides.{j}.bits: with bits.average the allocation chooses every "
-                                     "width; drop the override's bits (or keep the module out with ignore)")
+        if len(quant) > 1:
+            raise ValueError(f"passes.{quant[1]}: the model is already quantized by passes.{quant[0]}; one "
+                             "quantization pass per recipe (use its targets and overrides for different settings)")
         return self
 
     @model_validator(mode="after")

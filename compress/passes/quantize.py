@@ -46,6 +46,15 @@ def select_modules(model: nn.Module, targets: list[str], ignore: list[str], wher
     return found
 
 
+def _group_field(name: str, cfg: GptqConfig | RtnConfig) -> str:
+    """The recipe field `name`'s group size comes from: group_size, or the last matching override that sets one."""
+    field = "group_size"
+    for j, ov in enumerate(cfg.overrides):
+        if ov.group_size is not None and re.search(ov.pattern, name):
+            field = f"overrides.{j}.group_size"
+    return field
+
+
 def _spec_for(name: str, in_features: int, bits: int, cfg: GptqConfig | RtnConfig, where: str) -> QuantSpec:
     group, sym = cfg.group_size, cfg.sym
     for ov in cfg.overrides:
@@ -55,13 +64,88 @@ def _spec_for(name: str, in_features: int, bits: int, cfg: GptqConfig | RtnConfi
             sym = ov.sym if ov.sym is not None else sym
     if group != -1 and in_features % group:
         divisors = [d for d in range(8, min(in_features, 256) + 1, 8) if in_features % d == 0]
-        raise InputError(f"{where}.group_size: {group} does not divide {name}'s {in_features} input columns; "
-                         f"pick one of {divisors or [in_features]} or -1 (after pruning, a pruning pass with "
-                         f"round_to: {group} keeps widths divisible)")
+        hint = (f" (after pruning, a pruning pass with round_to: {group} keeps MLP widths divisible)"
+                if name.endswith("down_proj") else "")
+        raise InputError(f"{where}.{_group_field(name, cfg)}: {group} does not divide {name}'s {in_features} input "
+                         f"columns; "
+                         f"pick one of {divisors or [in_features]} or -1{hint}")
     kw = {}
     if isinstance(cfg, GptqConfig):
         kw = dict(act_order=cfg.act_order, static_groups=cfg.static_groups, damp=cfg.damp, block_size=cfg.block_size)
     return QuantSpec(bits=bits, group_size=group, sym=sym, **kw)
+
+
+def check_before_passes(model: nn.Module, quant: GptqConfig | RtnConfig, where_q: str,
+                        pruning: list[tuple[object, str]]) -> None:
+    """Before any pass runs, what the quantize pass would refuse only after the passes before it (a Tyr search takes
+    minutes): targets, pins and the budget left, group sizes on the dense widths, and on the widths the pruning
+    passes before it leave. MLP widths change `round_to` channels at a time (down_proj's input); key-value groups
+    (every pruning pass but CFSP) take o_proj's input columns a group at a time. The pass checks again on the
+    pruned model."""
+    modules = select_modules(model, quant.targets, quant.ignore, where_q)
+    if isinstance(quant.bits, MixedBits):
+        _free_average(quant.bits, modules, _pins(quant, modules, where_q), where_q)
+    for name, (i, short, lin) in modules.items():
+        g = _spec_for(name, lin.in_features, 4, quant, where_q).group_size  # checks the dense widths
+        if g == -1:
+            continue
+        field = f"{where_q}.{_group_field(name, quant)}"
+        for prune, where_p in pruning:
+            if short == "down_proj" and prune.round_to % g:
+                raise InputError(f"{where_p}.round_to: {prune.round_to} changes MLP widths in steps that {field} {g} "
+                                 f"does not divide ({name} reads the MLP width); set {where_p}.round_to to a "
+                                 f"multiple of {g}")
+            shape = llama.block_shape(llama.blocks(model)[i])
+            step = shape.group_size * shape.head_dim
+            if (short == "o_proj" and getattr(prune, "pass_", None) != "cfsp" and shape.num_key_value_heads > 1
+                    and step % g):
+                raise InputError(f"{field}: {g} does not divide the {step} input columns of {name} that {where_p} "
+                                 f"removes with each key-value group; pick a group size dividing {step}, or -1, or "
+                                 "leave o_proj out with ignore")
+
+
+def _pinned_bits(name: str, cfg: GptqConfig | RtnConfig) -> int | None:
+    """The width an override fixes for `name` (the last matching override that sets `bits`), or None."""
+    bits = None
+    for ov in cfg.overrides:
+        if ov.bits is not None and re.search(ov.pattern, name):
+            bits = ov.bits
+    return bits
+
+
+def _pins(cfg: GptqConfig | RtnConfig, modules: dict, where: str) -> dict[str, int]:
+    """Module -> the width an override pins it to; refuses a fused group (q/k/v, gate/up) pinned only in part."""
+    pinned = {n: b for n in modules if (b := _pinned_bits(n, cfg)) is not None}
+    seen: dict[tuple[int, str], str] = {}
+    for name, (i, short, _) in modules.items():
+        other = seen.setdefault((i, llama.SHARED_INPUT[short]), name)
+        if pinned.get(name) != pinned.get(other):
+            say = lambda n: f"pin {n} to {pinned[n]} bits" if n in pinned else f"leave {n} to the allocation"  # noqa: E731
+            raise InputError(f"{where}.overrides {say(other)} but {say(name)}; fused groups (q/k/v, gate/up) share "
+                             "one scheme, so pin the whole group or none of it")
+    return pinned
+
+
+def _free_average(mixed: MixedBits, modules: dict, pinned: dict[str, int], where: str) -> float:
+    """The average width left for the modules no override pins, so that all quantized weights together meet
+    `mixed.average`; an input error when the pinned widths leave an average outside the choices."""
+    size = {n: lin.weight.numel() for n, (_, _, lin) in modules.items()}
+    total, fixed = sum(size.values()), sum(size[n] for n in pinned)
+    if fixed == total:
+        raise InputError(f"{where}.overrides fix the width of every targeted module, so bits.average has nothing to "
+                         "allocate; give bits a single width or pin fewer modules")
+    free = (mixed.average * total - sum(b * size[n] for n, b in pinned.items())) / (total - fixed)
+    lo, hi = min(mixed.choices), max(mixed.choices)
+    if not pinned and not lo <= free <= hi:  # overrides with bits that match no targeted module
+        raise InputError(f"{where}.bits.average: {mixed.average} cannot be met with choices {sorted(set(mixed.choices))}"
+                         f": it must lie in [{lo}, {hi}] (no override's bits matches a targeted module)")
+    if not lo - 1e-9 <= free <= hi + 1e-9:
+        widths = "/".join(str(b) for b in sorted(set(pinned.values())))
+        raise InputError(f"{where}.bits.average: {mixed.average} cannot be met: the overrides fix "
+                         f"{fixed / total:.0%} of the quantized weights at {widths} bits, which leaves {free:.3f} bits "
+                         f"per weight for the rest, outside the choices [{lo}, {hi}]; change the average or the "
+                         "overrides")
+    return min(max(free, lo), hi)  # rounding can land a hair outside an exactly met bound
 
 
 def _check_fused_share(specs: dict[str, QuantSpec], modules: dict, where: str) -> None:
@@ -127,7 +211,11 @@ def _searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modu
     """
     mixed: MixedBits = cfg.bits
     levels = sorted(set(mixed.choices))
-    ref_level = min(levels, key=lambda b: (abs(b - mixed.average), b))
+    pinned = _pins(cfg, modules, where)  # an override's bits: the unit has that one width
+    free_average = _free_average(mixed, modules, pinned, where)
+    ref_level = min(levels, key=lambda b: (abs(b - free_average), b))
+    widths_of = lambda name: [pinned[name]] if name in pinned else levels  # noqa: E731
+    ref_of = lambda name: pinned.get(name, ref_level)  # noqa: E731
     blocks = llama.blocks(model)
     dense = {name: lin.weight.data.clone() for name, (_, _, lin) in modules.items()}
     # the variants depend on the weights, the quantizer settings, the widths, the reference width later blocks are
@@ -138,9 +226,9 @@ def _searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modu
     key = fingerprint(CODE_VERSION, *model_parts(model), settings, ctx.calibration)
     db = VariantDB(None if ctx.cache is None else ctx.cache / f"variants-{key[:20]}")
     specs = {(name, b): _spec_for(name, lin.in_features, b, cfg, where) for name, (_, _, lin) in modules.items()
-             for b in levels}
-    for b in levels:
-        _check_fused_share({n: specs[(n, b)] for n in modules}, modules, where)
+             for b in widths_of(name)}
+    for b in levels:  # fused groups share group_size and sym at every width (widths: _pins checked them)
+        _check_fused_share({n: specs[(n, pinned.get(n, b))] for n in modules}, modules, where)
     units: dict[str, list[str]] = {}  # model.layers.3.qkv -> [...q_proj, ...k_proj, ...v_proj]
     for name, (i, short, _lin) in modules.items():
         units.setdefault(f"model.layers.{i}.{UNIT_LABEL[llama.SHARED_INPUT[short]]}", []).append(name)
@@ -152,7 +240,7 @@ def _searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modu
 
     # 1. variants
     def watch(i, _block):
-        if all(db.has(n, b) for n, (li, _, _) in modules.items() if li == i for b in levels):
+        if all(db.has(n, b) for n, (li, _, _) in modules.items() if li == i for b in widths_of(n)):
             return {}
         return {n: lin for n, (li, short, lin) in modules.items() if li == i and llama.SHARED_INPUT[short] == short}
 
@@ -160,7 +248,7 @@ def _searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modu
         for name, (li, short, lin) in modules.items():
             if li != i:
                 continue
-            for b in levels:
+            for b in widths_of(name):
                 if db.has(name, b):
                     continue
                 s = stats[_shared_input_name(name, short)]
@@ -172,10 +260,10 @@ def _searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modu
                 db.put(name, b, _record_tensors(rec), {"bits": b, "group_size": spec.group_size, "sym": spec.sym,
                                                         "shape": json.dumps(list(rec.shape)), "notes": json.dumps(notes),
                                                         "fallback": q.fallback or ""})
-            lin.weight.data = load_variant(name, ref_level).dequantize().to(lin.weight.dtype)
+            lin.weight.data = load_variant(name, ref_of(name)).dequantize().to(lin.weight.dtype)
         return True
 
-    reused = all(db.has(n, b) for n in modules for b in levels)  # a rerun: nothing to quantize, no pass over blocks
+    reused = all(db.has(n, b) for n in modules for b in widths_of(n))  # a rerun: nothing to quantize, no pass over blocks
     if not reused:
         for_each_block(model, blocks, ctx.calibration, visit, watch, batch_size=ctx.batch_size, want_xtx=True,
                        desc="knapsack: variants")
@@ -185,7 +273,7 @@ def _searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modu
     # 2. errors: KL with one unit quantized at a time
     errors_key = f"unit_kl-{mixed.error_windows}w"
     errors = db.read_json(errors_key) or {}
-    todo = [(u, b) for u in units for b in levels if f"{u}@{b}" not in errors]
+    todo = [(u, b) for u in units for b in widths_of(units[u][0]) if f"{u}@{b}" not in errors]
     if todo:
         tail = TailKL(model, ctx.calibration[: mixed.error_windows], batch_size=ctx.batch_size)
         for u, b in tqdm(todo, desc="knapsack: unit errors", unit="variant"):
@@ -203,7 +291,7 @@ def _searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modu
 
     # 3. allocate and assemble
     unit_list = [Unit(u, tuple(Option(b, b * sum(dense[n].numel() for n in members), errors[f"{u}@{b}"])
-                               for b in levels), tuple(members)) for u, members in units.items()]
+                               for b in widths_of(members[0])), tuple(members)) for u, members in units.items()]
     n_weights = sum(t.numel() for t in dense.values())
     try:
         alloc = knapsack(unit_list, mixed.average * n_weights)
@@ -235,10 +323,10 @@ def _searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modu
     report.summary.update({
         "method": "gptq", "allocator": mixed.allocator, "modules": len(modules), "units": len(units),
         "average_bits": round(alloc.cost / n_weights, 4), "unit_bits": chosen, "error_windows": mixed.error_windows,
+        "pinned": pinned,
         **summary, "variants": str(db.folder) if db.folder else "memory", "variants_reused": reused,
         "group_size": cfg.group_size, "sym": cfg.sym,
-        "layer_bits": [round(sum(ctx.plan.quantized[n].bits * dense[n].numel() for n in dense if modules[n][0] == i)
-                             / max(1, sum(dense[n].numel() for n in dense if modules[n][0] == i)), 3)
+        "layer_bits": [_layer_average(i, {n: ctx.plan.quantized[n].bits for n in modules}, modules)
                        for i in range(len(blocks))],
     })
 
@@ -271,6 +359,18 @@ def _evolve(model, ctx: PassContext, mixed: MixedBits, unit_list: list[Unit], un
     finally:
         for name, (_, _, lin) in modules.items():
             lin.weight.data = dense[name]
+
+
+def _layer_average(i: int, bits: dict[str, int], modules: dict) -> int | float | None:
+    """A layer's parameter-weighted code width: an int when all its projections share one, else a float rounded to
+    3 digits; None when none of them is quantized."""
+    names = [n for n, (li, _, _) in modules.items() if li == i]
+    if not names:
+        return None
+    if len({bits[n] for n in names}) == 1:
+        return bits[names[0]]
+    size = {n: modules[n][2].weight.numel() for n in names}
+    return round(sum(bits[n] * size[n] for n in names) / sum(size.values()), 3)
 
 
 def _shared_input_name(name: str, short: str) -> str:
@@ -314,9 +414,13 @@ class QuantizePass:
             report.seconds = time.perf_counter() - t0
             return report
         if isinstance(cfg.bits, MixedBits):
+            pinned = _pins(cfg, modules, where)
+            free_average = _free_average(cfg.bits, modules, pinned, where)
             importance = layer_importance(model, ctx, cfg.bits, modules)
-            sizes = [sum(lin.weight.numel() for (i, _, lin) in modules.values() if i == layer) for layer in range(n_layers)]
-            layer_bits = assign_by_rank(importance, sizes, cfg.bits.average, cfg.bits.choices)
+            sizes = [sum(lin.weight.numel() for n, (i, _, lin) in modules.items() if i == layer and n not in pinned)
+                     for layer in range(n_layers)]  # pinned modules keep their width outside the ranking
+            layer_bits = assign_by_rank(importance, sizes, free_average, cfg.bits.choices)
+            report.summary["pinned"] = pinned
             report.summary["importance"] = {"method": cfg.bits.importance, "scores": [round(s, 6) for s in importance]}
         else:
             layer_bits = [cfg.bits] * n_layers
@@ -342,6 +446,8 @@ class QuantizePass:
             ctx.plan.quantized[name] = _record(q, spec, tuple(W.shape))
             row = rows.setdefault(i, {"layer": i, "bits": spec.bits, "modules": 0, "rel err mean": 0.0,
                                       "rel err max": 0.0, "notes": ""})
+            if str(spec.bits) not in str(row["bits"]).split("/"):  # a pinned module beside allocated ones
+                row["bits"] = f"{row['bits']}/{spec.bits}"
             row["modules"] += 1
             row["rel err mean"] += err
             row["rel err max"] = max(row["rel err max"], err)
@@ -378,7 +484,8 @@ class QuantizePass:
         report.summary.update({
             "method": self.method, "modules": len(modules),
             "average_bits": round(sum(specs[n].bits * modules[n][2].weight.numel() for n in modules) / total, 4),
-            "layer_bits": layer_bits, "group_size": cfg.group_size, "sym": cfg.sym,
+            "layer_bits": [_layer_average(i, {n: s.bits for n, s in specs.items()}, modules) for i in range(n_layers)],
+            "group_size": cfg.group_size, "sym": cfg.sym,
         })
         report.seconds = time.perf_counter() - t0
         return report

@@ -66,7 +66,7 @@ def structured_prune(model: nn.Module, ctx: PassContext, *, name: str, metric: M
             if not (torch.isfinite(s.total).all() and torch.isfinite(s.total_sq).all()):
                 raise CompressError(f"layer {i} {what}: non-finite calibration activations; stopping")
     scores = [_layer_scores(b, o, d, metric, hidden, standardize_at) for b, (o, d) in zip(layers, stats)]
-    keeps: list[LayerKeep] = global_threshold(scores, target) if structure == "adaptive" else uniform(scores, target, round_to)
+    keeps: list[LayerKeep] = global_threshold(scores, target, round_to) if structure == "adaptive" else uniform(scores, target, round_to)
 
     report = PassReport(name=name)
     dense_total = kept_total = 0

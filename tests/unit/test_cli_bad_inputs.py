@@ -104,7 +104,7 @@ CASES = [
     ("too-small-corpus", lambda f: ["run", "-r", _recipe_file(f["root"], _with(f["model"], calibration__source=str(f["root"] / "small.txt")))], "windows of 64; the recipe asks for 8"),
     ("jsonl-no-field", lambda f: ["run", "-r", _recipe_file(f["root"], _with(f["model"], calibration__source=str(f["root"] / "rows.jsonl")))], "calibration.field"),
     ("prune-after-quantize", lambda f: ["run", "-r", _recipe_file(f["root"], _with(f["model"], passes=[{"pass": "gptq", "bits": 4, "group_size": 32}, {"pass": "flap", "target": 0.3}]))], "passes.1: flap prunes weights that passes.0 already quantized"),
-    ("mixed-bits-override-bits", lambda f: ["run", "-r", _recipe_file(f["root"], _with(f["model"], passes=[{"pass": "gptq", "group_size": 32, "bits": {"average": 3.0, "choices": [2, 4]}, "overrides": [{"pattern": "down_proj", "bits": 8}]}]))], "passes.0.overrides.0.bits: with bits.average the allocation chooses every width"),
+    ("two-quantizations", lambda f: ["validate", _recipe_file(f["root"], _with(f["model"], passes=[{"pass": "rtn", "group_size": 32}, {"pass": "gptq", "group_size": 32}]))], "passes.1: the model is already quantized by passes.0; one quantization pass per recipe"),
     ("stage-windows-zero", lambda f: ["run", "-r", _recipe_file(f["root"], _with(f["model"], passes=[{"pass": "tyr", "target": 0.3, "evolution": {"stage_windows": [0, 4]}}]))], "passes.0.evolution.stage_windows.0: Input should be greater than or equal to 1"),
     ("output-exists", lambda f: ["run", "-r", _recipe_file(f["root"], _with(f["model"])), "--out", str(f["artifact"])], "exists; pass --overwrite"),
     ("verify-truncated", lambda f: ["verify", str(_damaged_copy(f["artifact"], f["root"], "truncated"))], "model.safetensors: "),

@@ -66,6 +66,22 @@ def test_global_threshold_meets_target_and_keeps_one_of_each(target):
         assert k.groups.sum() >= 1 and k.channels.sum() >= 1
 
 
+@pytest.mark.parametrize("target", [0.1, 0.3, 0.5])
+def test_global_threshold_rounds_dropped_channels_and_keeps_the_total(target):
+    layers = _layers(n=8, C=64, seed=1)
+    exact = global_threshold(layers, target)
+    keep = global_threshold(layers, target, round_to=8)
+    drops = [64 - int(k.channels.sum()) for k in keep]
+    assert all(d % 8 == 0 for d in drops) and all(int(k.channels.sum()) >= 8 for k in keep)
+    assert len(set(drops)) > 1  # still adaptive: layers differ
+    # the total dropped stays within half a step of the threshold's, and attention groups are untouched
+    assert abs(sum(drops) - sum(64 - int(k.channels.sum()) for k in exact)) <= 4
+    assert all(torch.equal(a.groups, b.groups) for a, b in zip(keep, exact))
+    for k, s in zip(keep, layers):  # each layer keeps its best channels
+        if (~k.channels).any():
+            assert s.channels[~k.channels].max() <= s.channels[k.channels].min()
+
+
 def test_global_threshold_keeps_the_best_scores():
     layers = _layers(seed=3)
     keep = global_threshold(layers, 0.4)

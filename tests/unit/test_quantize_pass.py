@@ -1,6 +1,7 @@
 """The quantize passes end to end on tiny models: packed artifacts, stock loading, mixed precision, errors."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,56 @@ def test_mixed_precision_meets_average_and_fused_groups_share(tiny_q, tmp_path):
     assert len(cfg["quantization_config"]["config_groups"]) == 2
 
 
+def _widths(manifest: dict, short: str) -> set[int]:
+    return {s["bits"] for n, s in manifest.items() if n.endswith(short)}
+
+
+def test_override_bits_pin_modules_under_mixed_precision(tiny_q, tmp_path):
+    """down_proj pinned at 8 bits (23.5% of the weights): the ranking spends only what is left of 4.5 bits on the
+    rest, (4.5 - 8 * 0.235) / 0.765 = 3.42 bits, so one of the four equal layers gets 4 bits, the others 3."""
+    res = _run(tiny_q, [{"pass": "gptq", "group_size": 32, "bits": {"average": 4.5, "choices": [3, 4]},
+                         "overrides": [{"pattern": r"down_proj", "bits": 8}]}], tmp_path / "a")
+    summary = res.report["passes"][0]["summary"]
+    manifest = json.loads((res.artifact / "manifest.json").read_text())["quantization"]
+    assert _widths(manifest, "down_proj") == {8}
+    assert sorted(s["bits"] for n, s in manifest.items() if n.endswith("q_proj")) == [3, 3, 3, 4]
+    n = sum(s["shape"][0] * s["shape"][1] for s in manifest.values())
+    avg = sum(s["bits"] * s["shape"][0] * s["shape"][1] for s in manifest.values()) / n
+    assert avg <= 4.5 and summary["average_bits"] == pytest.approx(avg, abs=1e-4)
+    assert len(summary["pinned"]) == 4 and set(summary["pinned"].values()) == {8}
+    assert sorted(summary["layer_bits"]) == [4.176, 4.176, 4.176, 4.941]  # (3 or 4) * 0.765 + 8 * 0.235
+    assert res.report["verify"]["max_abs_logit_diff"] < 1e-4
+
+
+def test_override_bits_pin_units_in_the_knapsack(tiny_q, tmp_path, monkeypatch):
+    """A pinned unit has one option: its variants exist only at that width, and the knapsack fills the rest."""
+    monkeypatch.setenv("COMPRESS_RUNS", str(tmp_path / "runs"))
+    res = _run(tiny_q, [{"pass": "gptq", "group_size": 32,
+                         "bits": {"average": 4.5, "choices": [3, 4], "allocator": "knapsack", "error_windows": 2},
+                         "overrides": [{"pattern": r"down_proj", "bits": 8}]}], tmp_path / "a")
+    summary = res.report["passes"][0]["summary"]
+    manifest = json.loads((res.artifact / "manifest.json").read_text())["quantization"]
+    assert _widths(manifest, "down_proj") == {8}
+    assert {b for u, b in summary["unit_bits"].items() if u.endswith(".down")} == {8}
+    free = [b for u, b in summary["unit_bits"].items() if not u.endswith(".down")]
+    assert set(free) == {3, 4}  # the budget left after the pinned units is spent on a mix
+    assert summary["average_bits"] <= 4.5
+    variants = Path(summary["variants"])
+    assert len(list(variants.glob("*.safetensors"))) == 4 * (6 * 2 + 1)  # down_proj only at its pinned width
+    kl = json.loads((variants / "unit_kl-2w.json").read_text())
+    assert {k for k in kl if ".down@" in k} == {f"model.layers.{i}.down@8" for i in range(4)}
+
+
+def test_adaptive_flap_then_gptq_with_matching_round_to(tiny_q, tmp_path):
+    """passes: [flap, gptq] composes once the pruning keeps widths the groups divide; widths still differ per layer."""
+    res = _run(tiny_q, [{"pass": "flap", "target": 0.3, "round_to": 8}, {"pass": "gptq", "bits": 4, "group_size": 8}],
+               tmp_path / "a")
+    manifest = json.loads((res.artifact / "manifest.json").read_text())["quantization"]
+    widths = [s["shape"][1] for n, s in manifest.items() if n.endswith("down_proj")]
+    assert all(w % 8 == 0 for w in widths) and min(widths) < 256 and len(set(widths)) > 1
+    assert res.report["verify"]["max_abs_logit_diff"] < 1e-4
+
+
 def test_overrides_and_targets(tiny_q, tmp_path):
     res = _run(tiny_q, [{"pass": "gptq", "bits": 4, "group_size": 32, "ignore": [r"layers\.0\."],
                          "overrides": [{"pattern": r"mlp\.down_proj", "bits": 8}]}], tmp_path / "a")
@@ -154,6 +205,33 @@ def test_prune_then_quantize_is_stock(tiny_q, tmp_path):
     ([{"pass": "gptq", "group_size": 32,
        "bits": {"average": 3, "allocator": "evolution", "evolution": {"survivors": [2, 1], "stage_windows": [2, 4]}}}],
      "stage_windows needs one entry per stage: 3"),
+    # an override's bits pin modules outside the allocation: the rest must still be able to meet the average
+    ([{"pass": "gptq", "group_size": 32, "bits": {"average": 3.0, "choices": [3, 4]},
+       "overrides": [{"pattern": r"\.mlp\.", "bits": 2}]}],
+     "passes[0].bits.average: 3.0 cannot be met: the overrides fix 71% of the quantized weights at 2 bits, which "
+     "leaves 5.400 bits per weight for the rest, outside the choices [3, 4]"),
+    ([{"pass": "gptq", "group_size": 32, "bits": {"average": 3.0, "choices": [3, 4], "allocator": "knapsack"},
+       "overrides": [{"pattern": "q_proj", "bits": 8}]}],
+     "passes[0].overrides pin model.layers.0.self_attn.q_proj to 8 bits but leave model.layers.0.self_attn.k_proj to "
+     "the allocation; fused groups (q/k/v, gate/up) share one scheme"),
+    ([{"pass": "gptq", "group_size": 32, "bits": {"average": 3.0, "choices": [3, 4]},
+       "overrides": [{"pattern": "proj", "bits": 8}]}], "fix the width of every targeted module"),
+    # pruned widths a later quantization cannot group: refused before any pass runs (a Tyr search is minutes)
+    ([{"pass": "flap", "target": 0.3}, {"pass": "gptq", "group_size": 32}],
+     "passes[0].round_to: 8 changes MLP widths in steps that passes[1].group_size 32 does not divide "
+     "(model.layers.0.mlp.down_proj reads the MLP width); set passes[0].round_to to a multiple of 32"),
+    ([{"pass": "cfsp", "target": 0.3}, {"pass": "rtn", "group_size": 64}], "set passes[0].round_to to a multiple of 64"),
+    ([{"pass": "flap", "target": 0.3}, {"pass": "gptq", "group_size": 64, "overrides": [{"pattern": "mlp", "group_size": 32}]}],
+     "passes[0].round_to: 8 changes MLP widths in steps that passes[1].overrides.0.group_size 32 does not divide"),
+    ([{"pass": "flap", "target": 0.3, "round_to": 32},
+      {"pass": "gptq", "group_size": 32, "bits": {"average": 3.0, "choices": [3, 4]}, "overrides": [{"pattern": "up_proj", "bits": 8}]}],
+     "passes[1].overrides leave model.layers.0.mlp.gate_proj to the allocation but pin model.layers.0.mlp.up_proj "
+     "to 8 bits"),
+    ([{"pass": "gptq", "group_size": 32, "bits": {"average": 5.0, "choices": [3, 4]}, "overrides": [{"pattern": "nothing", "bits": 8}]}],
+     "passes[0].bits.average: 5.0 cannot be met with choices [3, 4]: it must lie in [3, 4] (no override's bits"),
+    ([{"pass": "tyr", "target": 0.3, "round_to": 128}, {"pass": "gptq", "group_size": 128}],
+     "passes[1].group_size: 128 does not divide the 64 input columns of model.layers.0.self_attn.o_proj that "
+     "passes[0] removes with each key-value group"),
 ])
 def test_bad_quantization_input(tiny_q, tmp_path, passes, expected):
     recipe = tmp_path / "r.yaml"
@@ -163,6 +241,7 @@ def test_bad_quantization_input(tiny_q, tmp_path, passes, expected):
     assert res.exit_code == 2, res.output
     assert expected in res.output
     assert not out.exists()
+    assert not re.search(r"passes\[0\] \w+ \(\d+ s\)", res.output)  # refused before the first pass ran
 
 
 @pytest.mark.parametrize("bits", [3, 4])
