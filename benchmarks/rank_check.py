@@ -50,8 +50,13 @@ def run_one(label: str, args) -> dict:
         n = sum(q.shape[0] * q.shape[1] for q in plan.quantized.values())
         row["avg bits"] = round(sum(q.bits * q.shape[0] * q.shape[1] for q in plan.quantized.values()) / n, 3)
         bits = rep.summary.get("layer_bits") or []
-        # layers at 4 bits; a layer whose groups got different widths (knapsack) shows its average
-        row["4-bit layers"] = " ".join(str(i) if b == 4 else f"{i}({b:g})" for i, b in enumerate(bits) if b > 3)
+        # layers at 4 bits; the knapsack sets widths per fused group, so there: layers holding any 4-bit group
+        row["4-bit layers"] = " ".join(str(i) if b == 4 else f"{i}({b:g})" for i, b in enumerate(bits)
+                                       if b is not None and b > 3 and (b == 4 or "unit_bits" not in rep.summary))
+        if "unit_bits" in rep.summary:
+            units = rep.summary["unit_bits"]
+            row["4-bit layers"] = (f"{sum(b == 4 for b in units.values())} of {len(units)} groups; layers "
+                                   + " ".join(str(i) for i, b in enumerate(bits) if b is not None and b > 3))
     row.update({f"ppl {k}": round(v, 3) for k, v in sets.perplexities(model, EVAL_BATCH).items()})
     return row
 
