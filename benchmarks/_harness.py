@@ -39,6 +39,34 @@ def quantized_bits(plan) -> dict:
     return {"avg bits": round(code_bits / n, 3), "bits/weight": round((code_bits + scale_bits) / n, 3)}
 
 
+def run_pass(recipe, spec: dict, model, calib, seed: int = 0, cache=None):
+    """Apply one pass, given as recipe data (`{"pass": "gptq", ...}`), to `model` the way `compress run` would;
+    returns (its report, the plan it filled, seconds)."""
+    import json
+    import time
+
+    from compress.passes import PassContext, make_pass
+    from compress.plan import Plan
+    from compress.recipe import load_recipe
+
+    cfg = load_recipe(recipe, [f"passes.0={json.dumps(spec)}"]).passes[0]
+    plan = Plan()
+    t0 = time.perf_counter()
+    rep = make_pass(cfg).run(model, PassContext(calibration=calib, plan=plan, batch_size=8, seed=seed, cache=cache))
+    return rep, plan, time.perf_counter() - t0
+
+
+def run_table(script: str, args, all_labels: list[str], title: str, meta: dict,
+              extra_env: dict | None = None) -> tuple[list[dict], Path]:
+    """Run the methods asked for (--methods, default `all_labels`) a process each, write OUT.json and OUT.md;
+    returns the rows and OUT."""
+    labels = all_labels if args.methods == ["all"] else args.methods
+    rows = run_each(script, labels, args, extra_env)
+    out = Path(args.out)
+    write_results(out, title, script, {**base_meta(args), **meta}, rows)
+    return rows, out
+
+
 def run_each(script: str, labels: list[str], args, extra_env: dict | None = None,
              extra_args: list[str] | None = None) -> list[dict]:
     """Run `script --one LABEL` in a fresh process per label; each prints its row as JSON on its last line."""

@@ -12,13 +12,10 @@ Writes docs/results/alloc_compare.{json,md} and, with matplotlib, alloc_compare.
 
 from __future__ import annotations
 
-import json
 import resource
-import time
 from pathlib import Path
 
-from _harness import (base_meta, benchmark_args, default_setup, handled_alone, ppl_panels, quantized_bits,
-                      run_each, write_results)
+from _harness import benchmark_args, default_setup, handled_alone, ppl_panels, quantized_bits, run_pass, run_table
 GPTQ = {"pass": "gptq", "group_size": 64, "act_order": True, "static_groups": True, "damp": 0.1}
 ALL = [2, 3, 4, 8]
 METHODS = {
@@ -35,20 +32,12 @@ METHODS = {
 
 def run_one(label: str, args) -> dict:
     from compress.models.default import runs_dir
-    from compress.passes import PassContext, make_pass
     from compress.pipeline import EVAL_BATCH
-    from compress.plan import Plan
-    from compress.recipe import load_recipe
 
     recipe, model, calib, sets = default_setup(args.windows, args.max_windows, args.threads)
     row = {"method": label}
     if label != "dense":
-        cfg = load_recipe(recipe, [f"passes.0={json.dumps(METHODS[label])}"]).passes[0]
-        plan = Plan()
-        t0 = time.perf_counter()
-        rep = make_pass(cfg).run(model, PassContext(calibration=calib, plan=plan, batch_size=8, seed=0,
-                                                    cache=runs_dir()))
-        seconds = time.perf_counter() - t0
+        rep, plan, seconds = run_pass(recipe, METHODS[label], model, calib, cache=runs_dir())
         s = rep.summary
         row.update({**quantized_bits(plan), "widths": "/".join(map(str, sorted({q.bits for q in plan.quantized.values()}))),
                     "search s": round(seconds, 1),
@@ -66,13 +55,9 @@ def main() -> None:
     args = benchmark_args(__doc__, "alloc_compare").parse_args()
     if handled_alone(args, run_one, plot):
         return
-    labels = ["dense", *METHODS] if args.methods == ["all"] else args.methods
-    rows = run_each(__file__, labels, args)
-    out = Path(args.out)
-    write_results(out, "Bit allocation compared", __file__, {
-        **base_meta(args),
+    rows, out = run_table(__file__, args, ["dense", *METHODS], "Bit allocation compared", {
         "search s": "pass time; the first searched method includes building the variant database and unit errors",
-        "bits/weight": "codes + one 16-bit scale per group of 64"}, rows)
+        "bits/weight": "codes + one 16-bit scale per group of 64"})
     plot(rows, out.with_suffix(".png"))
 
 

@@ -14,14 +14,13 @@ Speed of the pruned models is measured separately (benchmarks/speed.py).
 
 from __future__ import annotations
 
-import json
 import resource
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
-from _harness import base_meta, benchmark_args, default_setup, handled_alone, ppl_panels, run_each, write_results
+from _harness import (base_meta, benchmark_args, default_setup, handled_alone, ppl_panels, run_each, run_pass,
+                      write_results)
 
 METHODS = {
     "flap (adaptive)": {"pass": "flap", "structure": "adaptive"},
@@ -37,21 +36,14 @@ METHODS = {
 def run_one(label: str, args) -> dict:
     from compress import evaluate as ev
     from compress.models.default import runs_dir
-    from compress.passes import PassContext, make_pass
     from compress.pipeline import EVAL_BATCH, decoder_params
-    from compress.plan import Plan
-    from compress.recipe import load_recipe
 
     recipe, model, calib, sets = default_setup(args.windows, args.max_windows, args.threads)
     dense_decoder = decoder_params(model)
     method, _, target = label.partition("@")
     row = {"method": method, "target": float(target or 0)}
     if method != "dense":
-        cfg = load_recipe(recipe, [f"passes.0={json.dumps({**METHODS[method], 'target': float(target)})}"]).passes[0]
-        t0 = time.perf_counter()
-        rep = make_pass(cfg).run(model, PassContext(calibration=calib, plan=Plan(), batch_size=8, seed=0,
-                                                    cache=runs_dir()))
-        seconds = time.perf_counter() - t0
+        rep, _, seconds = run_pass(recipe, {**METHODS[method], "target": float(target)}, model, calib, cache=runs_dir())
         rounds = rep.summary.get("rounds") or []
         row.update({"removed": round(1 - decoder_params(model) / dense_decoder, 4), "prune s": round(seconds, 1),
                     "evaluations": rep.summary.get("evaluations", ""),

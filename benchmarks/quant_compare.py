@@ -13,14 +13,12 @@ docs/results/quant_compare.{json,md} and, when matplotlib is installed, quant_co
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import time
 from pathlib import Path
 
-from _harness import (base_meta, benchmark_args, default_setup, handled_alone, ppl_panels, quantized_bits,
-                      run_each, write_results)
+from _harness import benchmark_args, default_setup, handled_alone, ppl_panels, quantized_bits, run_pass, run_table
 G = 64
 GPTQ = {"pass": "gptq", "group_size": G, "act_order": True, "static_groups": True, "damp": 0.1}  # the recipes'
 METHODS = {
@@ -41,10 +39,7 @@ for _seed in range(3):  # one random ranking is an anecdote: the control is seve
 
 def run_one(label: str, args) -> dict:
     """Quantize a fresh dense model with one method and evaluate it (runs inside the child process)."""
-    from compress.passes import PassContext, make_pass
     from compress.pipeline import EVAL_BATCH
-    from compress.plan import Plan
-    from compress.recipe import load_recipe
 
     recipe, model, calib, sets = default_setup(args.windows, args.max_windows, args.threads)
     row = {"method": label}
@@ -55,12 +50,8 @@ def run_one(label: str, args) -> dict:
     elif label != "dense":
         spec = dict(METHODS[label])
         seed = spec.pop("_seed", 0)
-        cfg = load_recipe(recipe, [f"passes.0={json.dumps(spec)}"]).passes[0]
-        plan = Plan()
-        t0 = time.perf_counter()
-        rep = make_pass(cfg).run(model, PassContext(calibration=calib, plan=plan, batch_size=8, seed=seed))
-        seconds = time.perf_counter() - t0
-        if not isinstance(cfg.bits, int):  # mixed precision: which layers got the wider width
+        rep, plan, seconds = run_pass(recipe, spec, model, calib, seed)
+        if not isinstance(spec["bits"], int):  # mixed precision: which layers got the wider width
             row["4-bit layers"] = " ".join(str(i) for i, b in enumerate(rep.summary["layer_bits"]) if b == 4)
         row.update({**quantized_bits(plan), "quant s": round(seconds, 1), "fallbacks": len(rep.fallbacks)})
     row.update({f"ppl {k}": round(v, 3) for k, v in sets.perplexities(model, EVAL_BATCH).items()})
@@ -108,11 +99,9 @@ def main() -> None:
     args = benchmark_args(__doc__, "quant_compare").parse_args()
     if handled_alone(args, run_one, plot):
         return
-    labels = ["dense", *METHODS, *GPTQMODEL] if args.methods == ["all"] else args.methods
-    rows = run_each(__file__, labels, args, {"GPTQMODEL_CPU_WORKERS": str(min(args.threads, os.cpu_count() or 1))})
-    out = Path(args.out)
-    write_results(out, "Quantization compared", __file__, {
-        **base_meta(args), "bits/weight": "codes + one 16-bit scale per group of 64 (symmetric: no zero points)"}, rows)
+    rows, out = run_table(__file__, args, ["dense", *METHODS, *GPTQMODEL], "Quantization compared",
+                          {"bits/weight": "codes + one 16-bit scale per group of 64 (symmetric: no zero points)"},
+                          {"GPTQMODEL_CPU_WORKERS": str(min(args.threads, os.cpu_count() or 1))})
     plot(rows, out.with_suffix(".png"))
 
 

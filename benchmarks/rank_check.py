@@ -14,10 +14,9 @@ rank_check.png (each ranking's perplexity against the random rankings' spread).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from _harness import base_meta, benchmark_args, default_setup, handled_alone, ppl_panels, run_each, write_results
+from _harness import benchmark_args, default_setup, handled_alone, ppl_panels, quantized_bits, run_pass, run_table
 
 GPTQ = {"pass": "gptq", "group_size": 64, "act_order": True, "static_groups": True, "damp": 0.1}
 MIXED = {"average": 3.25, "choices": [3, 4]}
@@ -33,30 +32,20 @@ METHODS = {
 
 def run_one(label: str, args) -> dict:
     from compress.models.default import runs_dir
-    from compress.passes import PassContext, make_pass
     from compress.pipeline import EVAL_BATCH
-    from compress.plan import Plan
-    from compress.recipe import load_recipe
 
     recipe, model, calib, sets = default_setup(args.windows, args.max_windows, args.threads)
     row = {"method": label}
     if label != "dense":
         spec = dict(METHODS[label])
         seed = spec.pop("_seed", 0)
-        cfg = load_recipe(recipe, [f"passes.0={json.dumps(spec)}"]).passes[0]
-        plan = Plan()
-        rep = make_pass(cfg).run(model, PassContext(calibration=calib, plan=plan, batch_size=8, seed=seed,
-                                                    cache=runs_dir()))
-        n = sum(q.shape[0] * q.shape[1] for q in plan.quantized.values())
-        row["avg bits"] = round(sum(q.bits * q.shape[0] * q.shape[1] for q in plan.quantized.values()) / n, 3)
-        bits = rep.summary.get("layer_bits") or []
-        # layers at 4 bits; the knapsack sets widths per fused group, so there: layers holding any 4-bit group
-        row["4-bit layers"] = " ".join(str(i) if b == 4 else f"{i}({b:g})" for i, b in enumerate(bits)
-                                       if b is not None and b > 3 and (b == 4 or "unit_bits" not in rep.summary))
-        if "unit_bits" in rep.summary:
+        rep, plan, _ = run_pass(recipe, spec, model, calib, seed, cache=runs_dir())
+        row["avg bits"] = quantized_bits(plan)["avg bits"]
+        if "unit_bits" in rep.summary:  # the knapsack sets widths per fused group, not per layer
             units = rep.summary["unit_bits"]
-            row["4-bit layers"] = (f"{sum(b == 4 for b in units.values())} of {len(units)} groups; layers "
-                                   + " ".join(str(i) for i, b in enumerate(bits) if b is not None and b > 3))
+            row["4-bit layers"] = f"{sum(b == 4 for b in units.values())} of {len(units)} groups"
+        else:
+            row["4-bit layers"] = " ".join(str(i) for i, b in enumerate(rep.summary["layer_bits"]) if b == 4)
     row.update({f"ppl {k}": round(v, 3) for k, v in sets.perplexities(model, EVAL_BATCH).items()})
     return row
 
@@ -82,11 +71,8 @@ def main() -> None:
     args = benchmark_args(__doc__, "rank_check").parse_args()
     if handled_alone(args, run_one, plot):
         return
-    labels = ["dense", *METHODS] if args.methods == ["all"] else args.methods
-    rows = run_each(__file__, labels, args)
-    out = Path(args.out)
-    write_results(out, "Layer rankings against chance (3.25 bits, widths 3 and 4)", __file__, {
-        **base_meta(args), "widths": "3 and 4 (the two that bracket 3.25); 16-bit scale per group of 64"}, rows)
+    rows, out = run_table(__file__, args, ["dense", *METHODS], "Layer rankings against chance (3.25 bits, widths 3 and 4)",
+                          {"widths": "3 and 4 (the two that bracket 3.25); 16-bit scale per group of 64"})
     if any(r["method"].startswith("random") for r in rows):
         from compress.tables import markdown_table, text_table
 

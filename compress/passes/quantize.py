@@ -95,10 +95,11 @@ def check_before_passes(model: nn.Module, quant: GptqConfig | RtnConfig, where_q
                 raise InputError(f"{where_p}.round_to: {prune.round_to} changes MLP widths in steps that {field} {g} "
                                  f"does not divide ({name} reads the MLP width); set {where_p}.round_to to a "
                                  f"multiple of {g}")
+            if short != "o_proj" or prune.pass_ == "cfsp":  # CFSP keeps attention whole
+                continue
             shape = llama.block_shape(llama.blocks(model)[i])
-            step = shape.group_size * shape.head_dim
-            if (short == "o_proj" and getattr(prune, "pass_", None) != "cfsp" and shape.num_key_value_heads > 1
-                    and step % g):
+            step = shape.group_size * shape.head_dim  # o_proj input columns of one key-value group
+            if shape.num_key_value_heads > 1 and step % g:
                 raise InputError(f"{field}: {g} does not divide the {step} input columns of {name} that {where_p} "
                                  f"removes with each key-value group; pick a group size dividing {step}, or -1, or "
                                  "leave o_proj out with ignore")
