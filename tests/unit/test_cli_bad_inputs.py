@@ -116,7 +116,20 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+from tests.unit import bad_inputs_artifact, bad_inputs_output, bad_inputs_recipe, bad_inputs_source, bad_inputs_text  # noqa: E402
+
+# each area keeps its cases in its own table (tests/unit/bad_inputs_<area>.py: CASES = [(id, build, expected), ...])
+ALL_CASES = CASES + [c for m in (bad_inputs_output, bad_inputs_source, bad_inputs_text, bad_inputs_recipe,
+                                 bad_inputs_artifact) for c in m.CASES]
+
+
+def test_cases_are_distinct_and_many():
+    ids = [c[0] for c in ALL_CASES]
+    assert len(ids) == len(set(ids)), [i for i in ids if ids.count(i) > 1]
+    assert len(ids) >= 80, len(ids)
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=[c[0] for c in ALL_CASES])
 def test_bad_input(folders, case):
     _id, build, expected = case
     out = folders["root"] / f"out-{_id}"
