@@ -3,43 +3,58 @@
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
+import regex
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compress.errors import RecipeError
 
 
+# Bounds: generous, but finite, so that a typo (an extra zero, `.inf`, 2**70) is refused by name before any work.
+MAX_RECIPE_BYTES = 2**20  # a recipe is a few KB; read before parsing, so a huge file costs nothing
+MAX_NAME = 100  # `name` becomes a folder name (artifacts/<name>/)
+MAX_PATH = 4096  # PATH_MAX on Linux: model folders, calibration and evaluation sources
+MAX_PATTERN = 256  # characters of one targets / ignore / overrides regex
+MAX_ITEMS = 256  # entries of targets, ignore, overrides, evaluate.extra
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds; random.Random takes any
+MAX_TOKENS = 2**20  # seq_len: past any context length shipped today
+MAX_WINDOWS = 2**16  # calibration / evaluation windows, search windows
+MAX_WIDTH = 2**16  # group sizes, GPTQ block sizes, round_to: input columns or channels of one layer
+MAX_SHARD_MB = 2**20  # 1 TiB per safetensors shard
+PATTERN_TIMEOUT_S = 1.0  # one module-name search; a sane pattern takes microseconds
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class CalibrationConfig(_Strict):
     """Where calibration text comes from and how it is cut into token windows."""
 
-    source: str = "pydoc"  # packaged default corpus, or a local .txt/.jsonl/.parquet/.arrow file or folder
-    field: str | None = None  # the text field of .jsonl / parquet / arrow rows
-    windows: int = Field(64, ge=1)
-    seq_len: int = Field(256, ge=8)
-    batch_size: int = Field(8, ge=1)
+    # packaged default corpus, or a local .txt/.jsonl/.parquet/.arrow file or folder
+    source: str = Field("pydoc", max_length=MAX_PATH)
+    field: str | None = Field(None, max_length=MAX_NAME)  # the text field of .jsonl / parquet / arrow rows
+    windows: int = Field(64, ge=1, le=MAX_WINDOWS)
+    seq_len: int = Field(256, ge=8, le=MAX_TOKENS)
+    batch_size: int = Field(8, ge=1, le=MAX_WINDOWS)
 
 
 class EvaluateConfig(_Strict):
     """Held-out perplexity protocol: non-overlapping windows of seq_len over each named text."""
 
-    seq_len: int = Field(256, ge=8)
-    max_windows: int = Field(32, ge=1)
+    seq_len: int = Field(256, ge=8, le=MAX_TOKENS)
+    max_windows: int = Field(32, ge=1, le=MAX_WINDOWS)
     # held-out part of the calibration source is always evaluated; these are other domains
-    extra: list[str] = ["licenses"]
+    extra: list[Annotated[str, Field(max_length=MAX_PATH)]] = Field(["licenses"], max_length=MAX_ITEMS)
     enabled: bool = True
 
 
 class ExportConfig(_Strict):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    shard_size_mb: float = Field(2000, gt=0)
+    shard_size_mb: float = Field(2000, gt=0, le=MAX_SHARD_MB)
     # how quantized linears are stored: compressed-tensors pack-quantized (any widths, mixed), or the GPTQ format
     # (one symmetric width for every decoder projection; scales in fp16), which gptqmodel and vLLM read
     quant_format: Literal["compressed-tensors", "gptq"] = "compressed-tensors"
@@ -51,8 +66,8 @@ class ExportConfig(_Strict):
 class _PruneBase(_Strict):
     target: float = Field(..., gt=0.0, lt=1.0, description="share of decoder-block projection parameters removed")
     structure: Literal["adaptive", "uniform"] = "adaptive"
-    round_to: int = Field(8, ge=1, description="MLP channels are removed in multiples of this (kept widths stay "
-                                               "multiples of it when the dense width is)")
+    round_to: int = Field(8, ge=1, le=MAX_WIDTH, description="MLP channels are removed in multiples of this (kept "
+                                                           "widths stay multiples of it when the dense width is)")
 
 
 class FlapConfig(_PruneBase):
@@ -81,11 +96,12 @@ class CfspConfig(_Strict):
 
     pass_: Literal["cfsp"] = Field("cfsp", alias="pass")
     target: float = Field(..., gt=0.0, lt=1.0, description="share of decoder-block projection parameters removed")
-    temperature: float = Field(1.0, gt=0, description="sigmoid sharpness of the coarse allocation")
+    temperature: float = Field(1.0, gt=0, le=1e6, description="sigmoid sharpness of the coarse allocation")
     max_keep: float = Field(1.0, gt=0, le=1.0, description="no block keeps more than this share of its MLP")
-    weight_power: float = Field(1.0, ge=0, description="b: down_proj columns weighted by ||x||^b")
-    activation_power: float = Field(1.0, ge=0, description="c: channel scores scaled by ||x||^c")
-    round_to: int = Field(1, ge=1, description="kept MLP widths are a multiple of this (hardware-friendly)")
+    weight_power: float = Field(1.0, ge=0, le=100, description="b: down_proj columns weighted by ||x||^b")
+    activation_power: float = Field(1.0, ge=0, le=100, description="c: channel scores scaled by ||x||^c")
+    round_to: int = Field(1, ge=1, le=MAX_WIDTH,
+                          description="kept MLP widths are a multiple of this (hardware-friendly)")
     compensate: bool = Field(False, description="add FLAP's bias compensation for the removed channels (not in CFSP)")
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -93,12 +109,13 @@ class CfspConfig(_Strict):
 class EvolutionConfig(_Strict):
     """EvoPress-style search settings: (1 + offspring) generations, staged selection on growing token sets."""
 
-    generations: int = Field(30, ge=1)
-    offspring: int = Field(8, ge=1)
-    survivors: list[int] = Field([2], description="how many offspring go on after each stage but the last")
-    stage_windows: list[Annotated[int, Field(ge=1)]] = Field([2, 6], min_length=1,
-                                                             description="calibration windows scored at each stage")
-    max_switches: int = Field(3, ge=1, description="units raised per mutation")
+    generations: int = Field(30, ge=1, le=100_000)
+    offspring: int = Field(8, ge=1, le=1024)
+    survivors: list[Annotated[int, Field(le=1024)]] = Field(
+        [2], max_length=16, description="how many offspring go on after each stage but the last")
+    stage_windows: list[Annotated[int, Field(ge=1, le=MAX_WINDOWS)]] = Field(
+        [2, 6], min_length=1, max_length=17, description="calibration windows scored at each stage")
+    max_switches: int = Field(3, ge=1, le=1024, description="units raised per mutation")
 
     @model_validator(mode="after")
     def _stages(self) -> "EvolutionConfig":
@@ -121,10 +138,10 @@ class TyrConfig(_Strict):
 
     pass_: Literal["tyr"] = Field("tyr", alias="pass")
     target: float = Field(..., gt=0.0, lt=1.0, description="share of decoder-block projection parameters removed")
-    levels: int = Field(9, ge=2, description="sparsity levels per unit in each round")
-    rounds: int = Field(2, ge=1, description="coarse-to-fine rounds (each halves the level spacing)")
+    levels: int = Field(9, ge=2, le=64, description="sparsity levels per unit in each round")
+    rounds: int = Field(2, ge=1, le=16, description="coarse-to-fine rounds (each halves the level spacing)")
     max_sparsity: float = Field(0.9, gt=0.0, lt=1.0, description="no unit loses more than this share of its width")
-    round_to: int = Field(8, ge=1, description="kept MLP widths are a multiple of this")
+    round_to: int = Field(8, ge=1, le=MAX_WIDTH, description="kept MLP widths are a multiple of this")
     bias: bool = Field(False, description="refit a bias with the kept weights (absorbs the removed inputs' mean)")
     damp: float = Field(0.01, gt=0, lt=1, description="ridge added to X^T X, relative to its mean diagonal")
     evolution: EvolutionConfig = EvolutionConfig(generations=25, offspring=8, survivors=[2], stage_windows=[2, 6],
@@ -138,31 +155,63 @@ class MixedBits(_Strict):
     evolutionary search on the assembled model's KL to the dense model started from the knapsack's result
     (`allocator: evolution`)."""
 
-    average: float = Field(..., gt=0)
-    choices: list[Literal[2, 3, 4, 8]] = Field([2, 3, 4, 8], min_length=1)
+    average: float = Field(..., gt=0, le=8)
+    choices: list[Literal[2, 3, 4, 8]] = Field([2, 3, 4, 8], min_length=1, max_length=16)
     allocator: Literal["rank", "knapsack", "evolution"] = "rank"
     importance: Literal["lim", "zd", "random"] = "lim"
-    zd_threshold: float = Field(3.0, gt=0, description="zd: z-score above which a weight counts as an outlier")
-    error_windows: int = Field(4, ge=1, description="knapsack: calibration windows the per-unit KL is measured on")
+    zd_threshold: float = Field(3.0, gt=0, le=1e3, description="zd: z-score above which a weight counts as an outlier")
+    error_windows: int = Field(4, ge=1, le=MAX_WINDOWS,
+                               description="knapsack: calibration windows the per-unit KL is measured on")
     evolution: EvolutionConfig = EvolutionConfig()  # allocator: evolution (started from the knapsack's allocation)
+
+
+def _check_pattern(p: str) -> str:
+    """A regex that compiles (with `regex`, which matches it; see `pattern_search`) and is at most MAX_PATTERN long."""
+    if len(p) > MAX_PATTERN:
+        raise ValueError(f"a pattern of {len(p)} characters; at most {MAX_PATTERN}")
+    try:
+        regex.compile(p)
+    except (regex.error, ValueError, OverflowError, RecursionError) as err:
+        raise ValueError(f"{p!r} is not a valid regex: {err}") from None
+    return p
+
+
+Pattern = Annotated[str, AfterValidator(_check_pattern)]
+
+
+def pattern_search(pattern: str, name: str, field: str) -> bool:
+    r"""Whether regex `pattern` occurs in module `name`; refuses, naming `field`, a pattern that backtracks too long.
+
+    Matched with the `regex` package (re-compatible syntax, already required by transformers) under a time limit:
+    Python's `re` has none, and a nested repeat such as `^([\w.]+\.?)*\d$` backtracks for minutes on one module
+    name. `regex` guards most such patterns itself (that one takes microseconds), and PATTERN_TIMEOUT_S stops the
+    rest. A static ban on nested quantifiers would refuse useful patterns and still miss sequential ones
+    (`.*.*.*...x`), so the limit is the guarantee and the length bound (MAX_PATTERN) keeps compiling cheap."""
+    try:
+        return regex.search(pattern, name, timeout=PATTERN_TIMEOUT_S) is not None
+    except TimeoutError:
+        raise RecipeError(f"{field}: pattern {pattern!r} took over {PATTERN_TIMEOUT_S} s on module {name!r} "
+                          "(nested repeats backtrack); simplify it") from None
 
 
 class QuantOverride(_Strict):
     """Settings for the modules whose name matches `pattern` (regex, searched), applied in order."""
 
-    pattern: str
+    pattern: Pattern
     bits: Literal[2, 3, 4, 8] | None = None
-    group_size: int | None = None
+    group_size: int | None = Field(None, le=MAX_WIDTH)
     sym: bool | None = None
 
 
 class _QuantBase(_Strict):
     bits: Literal[2, 3, 4, 8] | MixedBits = 4
-    group_size: int = Field(128, description="input columns per scale; -1 for one scale per output row")
+    group_size: int = Field(128, le=MAX_WIDTH,
+                            description="input columns per scale; -1 for one scale per output row")
     sym: bool = True
-    targets: list[str] = [r"\.(self_attn|mlp)\."]  # regexes searched in module names (model.layers.3.mlp.up_proj)
-    ignore: list[str] = []
-    overrides: list[QuantOverride] = []
+    # regexes searched in module names (model.layers.3.mlp.up_proj), with pattern_search
+    targets: list[Pattern] = Field([r"\.(self_attn|mlp)\."], max_length=MAX_ITEMS)
+    ignore: list[Pattern] = Field([], max_length=MAX_ITEMS)
+    overrides: list[QuantOverride] = Field([], max_length=MAX_ITEMS)
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @model_validator(mode="after")
@@ -183,16 +232,6 @@ class _QuantBase(_Strict):
             raise ValueError("group_size is a positive number of input columns, or -1")
         return v
 
-    @field_validator("targets", "ignore")
-    @classmethod
-    def _regex(cls, v: list[str]) -> list[str]:
-        for p in v:
-            try:
-                re.compile(p)
-            except re.error as err:
-                raise ValueError(f"{p!r} is not a valid regex: {err}") from None
-        return v
-
 
 class GptqConfig(_QuantBase):
     """GPTQ (Frantar et al., 2022), block by block, each block calibrated on the already-quantized blocks' outputs."""
@@ -201,7 +240,7 @@ class GptqConfig(_QuantBase):
     act_order: bool = False
     static_groups: bool = True  # with act_order: group boundaries stay contiguous, so kernels need no g_idx gather
     damp: float = Field(0.01, gt=0, lt=1)
-    block_size: int = Field(128, ge=1)
+    block_size: int = Field(128, ge=1, le=MAX_WIDTH)
 
 
 class RtnConfig(_QuantBase):
@@ -215,11 +254,11 @@ PassConfig = Annotated[Union[FlapConfig, WandaSpConfig, CfspConfig, TyrConfig, G
 
 
 class Recipe(_Strict):
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    model: str = "smollm2-135m"
-    seed: int = 0
+    name: str = Field(..., max_length=MAX_NAME, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: str = Field("smollm2-135m", max_length=MAX_PATH)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     calibration: CalibrationConfig = CalibrationConfig()
-    passes: list[PassConfig] = Field(..., min_length=1)
+    passes: list[PassConfig] = Field(..., min_length=1, max_length=64)
     export: ExportConfig = ExportConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     trust_remote_code: bool = False
@@ -298,6 +337,8 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, (str, int, float, bool, type(None))):  # a list or mapping as a key
+            raise RecipeError(f"a {type(key).__name__} used as a key at line {key_node.start_mark.line + 1}")
         if key in seen:
             raise RecipeError(
                 f"duplicate key {key!r} at line {key_node.start_mark.line + 1} "
@@ -342,12 +383,22 @@ def read_recipe_data(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
+    if (size := path.stat().st_size) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: {size} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes")
     try:
         data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except RecipeError as err:
         raise RecipeError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to be a recipe") from None
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {err.start}); a recipe is a YAML text file") from None
+    except ValueError as err:  # an integer of more digits than Python converts (4300)
+        raise RecipeError(f"{path}: {err}") from None
+    except OSError as err:
+        raise RecipeError(f"{path}: cannot be read ({err.strerror or err})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys")
     return data
@@ -358,7 +409,10 @@ def apply_override(data: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE, e.g. passes.0.target=0.2")
     key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except (yaml.YAMLError, RecursionError, ValueError) as err:
+        raise RecipeError(f"--set {key}: {raw!r} is not a YAML value ({type(err).__name__})") from None
     parts = key.split(".")
     node: Any = data
     for i, part in enumerate(parts):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 
 import torch
@@ -20,7 +19,7 @@ from compress.ops.importance import lim_score, zd_score
 from compress.ops.quant import QuantSpec, pack, rtn
 from compress.passes.base import PassContext, check_finite
 from compress.plan import PassReport, QuantRecord
-from compress.recipe import GptqConfig, MixedBits, RtnConfig
+from compress.recipe import GptqConfig, MixedBits, RtnConfig, pattern_search
 from compress.evaluate import TailKL
 from compress.search.base import Allocation, Option, Unit
 from compress.search.evolution import EvolutionSettings, evolve_saved
@@ -32,7 +31,8 @@ from compress.search.variants import CODE_VERSION, LoadCache, VariantDB, fingerp
 def select_modules(model: nn.Module, targets: list[str], ignore: list[str], where: str) -> dict[str, tuple[int, str, nn.Linear]]:
     """Decoder projections whose name matches a target and no ignore pattern; refuses an empty or partial-fused set."""
     found = {name: v for name, v in llama.named_linears(model).items()
-             if any(re.search(t, name) for t in targets) and not any(re.search(p, name) for p in ignore)}
+             if any(pattern_search(t, name, f"{where}.targets") for t in targets)
+             and not any(pattern_search(p, name, f"{where}.ignore") for p in ignore)}
     if not found:
         raise InputError(f"{where}.targets {targets} (ignore {ignore}) matched no module; "
                          f"names look like {next(iter(llama.named_linears(model)))}")
@@ -50,15 +50,15 @@ def _group_field(name: str, cfg: GptqConfig | RtnConfig) -> str:
     """The recipe field `name`'s group size comes from: group_size, or the last matching override that sets one."""
     field = "group_size"
     for j, ov in enumerate(cfg.overrides):
-        if ov.group_size is not None and re.search(ov.pattern, name):
+        if ov.group_size is not None and pattern_search(ov.pattern, name, f"overrides.{j}.pattern"):
             field = f"overrides.{j}.group_size"
     return field
 
 
 def _spec_for(name: str, in_features: int, bits: int, cfg: GptqConfig | RtnConfig, where: str) -> QuantSpec:
     group, sym = cfg.group_size, cfg.sym
-    for ov in cfg.overrides:
-        if re.search(ov.pattern, name):
+    for j, ov in enumerate(cfg.overrides):
+        if pattern_search(ov.pattern, name, f"{where}.overrides.{j}.pattern"):
             bits = ov.bits if ov.bits is not None else bits
             group = ov.group_size if ov.group_size is not None else group
             sym = ov.sym if ov.sym is not None else sym
@@ -108,8 +108,8 @@ def check_before_passes(model: nn.Module, quant: GptqConfig | RtnConfig, where_q
 def _pinned_bits(name: str, cfg: GptqConfig | RtnConfig) -> int | None:
     """The width an override fixes for `name` (the last matching override that sets `bits`), or None."""
     bits = None
-    for ov in cfg.overrides:
-        if ov.bits is not None and re.search(ov.pattern, name):
+    for j, ov in enumerate(cfg.overrides):
+        if ov.bits is not None and pattern_search(ov.pattern, name, f"overrides.{j}.pattern"):
             bits = ov.bits
     return bits
 
