@@ -1,11 +1,13 @@
-"""The one block-by-block engine: capture block-0 inputs once, run each block, collect per-linear input statistics,
-and hand the block's outputs on as the next block's inputs. Only one block's inputs and outputs are held at a time,
+"""The one block-by-block engine: capture block-0 inputs and every block's own keyword arguments (its layer type's
+attention mask) once, run each block, collect per-linear input statistics, and hand the block's outputs on as the next
+block's inputs. Only one block's inputs and outputs are held at a time,
 so peak memory does not grow with depth."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -57,43 +59,63 @@ class _StopForward(Exception):
 
 @dataclass
 class BlockInputs:
-    """Block-0 inputs per batch: hidden states (B, T, H) and the keyword arguments the model passed."""
+    """What the blocks receive per batch: the current block's hidden states and every block's own keyword arguments
+    (attention masks differ per layer type, full or sliding-window; layers of one type share the same tensors)."""
 
-    hidden: list[torch.Tensor]
-    kwargs: list[dict] = field(default_factory=list)
+    hidden: list[torch.Tensor]  # per batch: (B, T, H)
+    kwargs: list[list[dict]] = field(default_factory=list)  # kwargs[i][b]: what block i receives for batch b
+
+
+@contextmanager
+def _recording(layers: nn.ModuleList, captured: BlockInputs) -> Iterator[None]:
+    """Replace each block's forward by a recorder of its keyword arguments (and block 0's hidden states) that passes
+    the hidden states on unchanged and stops the forward at the last block, so no block is computed."""
+
+    def recorder(i: int):
+        def record(hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+            for key in ("past_key_values", "cache"):  # calibration keeps no cache
+                kwargs.pop(key, None)
+            captured.kwargs[i].append({**kwargs, "use_cache": False})
+            if i == 0:
+                captured.hidden.append(hidden_states.detach())
+            if i == len(layers) - 1:
+                raise _StopForward
+            return hidden_states
+
+        return record
+
+    own = [layer.__dict__.get("forward") for layer in layers]  # an instance forward (e.g. accelerate's) is kept
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, batch_size: int) -> BlockInputs:
-    """Run the model up to the first block for each batch of `input_ids` (N, T) and keep what the block receives."""
-    captured = BlockInputs(hidden=[])
-
-    def grab(_module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs.pop("past_key_values", None)
-        kwargs["use_cache"] = False
-        captured.hidden.append(hidden.detach())
-        captured.kwargs.append(kwargs)
-        raise _StopForward
-
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
+    """For each batch of `input_ids` (N, T), run the model up to its blocks (embeddings, masks, rotary tables) without
+    computing any block, and keep block 0's hidden states and the keyword arguments the model passes each block."""
+    captured = BlockInputs(hidden=[], kwargs=[[] for _ in layers])
+    with _recording(layers, captured):
         for start in range(0, input_ids.shape[0], batch_size):
             try:
                 model(input_ids=input_ids[start : start + batch_size], use_cache=False)
             except _StopForward:
                 pass
-    finally:
-        handle.remove()
     return captured
 
 
-def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-    """The block's output hidden states for each captured batch."""
+def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    """The block's output hidden states (B, T, H) for each batch of inputs `hidden`, given the block's own kwargs."""
     outs = []
-    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
-        out = block(hidden, **kwargs)
+    for h, kw in zip(hidden, kwargs, strict=True):
+        out = block(h, **kw)
         outs.append(out[0] if isinstance(out, tuple) else out)
     return outs
 
@@ -127,11 +149,11 @@ def for_each_block(
             for name, lin in watched.items()
         ]
         try:
-            outputs = run_block(block, inputs)
+            outputs = run_block(block, inputs.hidden, inputs.kwargs[i])
         finally:
             for h in handles:
                 h.remove()
         changed = visit(i, block, inputs.hidden, outputs, stats)
         if changed:
-            outputs = run_block(block, inputs)
-        inputs = BlockInputs(hidden=outputs, kwargs=inputs.kwargs)
+            outputs = run_block(block, inputs.hidden, inputs.kwargs[i])
+        inputs.hidden = outputs

@@ -55,16 +55,16 @@ class TailKL:
     @torch.no_grad()
     def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 4, any_start: bool = True,
                  chunk_tokens: int = 128):
-        from calibration.capture import BlockInputs, capture_block_inputs, run_block
+        from calibration.capture import capture_block_inputs, run_block
         from compress.models import llama
 
         self.model, self.layers = model, llama.blocks(model)
         first = capture_block_inputs(model, self.layers, windows, batch_size)
-        self.kwargs = first.kwargs
+        self.kwargs = first.kwargs  # kwargs[i][b]: block i's own keyword arguments (its layer type's mask)
         self.inputs = [first.hidden]  # inputs[i]: what block i receives (dense), per batch
         hidden = first.hidden
-        for block in self.layers:
-            hidden = run_block(block, BlockInputs(hidden, self.kwargs))
+        for block, kwargs in zip(self.layers, self.kwargs):
+            hidden = run_block(block, hidden, kwargs)
             if any_start:
                 self.inputs.append(hidden)
         self.chunk = chunk_tokens
@@ -85,13 +85,13 @@ class TailKL:
     @torch.no_grad()
     def kl_from(self, start: int) -> float:
         """Mean per-token KL after running blocks start.. on the cached dense inputs of block `start`."""
-        from calibration.capture import BlockInputs, run_block
+        from calibration.capture import run_block
 
         if start >= len(self.inputs):
             raise ValueError(f"kl_from({start}): this TailKL keeps only the first block's inputs (any_start=False)")
         hidden = self.inputs[start]
-        for block in self.layers[start:]:
-            hidden = run_block(block, BlockInputs(hidden, self.kwargs))
+        for block, kwargs in zip(self.layers[start:], self.kwargs[start:]):
+            hidden = run_block(block, hidden, kwargs)
         total = 0.0
         for h, ref in zip(hidden, self.ref):
             for c, r in zip(self._chunks(h), ref.split(self.chunk)):
