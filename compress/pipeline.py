@@ -241,7 +241,6 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     t0 = time.perf_counter()
     out = Path(out) if out is not None else Path("artifacts") / recipe.name
     _check_output(out, overwrite)  # before any work, so nothing is computed only to be refused
-    torch.manual_seed(recipe.seed)
     source = resolve_model(recipe.model)
     model, tokenizer = load_model(source, recipe.trust_remote_code)
     cal = recipe.calibration
