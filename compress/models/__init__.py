@@ -10,6 +10,7 @@ import torch
 
 from compress.errors import InputError
 from compress.models.default import DEFAULT_MODELS, packaged_model_path
+from compress.models.checks import check_checkpoint, check_dense_source, check_finite
 from compress.models.llama import check_supported
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -24,10 +25,31 @@ class ModelSource:
     identity: str
 
 
+def read_config(cfg_path: Path) -> object:
+    """The parsed config.json (any JSON value; check_supported says what is wrong with it)."""
+    try:
+        return json.loads(cfg_path.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise InputError(f"{cfg_path}: not valid JSON: {err}") from None
+
+
 def resolve_model(name: str) -> ModelSource:
-    """A packaged model name or a local folder; checks the folder before any weight is read."""
+    """A packaged model name or a local folder; checks the config and the checkpoint's headers (a dense source, sane
+    sizes, every tensor present with its shape, files undamaged) before any weight is read."""
     if name in DEFAULT_MODELS:
-        return ModelSource(name, packaged_model_path(name), DEFAULT_MODELS[name]["identity"])
+        path, identity = packaged_model_path(name), DEFAULT_MODELS[name]["identity"]
+    else:
+        path, identity = _local_folder(name), None
+    cfg_path = path / "config.json"
+    config = read_config(cfg_path)
+    if isinstance(config, dict):
+        check_dense_source(path, config, str(cfg_path))
+    check_supported(config, str(cfg_path))
+    check_checkpoint(path, config)
+    return ModelSource(name, path.resolve(), identity or str(config.get("_name_or_path") or path.resolve()))
+
+
+def _local_folder(name: str) -> Path:
     path = Path(name).expanduser()
     if not path.is_dir():
         raise InputError(
@@ -46,22 +68,24 @@ def resolve_model(name: str) -> ModelSource:
             else "it has no .safetensors weights"
         )
         raise InputError(f"model {name!r}: refused, {why}")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"{cfg_path}: not valid JSON: {err}") from None
-    check_supported(config, str(cfg_path))
-    return ModelSource(name, path.resolve(), str(config.get("_name_or_path") or path.resolve()))
+    return path
 
 
 def load_model(source: ModelSource, trust_remote_code: bool = False) -> tuple[torch.nn.Module, object]:
-    """(model in fp32 eval mode, tokenizer) from a resolved source; safetensors only."""
+    """(model in fp32 eval mode, tokenizer) from a resolved source; safetensors only. Refuses keys transformers
+    reports missing, unexpected or misshapen, and NaN or Inf in any weight, naming the tensor."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_supported(json.loads((source.path / "config.json").read_text()), str(source.path / "config.json"))
-    model = AutoModelForCausalLM.from_pretrained(
-        source.path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+    cfg_path = source.path / "config.json"
+    check_supported(read_config(cfg_path), str(cfg_path))
+    model, info = AutoModelForCausalLM.from_pretrained(
+        source.path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code,
+        output_loading_info=True,
     )
+    wrong = {k: sorted(map(str, v)) for k, v in info.items() if v}
+    if wrong:
+        raise InputError(f"{source.path}: transformers reports {wrong} loading the checkpoint")
     model.eval().requires_grad_(False)
+    check_finite(model.named_parameters(), str(source.path))
     tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     return model, tokenizer

@@ -16,17 +16,50 @@ from torch import nn
 from compress.errors import InputError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+               "Qwen3ForCausalLM": "qwen3"}
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+# config.json sizes the adapter reads: required ones, then optional ones (absent or null means derived)
+REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
-def check_supported(config: dict, where: str) -> None:
-    """Refuse anything but the Llama family before any weight is read, naming the architecture."""
+def _is_count(value: object) -> bool:
+    """A positive integer (JSON true/false and 2.0 are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_supported(config: object, where: str) -> None:
+    """Refuse anything but a Llama-family config with sane sizes before any weight is read, naming `where`
+    (the config.json path) and the field: architecture, model_type, positive integer sizes, heads that divide."""
+    if not isinstance(config, dict):
+        raise InputError(f"{where}: a config is a JSON object, this one is a {type(config).__name__}")
     archs = config.get("architectures") or [f"<model_type {config.get('model_type')!r}>"]
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise InputError(f"{where}: architectures: {archs!r} is not a list of class names")
+    supported = [a for a in archs if a in SUPPORTED_ARCHITECTURES]
+    if not supported:
         raise InputError(
             f"{where}: architecture {', '.join(archs)} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    model_type = config.get("model_type")
+    if model_type != MODEL_TYPES[supported[0]]:
+        raise InputError(f"{where}: model_type: {model_type!r} is not the {MODEL_TYPES[supported[0]]!r} that "
+                         f"architecture {supported[0]} has")
+    for key in REQUIRED_SIZES + OPTIONAL_SIZES:
+        value = config.get(key)
+        if value is None and key in REQUIRED_SIZES:
+            raise InputError(f"{where}: {key}: missing")
+        if value is not None and not _is_count(value):
+            raise InputError(f"{where}: {key}: {value!r} is not a positive integer")
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    if heads % kv_heads:
+        raise InputError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    if config.get("head_dim") is None and config["hidden_size"] % heads:
+        raise InputError(f"{where}: hidden_size {config['hidden_size']} is not a multiple of num_attention_heads "
+                         f"{heads} (and head_dim is not given)")
 
 
 @dataclass(frozen=True)
