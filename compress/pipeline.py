@@ -15,6 +15,7 @@ from compress import evaluate as ev
 from compress import journal
 from compress.errors import CompressError, InputError
 from compress.models import ModelSource, llama, load_model, resolve_model
+from compress.models.checks import check_export_dtype
 from compress.models.default import runs_dir
 from compress.passes import PassContext, make_pass
 from compress.plan import Plan
@@ -243,6 +244,7 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     _check_output(out, overwrite)  # before any work, so nothing is computed only to be refused
     source = resolve_model(recipe.model)
     model, tokenizer = load_model(source, recipe.trust_remote_code)
+    check_export_dtype(model, recipe.export.dtype)  # before any pass, not at export
     cal = recipe.calibration
     corpus = load_corpus(cal.source, cal.field)
     calib = sample_windows(tokenize(tokenizer, corpus.split("calibration")), cal.windows, cal.seq_len, recipe.seed,
