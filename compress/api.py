@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from compress.errors import ArtifactError, InputError
 from compress.pipeline import RunResult
 from compress.recipe import Recipe, load_recipe
 from compress.tables import html_table, text_table
+from export.format import Manifest
 
 
 def validate(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -54,7 +56,7 @@ def verify(artifact: str | Path) -> VerifyResult:
     return VerifyResult(Path(artifact), export.verify(artifact))
 
 
-def _manifest(artifact: Path) -> dict:
+def _manifest(artifact: Path) -> Manifest:
     from export.loader import read_manifest
 
     manifest, problems = read_manifest(artifact)
@@ -63,27 +65,45 @@ def _manifest(artifact: Path) -> dict:
     return manifest
 
 
+class _PassName(BaseModel):
+    name: str
+
+
+class _DecoderParams(BaseModel):
+    removed: float | None = None
+
+
+class _ReportView(BaseModel):
+    """The parts of report.json that inspect shows (the rest is kept, unread)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    passes: list[_PassName] = []
+    decoder_params: _DecoderParams = _DecoderParams()
+    stock_config: bool | None = None
+
+
 @dataclass
 class InspectResult:
     artifact: Path
-    manifest: dict
-    report: dict
+    manifest: Manifest
+    report: _ReportView
 
     def layer_rows(self) -> list[dict]:
-        return [{"layer": i, "q_heads": l["num_attention_heads"], "kv_heads": l["num_key_value_heads"],
-                 "mlp": l["intermediate_size"], "bias": ",".join(b.removesuffix("_proj") for b in l["bias"]) or "-"}
-                for i, l in enumerate(self.manifest["architecture"]["layers"])]
+        return [{"layer": i, "q_heads": l.num_attention_heads, "kv_heads": l.num_key_value_heads,
+                 "mlp": l.intermediate_size, "bias": ",".join(b.removesuffix("_proj") for b in l.bias) or "-"}
+                for i, l in enumerate(self.manifest.architecture.layers)]
 
     def summary(self) -> dict:
         r = self.report
         return {
-            "source": self.manifest["source"]["identity"],
-            "passes": ", ".join(p["name"] for p in r.get("passes", [])),
-            "decoder params removed": r.get("decoder_params", {}).get("removed"),
-            "stock config": r.get("stock_config"),
-            "weights MB": round(sum(f["bytes"] for n, f in self.manifest["files"].items()
+            "source": self.manifest.source.identity,
+            "passes": ", ".join(p.name for p in r.passes),
+            "decoder params removed": r.decoder_params.removed,
+            "stock config": r.stock_config,
+            "weights MB": round(sum(f.bytes for n, f in self.manifest.files.items()
                                     if n.endswith(".safetensors")) / 2**20, 1),
-            "format": f"{self.manifest['format']} v{self.manifest['format_version']}",
+            "format": f"{self.manifest.format} v{self.manifest.format_version}",
         }
 
     def __str__(self) -> str:
@@ -103,7 +123,10 @@ def inspect(artifact: str | Path) -> InspectResult:
     artifact = Path(artifact)
     manifest = _manifest(artifact)
     report_path = artifact / "report.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    try:
+        report = _ReportView.model_validate(json.loads(report_path.read_text("utf-8")) if report_path.is_file() else {})
+    except (ValueError, RecursionError, OSError) as err:  # ValidationError and JSONDecodeError are ValueErrors
+        raise ArtifactError(f"{report_path}: not a report ({type(err).__name__}: {str(err)[:300]})") from None
     return InspectResult(artifact, manifest, report)
 
 
@@ -123,6 +146,23 @@ class EvalResult:
         return {"artifact": str(self.artifact), "protocol": self.protocol, "rows": self.rows}
 
 
+def source_changes(recorded: dict[str, str], folder: Path) -> list[str]:
+    """How the safetensors files of a source folder differ from the sha256 the manifest recorded at run time, one
+    line per file; [] when they are the same.
+
+    `compress eval` refuses (exit 2) rather than warns: its output is a table of perplexity and recovery numbers
+    that scripts and model cards copy, and a warning line above it is lost, while a recovery measured against another
+    model is simply wrong."""
+    from export.writer import sha256_file
+
+    now = {p.name: p for p in sorted(Path(folder).glob("*.safetensors"))}
+    lines = [f"{name}: missing" for name in recorded if name not in now]
+    lines += [f"{name}: not there at run time" for name in now if name not in recorded]
+    lines += [f"{name}: sha256 differs from the one recorded at run time" for name, p in now.items()
+              if name in recorded and sha256_file(p) != recorded[name]]
+    return lines
+
+
 def eval(artifact: str | Path, max_windows: int | None = None, new_tokens: int = 32) -> EvalResult:  # noqa: A001
     """Dense source vs artifact side by side: held-out perplexity per text, parameters, size on disk, CPU tokens/s."""
     import export
@@ -132,14 +172,18 @@ def eval(artifact: str | Path, max_windows: int | None = None, new_tokens: int =
 
     artifact = Path(artifact)
     manifest = _manifest(artifact)
-    recipe = load_recipe(manifest["recipe"])
+    recipe = load_recipe(manifest.recipe)
     if max_windows is not None:
         recipe = load_recipe(recipe, [f"evaluate.max_windows={max_windows}"])
-    src = manifest["source"]
+    src = manifest.source
     try:  # a packaged name resolves anywhere; a local folder by the absolute path recorded at run time
-        source = resolve_model(src["name"] if src["name"] in DEFAULT_MODELS else src["path"])
+        source = resolve_model(src.name if src.name in DEFAULT_MODELS else src.path)
     except InputError as err:
-        raise InputError(f"{artifact}: its source model {src['name']!r} is not available here: {err}") from None
+        raise InputError(f"{artifact}: its source model {src.name!r} is not available here: {err}") from None
+    if changed := source_changes(src.sha256, source.path):
+        raise InputError(f"{artifact}: its source model {source.path} changed since the run ("
+                         + "; ".join(changed) + "): a comparison with it would not describe this artifact; restore "
+                         "the source, or run the recipe again")
     dense, tokenizer = load_model(source)
     compressed = export.load(artifact, dtype=torch.float32)
     sets = EvalSets.build(recipe, tokenizer)

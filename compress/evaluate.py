@@ -27,11 +27,24 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> 
 @torch.no_grad()
 def generation_tokens_per_second(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 32) -> float:
     """Greedy generation speed at batch 1 (new tokens / second), after a short warm-up."""
-    kwargs = dict(do_sample=False, pad_token_id=model.config.eos_token_id if model.config.eos_token_id is not None else 0)
+    kwargs = dict(do_sample=False, pad_token_id=pad_token_id(model))
     model.generate(prompt, max_new_tokens=4, min_new_tokens=4, **kwargs)
     t0 = time.perf_counter()
     out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
     return (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - t0)
+
+
+def pad_token_id(model: nn.Module) -> int:
+    """The id generation pads with: the pad id of the generation config or the config, else their first end-of-text
+    id (Llama-3.x-Instruct configs give several as a list and no pad), else 0."""
+    configs = [c for c in (getattr(model, "generation_config", None), model.config) if c is not None]
+    for key in ("pad_token_id", "eos_token_id"):
+        for config in configs:
+            value = getattr(config, key, None)
+            value = value[0] if isinstance(value, (list, tuple)) and value else value
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    return 0
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -12,7 +12,10 @@ An artifact folder holds:
 
 from __future__ import annotations
 
+from typing import Annotated, Any, Literal
+
 import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -58,3 +61,137 @@ def shard_name(index: int, count: int) -> str:
 
 class ArtifactError(ValueError):
     """An artifact that is missing, altered or incomplete; the message names the file or tensor."""
+
+
+# ---- the manifest, typed -----------------------------------------------------------------------------------------
+# What the writer puts in manifest.json, checked when it is read: every problem is refused naming the field, before
+# verify, inspect or load touch a file. The on-disk form is the writer's JSON; these classes only read it, and keep
+# unknown keys (extra="allow") so that `model_dump()` gives back what was read.
+
+
+def _inside(rel: str) -> str:
+    """A path the manifest names: relative, '/'-separated, no empty, '.' or '..' part, no NUL or backslash, so that
+    it stays inside the artifact folder (links are checked where the files are opened, in export.loader)."""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or "\x00" in rel or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"{rel!r} is not a plain path inside the artifact")
+    return rel
+
+
+ArtifactPath = Annotated[str, AfterValidator(_inside)]
+Count = Annotated[int, Field(ge=0)]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+
+
+class FileRecord(_Record):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: Count
+
+
+class TensorRecord(_Record):
+    file: ArtifactPath
+    dtype: str = Field(max_length=32)
+    shape: list[Count]
+
+
+class LayerRecord(_Record):
+    """One decoder block's widths (export.remote.modeling_compress_pruned.resize_blocks builds them)."""
+
+    num_attention_heads: int = Field(ge=1)
+    num_key_value_heads: int = Field(ge=1)
+    head_dim: int = Field(ge=1)
+    intermediate_size: Count
+    bias: list[Literal[ATTN + MLP]]  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _groups(self) -> "LayerRecord":
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        return self
+
+    def projection_shapes(self, hidden: int) -> dict[str, tuple[int, int]]:
+        """(out, in) of each projection of this block, for a model of width `hidden`."""
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        inter = self.intermediate_size
+        return {"self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kv, hidden), "self_attn.v_proj": (kv, hidden),
+                "self_attn.o_proj": (hidden, q), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+                "mlp.down_proj": (hidden, inter)}
+
+
+class Architecture(_Record):
+    base_model_type: str
+    layers: list[LayerRecord]
+
+
+class QuantScheme(_Record):
+    bits: Literal[2, 3, 4, 8]
+    group_size: int = Field(ge=-1)
+    sym: bool
+    ordered: bool
+    shape: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2, max_length=2)]  # (out, in)
+    format: Literal["compressed-tensors", "gptq"] = "compressed-tensors"
+
+    @model_validator(mode="after")
+    def _groups(self) -> "QuantScheme":
+        if self.group_size != -1 and (self.group_size < 1 or self.shape[1] % self.group_size):
+            raise ValueError(f"group_size {self.group_size} does not divide the {self.shape[1]} input columns "
+                             "(a positive divisor, or -1)")
+        return self
+
+
+class SourceRecord(_Record):
+    name: str
+    identity: str
+    path: str
+    sha256: dict[str, str] = {}  # safetensors file name -> sha256 at run time
+
+
+class Manifest(_Record):
+    """manifest.json: format and version, source identity, per-layer architecture, quantization schemes, recipe, and
+    every tensor's file/dtype/shape and every file's sha256 and size. Validation also checks that each tensor's file
+    is listed (so hashed) and that the layer widths agree with the tensor shapes."""
+
+    format: Literal["compress-artifact"]
+    format_version: int = Field(ge=1, le=FORMAT_VERSION)
+    created: str = ""
+    versions: dict[str, str] = {}
+    source: SourceRecord
+    architecture: Architecture
+    quantization: dict[str, QuantScheme] = {}
+    recipe: dict[str, Any]
+    seed: int = 0
+    tensors: dict[str, TensorRecord]
+    files: dict[ArtifactPath, FileRecord]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Manifest":
+        for name, t in self.tensors.items():
+            if t.file not in self.files:
+                raise ValueError(f"tensors.{name}.file: {t.file} is not listed in files (every file is hashed)")
+        embed = self.tensors.get("model.embed_tokens.weight")
+        if embed is None or len(embed.shape) != 2:
+            raise ValueError("tensors: model.embed_tokens.weight (vocab, hidden) is missing or not 2-D")
+        for i, layer in enumerate(self.architecture.layers):
+            for proj, want in layer.projection_shapes(embed.shape[1]).items():
+                name = f"model.layers.{i}.{proj}"
+                got = (self.quantization[name].shape if name in self.quantization
+                       else self.tensors[f"{name}.weight"].shape if f"{name}.weight" in self.tensors else None)
+                if got is not None and tuple(got) != want:
+                    raise ValueError(f"architecture.layers.{i}: {name} is {list(want)} (out, in) by these widths, "
+                                     f"but its tensor is {list(got)}")
+        return self
+
+
+def manifest_errors(err: ValidationError, limit: int = 10) -> list[str]:
+    """One line per problem, `<field path>: <what is wrong>`, at most `limit` (a damaged manifest can have
+    thousands)."""
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"] if p != "[key]") or "<root>"
+        lines.append(f"{path}: {e['msg'].removeprefix('Value error, ')}")
+    more = len(lines) - limit
+    return lines[:limit] + ([f"... and {more} more"] if more > 0 else [])

@@ -5,58 +5,94 @@ Kept light: torch, safetensors and transformers (for the stock module classes), 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from safetensors import safe_open
 from torch import nn
 
-from export.format import DTYPES, ArtifactError, CONFIG, FORMAT_NAME, FORMAT_VERSION, MANIFEST, PRUNED_MODEL_TYPE
+from export.format import (
+    DTYPES, ArtifactError, CONFIG, FORMAT_NAME, FORMAT_VERSION, MANIFEST, PRUNED_MODEL_TYPE, Manifest, manifest_errors,
+)
 from export.interop import gptq_to_packed
 from export.qlinear import QuantLinear
 
 _ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+MAX_MANIFEST_BYTES = 256 * 2**20  # a 70B model's manifest is a few MB; json.loads needs ~10x the file in memory
 
 
-def read_manifest(path: Path) -> tuple[dict | None, list[str]]:
-    """(manifest, []) or (None, [why it cannot be read])."""
+def read_manifest(path: Path) -> tuple[Manifest | None, list[str]]:
+    """(manifest, []) or (None, [why it cannot be read]): not a folder, no manifest, not JSON, another format, a
+    newer version, or a field of the wrong shape (named), a path that leaves the folder, a tensor whose file is not
+    listed, layer widths that disagree with the tensors."""
+    path = Path(path)
     if not path.is_dir():
         return None, [f"{path}: no such artifact folder"]
     mpath = path / MANIFEST
-    if not mpath.is_file():
+    if mpath.is_symlink() or not mpath.is_file():
         return None, [f"{MANIFEST}: missing (not an artifact written by compress?)"]
+    if (size := mpath.stat().st_size) > MAX_MANIFEST_BYTES:
+        return None, [f"{MANIFEST}: {size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}"]
     try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        return None, [f"{MANIFEST}: not valid JSON ({err})"]
-    if manifest.get("format") != FORMAT_NAME:
-        return None, [f"{MANIFEST}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}"]
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-        return None, [f"{MANIFEST}: format_version {manifest['format_version']} is newer than this runtime's {FORMAT_VERSION}"]
-    return manifest, []
+        raw = json.loads(mpath.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None, [f"{MANIFEST}: not valid JSON ({type(err).__name__}: {str(err)[:200]})"]
+    if not isinstance(raw, dict):
+        return None, [f"{MANIFEST}: a JSON object expected, got {type(raw).__name__}"]
+    if raw.get("format") != FORMAT_NAME:
+        return None, [f"{MANIFEST}: format is {str(raw.get('format'))[:100]!r}, expected {FORMAT_NAME!r}"]
+    version = raw.get("format_version")
+    if type(version) is not int:
+        return None, [f"{MANIFEST}: format_version: {str(version)[:100]!r} is not an integer"]
+    if version > FORMAT_VERSION:
+        return None, [f"{MANIFEST}: format_version {version} is newer than this runtime's {FORMAT_VERSION}"]
+    try:
+        return Manifest.model_validate(raw), []
+    except ValidationError as err:
+        return None, [f"{MANIFEST}: {line}" for line in manifest_errors(err)]
 
 
-def _check(path: Path, manifest: dict, hashes: bool) -> list[str]:
+def _escapes(path: Path, rel: str) -> str | None:
+    """Where `path/rel` really is, when that is outside the artifact folder (a symbolic link on the way); else None.
+    A Hugging Face cache snapshot's links into its own repository's blobs stay inside."""
+    root = Path(os.path.realpath(path))
+    allowed = root.parent.parent if root.parent.name == "snapshots" else root  # models--org--name/{snapshots,blobs}
+    real = Path(os.path.realpath(path / rel))
+    return None if allowed in real.parents else str(real)
+
+
+def _non_finite(tensor: torch.Tensor) -> int:
+    """Number of NaN or Inf values of a floating tensor (0 for integer tensors: packed codes, shapes)."""
+    return int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+
+
+def _check(path: Path, manifest: Manifest, hashes: bool) -> list[str]:
+    """Problems of the folder against its manifest; with `hashes`, also every file's sha256 and every floating
+    tensor's values (NaN or Inf), read one tensor at a time."""
     from export.writer import sha256_file
 
     problems = []
-    files = manifest.get("files", {})
+    files = manifest.files
     for rel, meta in files.items():
         p = path / rel
-        if not p.is_file():
+        if (real := _escapes(path, rel)) is not None:
+            problems.append(f"{rel}: resolves to {real}, outside the artifact folder")
+        elif not p.is_file():
             problems.append(f"{rel}: missing")
-        elif p.stat().st_size != meta["bytes"]:
-            problems.append(f"{rel}: {p.stat().st_size} bytes, manifest says {meta['bytes']} (truncated or altered)")
-        elif hashes and sha256_file(p) != meta["sha256"]:
+        elif p.stat().st_size != meta.bytes:
+            problems.append(f"{rel}: {p.stat().st_size} bytes, manifest says {meta.bytes} (truncated or altered)")
+        elif hashes and sha256_file(p) != meta.sha256:
             problems.append(f"{rel}: sha256 differs from the manifest (file altered)")
     for p in sorted(path.rglob("*")):
         rel = p.relative_to(path).as_posix()
-        if p.is_file() and rel != MANIFEST and rel not in files:
+        if (p.is_file() or p.is_symlink()) and rel != MANIFEST and rel not in files:
             problems.append(f"{rel}: not listed in the manifest")
     by_file: dict[str, dict] = {}
-    for name, meta in manifest.get("tensors", {}).items():
-        by_file.setdefault(meta["file"], {})[name] = meta
+    for name, meta in manifest.tensors.items():
+        by_file.setdefault(meta.file, {})[name] = meta
     for fname, expected in by_file.items():
         if any(m.startswith(f"{fname}:") for m in problems):
             continue
@@ -68,11 +104,13 @@ def _check(path: Path, manifest: dict, hashes: bool) -> list[str]:
                         problems.append(f"{fname}: tensor {name} missing")
                         continue
                     shape, dtype = list(found[name].get_shape()), found[name].get_dtype()
-                    if shape != meta["shape"]:
-                        problems.append(f"{fname}: tensor {name} has shape {shape}, manifest says {meta['shape']}")
-                    want = _ST_NAMES.get(meta["dtype"], meta["dtype"])
+                    if shape != meta.shape:
+                        problems.append(f"{fname}: tensor {name} has shape {shape}, manifest says {meta.shape}")
+                    want = _ST_NAMES.get(meta.dtype, meta.dtype)
                     if dtype != want:
-                        problems.append(f"{fname}: tensor {name} has dtype {dtype}, manifest says {meta['dtype']}")
+                        problems.append(f"{fname}: tensor {name} has dtype {dtype}, manifest says {meta.dtype}")
+                    elif hashes and (bad := _non_finite(f.get_tensor(name))):
+                        problems.append(f"{fname}: tensor {name} has {bad} non-finite values (NaN or Inf)")
                 for name in sorted(set(found) - set(expected)):
                     problems.append(f"{fname}: tensor {name} not listed in the manifest")
         except Exception as err:  # safetensors raises its own error types for a damaged header
@@ -81,7 +119,8 @@ def _check(path: Path, manifest: dict, hashes: bool) -> list[str]:
 
 
 def verify(path: str | Path) -> list[str]:
-    """Every problem with an artifact folder (missing, truncated or altered file, missing or extra tensor); [] if none."""
+    """Every problem with an artifact folder (a malformed manifest, a path leaving the folder, a missing, truncated or
+    altered file, a missing or extra tensor, NaN or Inf values), each naming the field, file or tensor; [] if none."""
     path = Path(path)
     manifest, problems = read_manifest(path)
     if manifest is None:
@@ -89,8 +128,9 @@ def verify(path: str | Path) -> list[str]:
     return _check(path, manifest, hashes=True)
 
 
-def _build_skeleton(config: dict, layers: list[dict], quantization: dict[str, dict]) -> nn.Module:
-    """The model with every weight on the meta device and each block's widths as the manifest says."""
+def _build_skeleton(config: dict, manifest: Manifest) -> nn.Module:
+    """The model with every weight on the meta device and each block's widths as the manifest says; a config or a
+    quantized module name that cannot make one is refused naming config.json or the manifest field."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from export.remote.modeling_compress_pruned import PER_LAYER_KEYS, resize_blocks  # imports transformers
@@ -98,45 +138,76 @@ def _build_skeleton(config: dict, layers: list[dict], quantization: dict[str, di
     cfg = dict(config)
     cfg.pop("quantization_config", None)  # our loader builds QuantLinear itself, from the manifest
     if cfg.get("model_type") == PRUNED_MODEL_TYPE:
-        cfg["model_type"] = cfg["base_model_type"]
+        cfg["model_type"] = cfg.get("base_model_type")
         for key in PER_LAYER_KEYS:
             cfg.pop(key, None)
-    model_type = cfg.pop("model_type")
+    model_type = cfg.pop("model_type", None)
     cfg.pop("architectures", None)
-    hf_config = AutoConfig.for_model(model_type, **cfg)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
+    try:
+        hf_config = AutoConfig.for_model(model_type, **cfg)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ArtifactError(f"{CONFIG}: cannot build a model from it ({type(err).__name__}: {str(err)[:200]})") from None
+    layers = manifest.architecture.layers
     if len(layers) != len(model.model.layers):
         raise ArtifactError(f"{MANIFEST}: {len(layers)} layers described, config has {len(model.model.layers)}")
-    resize_blocks(model.model.layers, layers, hf_config.hidden_size, device="meta")
-    for name, scheme in quantization.items():  # packed linears keep their compressed-tensors buffers
-        parent_name, short = name.rsplit(".", 1)
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, short)
-        setattr(parent, short, QuantLinear(old.in_features, old.out_features, scheme["bits"], scheme["group_size"],
-                                           scheme["sym"], bias=old.bias is not None, g_idx=not scheme["ordered"],
+    resize_blocks(model.model.layers, [layer.model_dump() for layer in layers], hf_config.hidden_size, device="meta")
+    for name, scheme in manifest.quantization.items():  # packed linears keep their compressed-tensors buffers
+        parent_name, _, short = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name)
+        except AttributeError:
+            parent = None
+        old = getattr(parent, short, None)
+        if not isinstance(old, nn.Linear):
+            raise ArtifactError(f"{MANIFEST}: quantization.{name}: the model has no linear layer of that name")
+        if [old.out_features, old.in_features] != scheme.shape:
+            raise ArtifactError(f"{MANIFEST}: quantization.{name}.shape: {scheme.shape}, but the model's layer is "
+                                f"{[old.out_features, old.in_features]} (out, in)")
+        setattr(parent, short, QuantLinear(old.in_features, old.out_features, scheme.bits, scheme.group_size,
+                                           scheme.sym, bias=old.bias is not None, g_idx=not scheme.ordered,
                                            device="meta"))
     return model
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
          check_hashes: bool = False) -> nn.Module:
-    """A ready-to-run model (eval mode) from an artifact folder; refuses one that does not match its manifest."""
+    """A ready-to-run model (eval mode) from an artifact folder; refuses one that does not match its manifest, and
+    one with NaN or Inf in any floating tensor (named)."""
     from safetensors.torch import load_file
 
     path = Path(path)
     manifest, problems = read_manifest(path)
     if manifest is None or (problems := _check(path, manifest, hashes=check_hashes)):
         raise ArtifactError(f"{path}: " + "; ".join(problems))
-    config = json.loads((path / CONFIG).read_text())
-    model = _build_skeleton(config, manifest["architecture"]["layers"], manifest.get("quantization", {}))
+    try:
+        config = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+    except (ValueError, RecursionError, OSError) as err:
+        raise ArtifactError(f"{path}: {CONFIG}: not valid JSON ({type(err).__name__})") from None
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{path}: {CONFIG}: a JSON object expected, got {type(config).__name__}")
+    try:
+        model = _build_skeleton(config, manifest)
+    except ArtifactError as err:
+        raise ArtifactError(f"{path}: {err}") from None
     state: dict[str, torch.Tensor] = {}
-    for fname in sorted({m["file"] for m in manifest["tensors"].values()}):
+    for fname in sorted({m.file for m in manifest.tensors.values()}):
         state.update(load_file(path / fname))
-    for name, scheme in manifest.get("quantization", {}).items():
-        if scheme.get("format") == "gptq":
-            gptq_to_packed(state, name, scheme)
-    result = model.load_state_dict(state, strict=False, assign=True)
+    bad = {name: n for name, t in state.items() if (n := _non_finite(t))}
+    if bad:
+        raise ArtifactError(f"{path}: non-finite values (NaN or Inf) in {len(bad)} tensor(s): "
+                            + ", ".join(f"{k} ({n})" for k, n in list(bad.items())[:5]))
+    for name, scheme in manifest.quantization.items():
+        if scheme.format == "gptq":
+            try:
+                gptq_to_packed(state, name, scheme.model_dump())
+            except KeyError as err:
+                raise ArtifactError(f"{path}: quantization.{name}: GPTQ tensor {err} missing") from None
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as err:  # shapes that disagree with the skeleton; the message names the tensors
+        raise ArtifactError(f"{path}: {str(err)[:1000]}") from None
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
     if missing or result.unexpected_keys:
