@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from compress.errors import CompressError
+
 
 @dataclass
 class LinearStats:
@@ -108,6 +110,10 @@ def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: tor
                 model(input_ids=input_ids[start : start + batch_size], use_cache=False)
             except _StopForward:
                 pass
+    n_batches = len(captured.hidden)
+    if missed := [i for i, kw in enumerate(captured.kwargs) if len(kw) != n_batches]:
+        raise CompressError(f"the model's forward did not call blocks {missed} of {len(layers)} with keyword "
+                            "arguments the engine can record; its architecture is not supported")
     return captured
 
 

@@ -87,3 +87,17 @@ def test_every_block_gets_its_own_layer_types_mask(tmp_path, arch, over, attn):
         with torch.no_grad():
             wrong = llama.blocks(model)[1](hs[0][1], **cap.kwargs[0][0])
         assert not torch.equal(wrong, hs[0][2])
+
+
+def test_a_block_the_forward_never_calls_is_named(tiny_llama):
+    """A forward that skips a block would leave it without keyword arguments: refused by block index, not replayed."""
+    from compress.errors import CompressError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    model.config.num_hidden_layers = 2  # the model's forward runs layers[:2]; the engine is given all 3
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    own = llama.blocks(model)[1].forward = type(llama.blocks(model)[1]).forward.__get__(llama.blocks(model)[1])
+    with pytest.raises(CompressError, match=r"blocks \[2\] of 3"):
+        capture_block_inputs(model, llama.blocks(model), ids, 2)
+    assert llama.blocks(model)[1].__dict__["forward"] is own  # an instance forward (accelerate's hooks) is restored
+    assert "forward" not in llama.blocks(model)[0].__dict__ and "forward" not in llama.blocks(model)[2].__dict__
