@@ -134,7 +134,8 @@ def _read_index(index: Path) -> dict[str, str]:
 
 def checkpoint_tensors(folder: Path) -> dict[str, TensorEntry]:
     """Every tensor of the checkpoint transformers loads (model.safetensors, else the shards the index names), from
-    checked headers; a shard the folder lacks, an index that disagrees with its shards, a tensor in two files: refused."""
+    checked headers; a shard the folder lacks, an index that disagrees with its shards, a tensor in two files are
+    refused."""
     if (folder / SINGLE_WEIGHTS).is_file():
         return read_header(folder / SINGLE_WEIGHTS)
     index = folder / WEIGHTS_INDEX
@@ -165,8 +166,8 @@ def checkpoint_tensors(folder: Path) -> dict[str, TensorEntry]:
 
 def implied_parameters(config: dict) -> int:
     """A lower bound on the parameters a Llama-family config implies (config sizes already checked): embeddings and an
-    untied lm_head, per layer the q/k/v/o and gate/up/down projections and two norms, the final norm; biases and q/k
-    norms are not counted."""
+    lm_head when the config says it is untied, per layer the q/k/v/o and gate/up/down projections and two norms, the
+    final norm; biases and q/k norms are not counted (exact for Llama, Mistral)."""
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads

@@ -169,6 +169,7 @@ CASES = [
     # config.json sizes against what the weights hold: refused from the headers, before building anything
     ("source-layers-billion", config("layers-1e9", lambda c: c.update(num_hidden_layers=1_000_000_000)), "config.json: sizes (num_hidden_layers=1000000000"),
     ("source-vocab-huge", config("vocab-huge", lambda c: c.update(vocab_size=10**7)), "vocab_size=10000000, num_attention_heads=6, num_key_value_heads=3) imply at least"),
+    ("source-layers-one-more", config("layers-4", lambda c: c.update(num_hidden_layers=4)), "missing tensor model.layers.3.self_attn.q_proj.weight"),
     ("source-layers-fewer", config("layers-2", lambda c: c.update(num_hidden_layers=2)), "tensor model.layers.2.input_layernorm.weight is not part of the model config.json describes"),
     ("source-vocab-smaller", config("vocab-200", lambda c: c.update(vocab_size=200)), "tensor model.embed_tokens.weight has shape [384, 96], config.json implies [200, 96]"),
     ("source-intermediate-smaller", config("inter-120", lambda c: c.update(intermediate_size=120)), "tensor model.layers.0.mlp.down_proj.weight has shape [96, 128], config.json implies [96, 120]"),
