@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from calibration.sources import eval_windows, load_corpus, sample_windows, tokenize
+from calibration.budget import check_fits
+from calibration.sources import chat_renderer, eval_windows, load_corpus, pool_tokens, sample_windows
 from compress import evaluate as ev
 from compress import journal
 from compress.errors import CompressError, InputError
@@ -67,15 +68,17 @@ class EvalSets:
 
     @classmethod
     def build(cls, recipe: Recipe, tokenizer) -> "EvalSets":
+        """The first evaluate.max_windows windows of the calibration source's held-out split and of each
+        evaluate.extra text (whose rows are read by calibration.field); only those tokens are read."""
         e, c = recipe.evaluate, recipe.calibration
-        sets = cls()
-        corpus = load_corpus(c.source, c.field)
+        sets, chat, want = cls(), chat_renderer(tokenizer), e.max_windows * e.seq_len
+        corpus = load_corpus(c.source, c.field, chat)
         label = f"{Path(corpus.name).name}-heldout"
-        sets.windows[label] = eval_windows(tokenize(tokenizer, corpus.split("heldout")), e.seq_len, e.max_windows, label)
+        sets.windows[label] = eval_windows(corpus.tokens(tokenizer, "heldout", want), e.seq_len, e.max_windows, label)
         for name in e.extra:
-            extra = load_corpus(name)
-            sets.windows[Path(name).name] = eval_windows(tokenize(tokenizer, extra.split("all")), e.seq_len,
-                                                         e.max_windows, name)
+            extra = load_corpus(name, c.field, chat)
+            sets.windows[Path(name).name] = eval_windows(extra.tokens(tokenizer, "all", want), e.seq_len,
+                                                         e.max_windows, f"evaluate.extra {name!r}")
         return sets
 
     def perplexities(self, model, batch_size: int) -> dict[str, float]:
@@ -246,9 +249,13 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     model, tokenizer = load_model(source, recipe.trust_remote_code)
     check_export_dtype(model, recipe.export.dtype)  # before any pass, not at export
     cal = recipe.calibration
-    corpus = load_corpus(cal.source, cal.field)
-    calib = sample_windows(tokenize(tokenizer, corpus.split("calibration")), cal.windows, cal.seq_len, recipe.seed,
-                           f"calibration source {corpus.name!r} (calibration split)")
+    check_fits(model, cal.windows, {"calibration.seq_len": cal.seq_len,
+                                    **({"evaluate.seq_len": recipe.evaluate.seq_len} if recipe.evaluate.enabled else {})})
+    corpus = load_corpus(cal.source, cal.field, chat_renderer(tokenizer))
+    calib = sample_windows(corpus.tokens(tokenizer, "calibration", pool_tokens(cal.windows, cal.seq_len)), cal.windows,
+                           cal.seq_len, recipe.seed, f"calibration source {corpus.name!r} (calibration split)")
+    for note in corpus.notes:
+        log(f"note: {note}")
     eval_sets = EvalSets.build(recipe, tokenizer) if recipe.evaluate.enabled else EvalSets()
     _check_passes_fit(recipe, model)
     log(f"model {source.identity}: {len(llama.blocks(model))} blocks; calibration {tuple(calib.shape)} tokens "

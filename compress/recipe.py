@@ -47,7 +47,7 @@ class EvaluateConfig(_Strict):
 
     seq_len: int = Field(256, ge=8, le=MAX_TOKENS)
     max_windows: int = Field(32, ge=1, le=MAX_WINDOWS)
-    # held-out part of the calibration source is always evaluated; these are other domains
+    # other domains (the source's held-out split is always evaluated); .jsonl/table rows: text in calibration.field
     extra: list[Annotated[str, Field(max_length=MAX_PATH)]] = Field(["licenses"], max_length=MAX_ITEMS)
     enabled: bool = True
 

@@ -1,12 +1,48 @@
-"""Text sources and token windows: deterministic, disjoint splits; seeded windows; clear errors."""
+"""Text sources and token windows: deterministic, disjoint splits; seeded windows; chunked tokenization equal to one
+call on the whole text (so the packaged corpora give the windows they always gave); bad rows and files named."""
 
 import json
+import os
+import re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from calibration.sources import eval_windows, load_corpus, sample_windows
+from calibration import budget, sources
+from calibration.sources import eval_windows, load_corpus, pool_tokens, sample_windows, tokenize
 from compress.errors import InputError
+from tests.tiny import make_tokenizer
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _family_tokenizer(kind: str):
+    """A BPE of 2000 tokens trained on pydoc with the pre-tokenizer of a model family: SmolLM2 (the default model:
+    digits apart, then GPT-2 byte-level), Llama-3 (its split regex, then bytes), sentencepiece-style Metaspace."""
+    from pydoc_data.topics import topics
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = {
+        "smollm2": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                            pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+        "llama3": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
+                                           pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+        "metaspace": pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first"),
+    }[kind]
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if kind != "metaspace" else []
+    tok.train_from_iterator([topics[k] for k in sorted(topics)[:40]], trainers.BpeTrainer(
+        vocab_size=2000, special_tokens=["<|endoftext|>"], show_progress=False, initial_alphabet=alphabet))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def tiny_tok():
+    return make_tokenizer()
 
 
 def test_pydoc_splits_are_disjoint_and_deterministic():
@@ -24,6 +60,88 @@ def test_pydoc_splits_are_disjoint_and_deterministic():
 def test_licenses_corpus_is_other_domain():
     text = load_corpus("licenses").split("all")
     assert "Permission is hereby granted" in text or "Redistribution and use" in text
+
+
+def _default_windows(tokens_cal, tokens_held):
+    """What the default recipe (llama-30pct: 64 x 256, seed 0; evaluate 32 x 256) draws from two token streams."""
+    return sample_windows(tokens_cal, 64, 256, 0, "c"), eval_windows(tokens_held, 256, 32, "h")
+
+
+def test_packaged_corpora_give_the_windows_one_whole_text_call_gives(tiny_tok):
+    """The measured numbers depend on these windows: chunked, early-stopping tokenization must not move a token."""
+    pydoc, licenses = load_corpus("pydoc"), load_corpus("licenses")
+    assert len(pydoc.split("calibration")) > 4 * sources.CHUNK_CHARS  # several cuts happen
+    old_cal, old_held = tokenize(tiny_tok, pydoc.split("calibration")), tokenize(tiny_tok, pydoc.split("heldout"))
+    new_cal = pydoc.tokens(tiny_tok, "calibration", pool_tokens(64, 256))
+    assert torch.equal(new_cal, old_cal)  # below the pool: the whole split, token for token
+    for a, b in zip(_default_windows(old_cal, old_held),
+                    _default_windows(new_cal, pydoc.tokens(tiny_tok, "heldout", 32 * 256))):
+        assert torch.equal(a, b)
+    assert torch.equal(licenses.tokens(tiny_tok, "all"), tokenize(tiny_tok, licenses.split("all")))
+    assert sum(len(d.encode()) for d in pydoc.documents) < sources.POOL_TOKENS  # any tokenizer: under the pool
+
+
+def test_default_model_tokenizer_if_present():
+    """The packaged default model's own tokenizer, when it was fetched before (never downloaded here)."""
+    folder = os.path.expanduser("~/.cache/compress/models/smollm2-135m")
+    if not os.path.isdir(folder):
+        pytest.skip("default model not in the cache")
+    from transformers import AutoTokenizer
+
+    tok, pydoc = AutoTokenizer.from_pretrained(folder), load_corpus("pydoc")
+    for which in ("calibration", "heldout"):
+        assert torch.equal(pydoc.tokens(tok, which), tokenize(tok, pydoc.split(which)))
+
+
+@pytest.mark.parametrize("kind", ["smollm2", "llama3", "metaspace"])
+def test_many_cuts_tokenize_as_one_call(kind, monkeypatch):
+    """Cut every ~400 characters (hundreds of seams, at paragraph ends, inside sentences, after punctuation): the
+    stream still equals one call on the whole text for every pre-tokenizer family."""
+    tok = _family_tokenizer(kind)
+    monkeypatch.setattr(sources, "CHUNK_CHARS", 400)
+    pydoc = load_corpus("pydoc")
+    text = pydoc.split("heldout")
+    assert torch.equal(pydoc.tokens(tok, "heldout"), tokenize(tok, text))
+
+
+def test_stops_reading_once_enough_tokens(tmp_path, tiny_tok, monkeypatch):
+    """A bad row far past what is needed is never read: memory and time follow what is sampled, not the file."""
+    monkeypatch.setattr(sources, "CHUNK_CHARS", 2000)
+    rows = [json.dumps({"text": f"row {i} " + "words of text " * 20}) for i in range(5000)] + ['{"text": null}']
+    (tmp_path / "big.jsonl").write_text("\n".join(rows))
+    corpus = load_corpus(str(tmp_path / "big.jsonl"), "text")
+    assert corpus.tokens(tiny_tok, "calibration", 1000).shape == (1000,)
+    with pytest.raises(InputError, match=r"big.jsonl: line 5001: field 'text' is null"):
+        corpus.tokens(tiny_tok, "calibration")
+
+
+def test_long_line_is_cut_into_bounded_documents(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "MAX_DOC_CHARS", 1000)
+    monkeypatch.setattr(sources, "READ_BYTES", 300)
+    line = " ".join(f"w{i}" for i in range(3000))  # one paragraph of ~17k characters
+    (tmp_path / "line.txt").write_text(line)
+    docs = load_corpus(str(tmp_path / "line.txt")).documents
+    assert max(map(len, docs)) <= 1000 and len(docs) > 15 and "".join(docs) == line
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet="ab \n\r\t\u00e9", max_size=120), block=st.integers(1, 9))
+def test_streamed_paragraphs_equal_one_split(tmp_path_factory, text, block):
+    """Read in blocks of any size, a .txt gives the paragraphs one split of the whole file gives."""
+    path = tmp_path_factory.mktemp("p") / "t.txt"
+    path.write_bytes(text.encode())
+    whole = path.read_text()  # universal newlines, as the file was read before
+    want = [p for p in re.split(r"\n\s*\n", whole) if p.strip()]
+    old = sources.READ_BYTES
+    sources.READ_BYTES = block
+    try:
+        if want:
+            assert list(load_corpus(str(path)).documents) == want
+        else:
+            with pytest.raises(InputError, match="is empty"):
+                load_corpus(str(path))
+    finally:
+        sources.READ_BYTES = old
 
 
 def test_windows_are_seeded_and_non_overlapping():
@@ -50,12 +168,84 @@ def test_local_sources(tmp_path):
     rows = [{"text": f"row {i}", "other": 1} for i in range(7)]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     assert load_corpus(str(tmp_path / "d.jsonl"), field="text").documents[3] == "row 3"
-    with pytest.raises(InputError, match="d.jsonl:1: no field 'body'"):
+    with pytest.raises(InputError, match="d.jsonl: line 1: no field 'body'"):
         load_corpus(str(tmp_path / "d.jsonl"), field="body")
     import datasets
 
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
     assert load_corpus(str(tmp_path / "d.parquet"), field="text").documents[6] == "row 6"
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    assert load_corpus(str(arrow), field="text").documents[5] == "row 5"
     (tmp_path / "empty.txt").write_text("  \n\n ")
     with pytest.raises(InputError, match="is empty"):
         load_corpus(str(tmp_path / "empty.txt"))
+
+
+@pytest.mark.parametrize("value, kind", [(None, "null"), (3, "a number"), (2.5, "a number"), (True, "a bool"),
+                                         ({"a": 1}, "an object"), (["x", "y"], "a list"), ([], "a list")])
+def test_rows_that_are_not_text_are_refused_by_file_row_and_field(tmp_path, value, kind):
+    rows = [{"text": "fine"}, {"text": "fine too"}, {"text": value}]
+    (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(InputError, match=rf"r.jsonl: line 3: field 'text' is {kind} \("):
+        load_corpus(str(tmp_path / "r.jsonl"), "text").documents
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": pa.array([value, value])}), tmp_path / "r.parquet")
+    with pytest.raises(InputError, match=rf"r.parquet: row 1: field 'text' is {kind}"):
+        load_corpus(str(tmp_path / "r.parquet"), "text")
+
+
+def test_chat_messages_are_rendered_with_the_template_and_noted(tmp_path, tiny_tok):
+    chat = [{"role": "user", "content": "What is a list?"}, {"role": "assistant", "content": "A sequence."}]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": chat}) + "\n" + json.dumps({"messages": chat}))
+    with pytest.raises(InputError, match="c.jsonl: line 1: field 'messages' holds chat messages and the tokenizer "
+                                         "has no chat template"):
+        load_corpus(str(tmp_path / "c.jsonl"), "messages", sources.chat_renderer(tiny_tok))
+    tiny_tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+    try:
+        corpus = load_corpus(str(tmp_path / "c.jsonl"), "messages", sources.chat_renderer(tiny_tok))
+        assert corpus.documents == ("<user>What is a list?\n<assistant>A sequence.\n",) * 2
+        assert corpus.notes == [f"{tmp_path / 'c.jsonl'}: field 'messages' holds chat messages, rendered with the "
+                                "tokenizer's chat template"]
+    finally:
+        tiny_tok.chat_template = None
+
+
+def test_bad_bytes_and_special_files_are_named(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 ok\n\nna\u00efve".encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin1.txt: not UTF-8 text: byte 3 \(line 1\)"):
+        load_corpus(str(tmp_path / "latin1.txt"))
+    # the bad byte in a later block, after a multi-byte character cut by the block boundary
+    (tmp_path / "late.txt").write_bytes(("a" + "\u00e9" * (sources.READ_BYTES // 2) + "\n\nab").encode() + b"\xff")
+    with pytest.raises(InputError, match=rf"late.txt: not UTF-8 text: byte {sources.READ_BYTES + 5} \(line 3\)"):
+        load_corpus(str(tmp_path / "late.txt")).documents
+    (tmp_path / "bin.txt").write_bytes(b"text\nmore\x00\x01\x02")
+    with pytest.raises(InputError, match=r"bin.txt: a NUL byte at byte 9 \(line 2\): binary data"):
+        load_corpus(str(tmp_path / "bin.txt"))
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xc3("}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl: line 2: not UTF-8 text: byte 25"):
+        load_corpus(str(tmp_path / "bad.jsonl"), "text").documents
+    os.mkfifo(tmp_path / "pipe.txt")
+    with pytest.raises(InputError, match=r"pipe.txt: not a regular file \(a FIFO\)"):
+        load_corpus(str(tmp_path / "pipe.txt"))
+    with pytest.raises(InputError, match=r"/dev/null: not a regular file \(a character device\)"):
+        load_corpus("/dev/null")
+    (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "folder" / "p.md")
+    with pytest.raises(InputError, match=r"p.md: not a regular file \(a FIFO\)"):
+        load_corpus(str(tmp_path / "folder"))
+
+
+def test_context_and_activation_memory_are_checked_with_numbers():
+    budget.check_context({"calibration.seq_len": 512, "evaluate.seq_len": 256}, 512)
+    with pytest.raises(InputError, match="evaluate.seq_len 1024 exceeds the model's context length 512"):
+        budget.check_context({"calibration.seq_len": 256, "evaluate.seq_len": 1024}, 512)
+    # 64 windows x 256 x 576 (SmolLM2-135M) fp32: 4 copies of 37.7 MB
+    assert budget.activation_bytes(64, 256, 576, 4) == 4 * 64 * 256 * 576 * 4 == 150_994_944
+    budget.check_activation_memory(64, 256, 576, 4, available=150_994_944)
+    with pytest.raises(InputError, match=r"calibration.windows 65 x seq_len 256 x hidden size 576 x 4 bytes x 4 "
+                                         r"copies = 0.1 GiB of activations, but 0.1 GiB"):
+        budget.check_activation_memory(65, 256, 576, 4, available=150_994_944)
+    assert budget.available_bytes() > 2**20
