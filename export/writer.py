@@ -1,9 +1,11 @@
-"""Write an artifact atomically: everything goes into a temporary sibling folder that is renamed into place at the
-end, so an existing artifact is never half-overwritten and a crash leaves the old one intact."""
+"""Write an artifact atomically: everything goes into a temporary sibling folder that replaces `out` in one atomic
+exchange at the end, so an existing artifact is never half-overwritten and a crash leaves the old one or the new one
+whole (the rules for what may be replaced are in export/target.py)."""
 
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from export.target import TargetError, check_target, exchange, old_name, tmp_prefix
 from export.format import (
     CONFIG,
     FORMAT_NAME,
@@ -31,6 +34,43 @@ VERSIONED_PACKAGES = ("compress-llm", "torch", "transformers", "safetensors")
 
 class ArtifactExistsError(FileExistsError):
     pass
+
+
+def step(name: str) -> None:
+    """A named point in the write sequence. It does nothing; the crash test (tests/unit/test_crash.py) replaces it in
+    a child process to kill that process at each point in turn."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def source_files(folder: Path, names: tuple[str, ...] = TOKENIZER_FILES) -> list[Path]:
+    """The tokenizer and generation files of a source model folder that an artifact copies, after checking them:
+    a file that is a symbolic link to a place outside the folder is refused (it would be published with the
+    artifact), except links of a Hugging Face cache snapshot into its own repository's blobs; a .json file must be
+    JSON. Raises TargetError naming the file."""
+    folder = Path(folder)
+    root = Path(os.path.realpath(folder))
+    allowed = root.parent.parent if root.parent.name == "snapshots" else root  # models--org--name/{snapshots,blobs}
+    found = []
+    for name in names:
+        p = folder / name
+        if not p.is_file():
+            continue
+        real = Path(os.path.realpath(p))
+        if real != allowed and allowed not in real.parents:
+            raise TargetError(f"{p}: a symbolic link to {real}, outside the model folder; the artifact would publish "
+                              "that file: copy it into the folder if it belongs there")
+        if name.endswith(".json"):
+            try:
+                json.loads(p.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as err:
+                raise TargetError(f"{p}: not valid JSON ({err})") from None
+        found.append(p)
+    return found
 
 
 def sha256_file(path: Path) -> str:
@@ -70,10 +110,13 @@ class ArtifactWriter:
     def __init__(self, out: Path, overwrite: bool = False):
         self.out = Path(out)
         self.overwrite = overwrite
-        if self.out.exists() and not overwrite:
-            raise ArtifactExistsError(f"{self.out} exists; pass --overwrite to replace it")
+        try:
+            check_target(self.out, overwrite)
+        except TargetError as err:
+            raise ArtifactExistsError(str(err)) from None
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self.tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(self.out), dir=self.out.parent))
+        step("temporary folder made")
         self.tensors: dict[str, dict] = {}
         self.manifest_extra: dict = {}
 
@@ -92,6 +135,7 @@ class ArtifactWriter:
         weight_map = {}
         for fname, shard in zip(names, shards):
             save_file(shard, self.tmp / fname, metadata={"format": "pt"})
+            step(f"wrote {fname}")
             for k, t in shard.items():
                 weight_map[k] = fname
                 self.tensors[k] = {"file": fname, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
@@ -100,17 +144,19 @@ class ArtifactWriter:
             self.write_json(WEIGHTS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
     def write_json(self, name: str, data) -> None:
-        (self.tmp / name).write_text(json.dumps(data, indent=2, default=str) + "\n")
+        self.write_text(name, json.dumps(data, indent=2, default=str) + "\n")
 
     def write_text(self, name: str, text: str) -> None:
         (self.tmp / name).write_text(text)
+        step(f"wrote {name}")
 
     def copy_tokenizer(self, source: Path) -> list[str]:
+        """Copy the source's tokenizer and generation files (checked by `source_files`); returns their names."""
         copied = []
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, self.tmp / name)
-                copied.append(name)
+        for p in source_files(source):
+            shutil.copyfile(p, self.tmp / p.name)  # contents only: the source's permissions and times stay behind
+            copied.append(p.name)
+        step("copied tokenizer files")
         return copied
 
     def write_manifest(self, **fields) -> dict:
@@ -133,17 +179,46 @@ class ArtifactWriter:
         self.write_json(MANIFEST, manifest)
         return manifest
 
+    def _sync(self) -> None:
+        """Give every file the mode the umask asks for (safetensors writes owner-only files) and flush every file and
+        the folder to disk, so that the rename publishes complete files after a power loss."""
+        mask = _umask()
+        for p in [*self.tmp.rglob("*"), self.tmp]:
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
     def commit(self) -> Path:
-        """Rename the finished folder into place; an old artifact is moved aside first and removed after."""
+        """Put the finished folder in place: rename it when `out` is free; otherwise exchange it with the old
+        artifact in one atomic step and remove the old one, or, where the file system cannot exchange, move the old
+        one aside first (the next run restores it if this is interrupted between the two renames)."""
         if not (self.tmp / MANIFEST).exists() or not (self.tmp / CONFIG).exists():
             raise RuntimeError("commit() before config.json and manifest.json were written")
-        old = None
-        if self.out.exists():
-            if not self.overwrite:
-                raise ArtifactExistsError(f"{self.out} exists; pass --overwrite to replace it")
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+        self._sync()
+        step("synced")
+        if not self.out.exists():
+            os.replace(self.tmp, self.out)
+            step("renamed into place")
+            return self.out
+        try:
+            check_target(self.out, self.overwrite)  # again: the folder may have changed during the run
+        except TargetError as err:
+            raise ArtifactExistsError(str(err)) from None
+        try:
+            exchange(self.tmp, self.out)  # self.tmp now holds the old artifact
+            step("exchanged")
+            shutil.rmtree(self.tmp)
+        except OSError as err:
+            if err.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV):
+                raise
+            old = old_name(self.out)
             os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            step("moved the old artifact aside")
+            os.replace(self.tmp, self.out)
+            step("renamed into place")
+            shutil.rmtree(old)
+        step("removed the old artifact")
         return self.out
