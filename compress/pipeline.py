@@ -28,7 +28,8 @@ from export.format import DTYPES
 from export.interop import (REMOTE_CODE_FILE, artifact_config, block_configs, gptq_tensors, quantized_tensors,
                             remote_code_auto_map, remote_code_source)
 from export.loader import load as load_artifact
-from export.writer import ArtifactExistsError, ArtifactWriter, sha256_file
+from export.target import TargetError, check_apart, check_target, recover_leftovers
+from export.writer import ArtifactExistsError, ArtifactWriter, sha256_file, source_files
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 LOGIT_TOLERANCE = 1e-4  # reloaded vs in-memory, fp32
@@ -219,11 +220,23 @@ def quantized_bits(state: dict[str, torch.Tensor], plan: Plan) -> dict | None:
     return {"stored": round(stored / n, 4), "theory": round(theory / n, 4), "quantized_weights": n}
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise InputError(f"output {out} exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output {out} exists and is not a folder")
+def _check_output(out: Path, overwrite: bool, log) -> None:
+    """Repair what interrupted runs left beside `out` (saying so), then refuse an `out` that must not be written."""
+    for message in recover_leftovers(out):
+        log(f"note: {message}")
+    try:
+        check_target(out, overwrite)
+    except TargetError as err:
+        raise InputError(str(err)) from None
+
+
+def _check_source_apart(out: Path, source: ModelSource) -> None:
+    """The artifact never lands in, on or around the model it is made from, and copies nothing from outside it."""
+    try:
+        check_apart(out, source.path, "the source model folder")
+        source_files(source.path)
+    except TargetError as err:
+        raise InputError(str(err)) from None
 
 
 def _check_passes_fit(recipe: Recipe, model) -> None:
@@ -244,8 +257,9 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     model files or the calibration tokens differ from the interrupted run's."""
     t0 = time.perf_counter()
     out = Path(out) if out is not None else Path("artifacts") / recipe.name
-    _check_output(out, overwrite)  # before any work, so nothing is computed only to be refused
+    _check_output(out, overwrite, log)  # before any work, so nothing is computed only to be refused
     source = resolve_model(recipe.model)
+    _check_source_apart(out, source)
     model, tokenizer = load_model(source, recipe.trust_remote_code)
     check_export_dtype(model, recipe.export.dtype)  # before any pass, not at export
     cal = recipe.calibration
