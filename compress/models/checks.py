@@ -221,14 +221,17 @@ def check_checkpoint(folder: Path, config: dict) -> dict[str, TensorEntry]:
 
 
 def check_dense_source(folder: Path, config: dict, where: str) -> None:
-    """Refuse a source that is already compressed: one of our artifacts, or a config with a quantization_config."""
+    """Refuse a source that is already compressed in a way a pass cannot start from: one of our artifacts that is
+    quantized or has per-layer widths, or any config with a quantization_config. A pruned artifact with a stock
+    config holds plain dense weights and may be compressed further (prune now, quantize in a later run)."""
     manifest_path = folder / MANIFEST
     if manifest_path.is_file():
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         except ValueError:
             manifest = None
-        if isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME:
+        if (isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME
+                and (manifest.get("quantization") or config.get("model_type") == PRUNED_MODEL_TYPE)):
             source = manifest.get("source")
             made_from = f" made from {source.get('identity')}" if isinstance(source, dict) else ""
             raise InputError(f"{folder}: a compress artifact ({MANIFEST} format {FORMAT_NAME!r}){made_from}, already "

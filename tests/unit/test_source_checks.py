@@ -144,3 +144,26 @@ def test_export_dtype_bounds(dtype, value, refused):
             checks.check_export_dtype(model, dtype)
     else:
         checks.check_export_dtype(model, dtype)
+
+
+def test_a_stock_pruned_artifact_can_be_compressed_again_a_quantized_one_cannot(tiny_llama, tmp_path):
+    """Prune now, quantize in a later run: a uniform (stock-config) pruned artifact is dense weights; a quantized one
+    is refused by name."""
+    import yaml
+    from click.testing import CliRunner
+
+    from compress.cli import cli
+
+    base = {"model": str(tiny_llama), "calibration": {"windows": 4, "seq_len": 32, "batch_size": 4},
+            "evaluate": {"enabled": False, "extra": []}}
+    made = {}
+    for name, passes in (("pruned", [{"pass": "flap", "target": 0.3, "structure": "uniform"}]),
+                         ("quantized", [{"pass": "rtn", "bits": 4, "group_size": 32}])):
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(yaml.safe_dump({**base, "name": name, "passes": passes}))
+        res = CliRunner().invoke(cli, ["run", "-r", str(recipe), "--out", str(tmp_path / name)])
+        assert res.exit_code == 0, res.output
+        made[name] = tmp_path / name
+    assert resolve_model(str(made["pruned"])).path == made["pruned"].resolve()
+    with pytest.raises(InputError, match="a compress artifact .*already compressed"):
+        resolve_model(str(made["quantized"]))
