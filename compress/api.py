@@ -180,12 +180,12 @@ def eval(artifact: str | Path, max_windows: int | None = None, new_tokens: int =
         source = resolve_model(src.name if src.name in DEFAULT_MODELS else src.path)
     except InputError as err:
         raise InputError(f"{artifact}: its source model {src.name!r} is not available here: {err}") from None
+    compressed = export.load(artifact, dtype=torch.float32)  # a damaged artifact is refused before the source is read
     if changed := source_changes(src.sha256, source.path):
         raise InputError(f"{artifact}: its source model {source.path} changed since the run ("
                          + "; ".join(changed) + "): a comparison with it would not describe this artifact; restore "
                          "the source, or run the recipe again")
     dense, tokenizer = load_model(source)
-    compressed = export.load(artifact, dtype=torch.float32)
     sets = EvalSets.build(recipe, tokenizer)
     prompt = next(iter(sets.windows.values()))[:1, :16]
     rows = []

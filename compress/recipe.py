@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -24,6 +26,7 @@ MAX_TOKENS = 2**20  # seq_len: past any context length shipped today
 MAX_WINDOWS = 2**16  # calibration / evaluation windows, search windows
 MAX_WIDTH = 2**16  # group sizes, GPTQ block sizes, round_to: input columns or channels of one layer
 MAX_SHARD_MB = 2**20  # 1 TiB per safetensors shard
+MAX_REPEATS = 1024  # product of a pattern's {m,n} counts (regex unrolls them when compiling)
 PATTERN_TIMEOUT_S = 1.0  # one module-name search; a sane pattern takes microseconds
 
 
@@ -165,10 +168,22 @@ class MixedBits(_Strict):
     evolution: EvolutionConfig = EvolutionConfig()  # allocator: evolution (started from the knapsack's allocation)
 
 
+_COUNTED = re.compile(r"\{(\d*),?(\d*)\}")  # {m}, {m,}, {,n}, {m,n}
+
+
 def _check_pattern(p: str) -> str:
-    """A regex that compiles (with `regex`, which matches it; see `pattern_search`) and is at most MAX_PATTERN long."""
+    """A Python `re` pattern of at most MAX_PATTERN characters whose counted repeats ({m,n}) multiply to at most
+    MAX_REPEATS: `regex` (which matches it; see `pattern_search`) unrolls nested counts when compiling, so
+    `(?:a{1000}){1000}` takes a second and `(?:a{65535}){65535}` forever, and no module name is that long anyway."""
     if len(p) > MAX_PATTERN:
         raise ValueError(f"a pattern of {len(p)} characters; at most {MAX_PATTERN}")
+    try:
+        re.compile(p)
+    except (re.error, ValueError, OverflowError, RecursionError) as err:
+        raise ValueError(f"{p!r} is not a valid regex: {err}") from None
+    product = math.prod(max(int(n or 0) for n in m.groups()) or 1 for m in _COUNTED.finditer(p))
+    if product > MAX_REPEATS:
+        raise ValueError(f"{p!r}: its counted repeats multiply to {product}; at most {MAX_REPEATS}")
     try:
         regex.compile(p)
     except (regex.error, ValueError, OverflowError, RecursionError) as err:

@@ -191,7 +191,8 @@ def manifest_errors(err: ValidationError, limit: int = 10) -> list[str]:
     thousands)."""
     lines = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"] if p != "[key]") or "<root>"
-        lines.append(f"{path}: {e['msg'].removeprefix('Value error, ')}")
+        path = ".".join(str(p) for p in e["loc"] if p != "[key]")
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{path}: {msg}" if path else msg)  # a whole-manifest check names its fields itself
     more = len(lines) - limit
     return lines[:limit] + ([f"... and {more} more"] if more > 0 else [])

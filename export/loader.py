@@ -32,8 +32,10 @@ def read_manifest(path: Path) -> tuple[Manifest | None, list[str]]:
     if not path.is_dir():
         return None, [f"{path}: no such artifact folder"]
     mpath = path / MANIFEST
-    if mpath.is_symlink() or not mpath.is_file():
+    if not mpath.is_file():
         return None, [f"{MANIFEST}: missing (not an artifact written by compress?)"]
+    if (real := _escapes(path, MANIFEST)) is not None:
+        return None, [f"{MANIFEST}: resolves to {real}, outside the artifact folder"]
     if (size := mpath.stat().st_size) > MAX_MANIFEST_BYTES:
         return None, [f"{MANIFEST}: {size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}"]
     try:

@@ -98,6 +98,8 @@ CASES = [
     _validate("ignore-invalid", "passes.0.ignore.0: '(' is not a valid regex", passes=[{**_RTN[0], "ignore": ["("]}]),
     _validate("override-invalid", "passes.0.overrides.0.pattern: '[' is not a valid regex",
               passes=[{**_RTN[0], "overrides": [{"pattern": "[", "bits": 8}]}]),
+    _validate("pattern-repeats", "passes.0.overrides.0.pattern: '(?:a{65535}){65535}': its counted repeats multiply to "
+              "4294836225; at most 1024", passes=[{**_RTN[0], "overrides": [{"pattern": "(?:a{65535}){65535}"}]}]),
     _run("targets-backtrack", f"passes[0].targets [{_BACKTRACKS!r}] (ignore []) matched no module",
          passes=[{**_RTN[0], "targets": [_BACKTRACKS]}]),
 ]
