@@ -249,3 +249,34 @@ def test_context_and_activation_memory_are_checked_with_numbers():
                                          r"copies = 0.1 GiB of activations, but 0.1 GiB"):
         budget.check_activation_memory(65, 256, 576, 4, available=150_994_944)
     assert budget.available_bytes() > 2**20
+
+
+def test_run_calibrates_on_chat_rows_and_evaluates_an_extra_jsonl(tmp_path, tiny_llama):
+    """`compress run` on chat rows with a tokenizer that has a template: rendered, said so, and an evaluate.extra
+    .jsonl read by calibration.field."""
+    import shutil
+
+    import yaml
+    from click.testing import CliRunner
+
+    from compress.cli import cli
+
+    model = tmp_path / "chat-model"
+    shutil.copytree(tiny_llama, model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    topics = load_corpus("pydoc").documents
+    rows = [{"messages": [{"role": "user", "content": f"Explain topic {i}."},
+                          {"role": "assistant", "content": topics[i][:1500]}]} for i in range(40)]
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "other.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": topics[50][:3000]}]}))
+    recipe = {"name": "chat", "model": str(model), "passes": [{"pass": "flap", "target": 0.2}],
+              "calibration": {"source": str(tmp_path / "chat.jsonl"), "field": "messages", "windows": 4, "seq_len": 64},
+              "evaluate": {"seq_len": 64, "max_windows": 2, "extra": [str(tmp_path / "other.jsonl")]}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    res = CliRunner().invoke(cli, ["run", "-r", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "art")])
+    assert res.exit_code == 0, res.output
+    assert "chat.jsonl: field 'messages' holds chat messages, rendered with the tokenizer's chat template" in res.output
+    report = json.loads((tmp_path / "art" / "report.json").read_text())
+    assert [q["text"] for q in report["quality"]] == ["chat.jsonl-heldout", "other.jsonl"]
