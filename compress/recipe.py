@@ -158,7 +158,7 @@ class MixedBits(_Strict):
     evolutionary search on the assembled model's KL to the dense model started from the knapsack's result
     (`allocator: evolution`)."""
 
-    average: float = Field(..., gt=0, le=8)
+    average: float = Field(..., gt=0, le=16)  # the choices bound it further (_reachable)
     choices: list[Literal[2, 3, 4, 8]] = Field([2, 3, 4, 8], min_length=1, max_length=16)
     allocator: Literal["rank", "knapsack", "evolution"] = "rank"
     importance: Literal["lim", "zd", "random"] = "lim"

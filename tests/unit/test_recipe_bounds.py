@@ -81,3 +81,11 @@ def test_recipe_file_size_read_before_parsing(tmp_path):
         R.read_recipe_data(big)
     big.write_text("name: t\npasses: [{pass: flap, target: 0.3}]\n" + "#" * (R.MAX_RECIPE_BYTES - 100))
     assert R.load_recipe(big).name == "t"  # just under the bound: accepted
+
+
+def test_counted_repeats_are_bounded_so_compiling_stays_fast():
+    t0 = time.perf_counter()
+    assert R._check_pattern("(?:(?:a{4}){16}){16}")  # at the bound: 4 * 16 * 16 = 1024
+    assert time.perf_counter() - t0 < 0.5
+    with pytest.raises(ValueError, match="counted repeats multiply to 1025; at most 1024"):
+        R._check_pattern("(?:a{25}){41}")
