@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 
 from compress.errors import ArtifactError, InputError
 from compress.pipeline import RunResult
-from compress.recipe import Recipe, load_recipe
+from compress.recipe import Recipe, RecipeError, load_recipe
 from compress.tables import html_table, text_table
 from export.format import Manifest
 
@@ -172,7 +172,10 @@ def eval(artifact: str | Path, max_windows: int | None = None, new_tokens: int =
 
     artifact = Path(artifact)
     manifest = _manifest(artifact)
-    recipe = load_recipe(manifest.recipe)
+    try:
+        recipe = load_recipe(manifest.recipe)
+    except RecipeError as err:
+        raise ArtifactError(f"{artifact}: manifest.json: {err}") from None
     if max_windows is not None:
         recipe = load_recipe(recipe, [f"evaluate.max_windows={max_windows}"])
     src = manifest.source

@@ -215,6 +215,8 @@ CASES = [
           "model.safetensors: tensor model.layers.0.mlp.down_proj.weight has 1 non-finite values"),
     _case("nan-weight-eval", _poison(float("nan")), "non-finite values (NaN or Inf) in 1 tensor(s): model.norm.weight (1)",
           "eval"),
+    _case("recipe-broken-eval", _set("recipe/seed", 2**70),
+          "manifest.json: recipe: seed: Input should be less than or equal to 9223372036854775807", "eval"),
     # the artifact's config and the source it is compared with
     _case("config-list-eval", _config("[]"), "config.json: a JSON object expected, got list", "eval"),
     _case("config-type-eval", _config('{"model_type": "no-such-model"}'), "config.json: cannot build a model from it",
