@@ -3,31 +3,36 @@
 from __future__ import annotations
 
 import copy
-import math
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import regex
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compress.errors import RecipeError
+from compress.patterns import Pattern
+# re-exported: compress/passes/quantize.py imports pattern_search from here
+from compress.patterns import pattern_search as pattern_search  # noqa: F401
 
 
 # Bounds: generous, but finite, so that a typo (an extra zero, `.inf`, 2**70) is refused by name before any work.
 MAX_RECIPE_BYTES = 2**20  # a recipe is a few KB; read before parsing, so a huge file costs nothing
 MAX_NAME = 100  # `name` becomes a folder name (artifacts/<name>/)
 MAX_PATH = 4096  # PATH_MAX on Linux: model folders, calibration and evaluation sources
-MAX_PATTERN = 256  # characters of one targets / ignore / overrides regex
 MAX_ITEMS = 256  # entries of targets, ignore, overrides, evaluate.extra
+MAX_PASSES = 64  # passes of one recipe; real ones have one to three (prune, then quantize)
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds; random.Random takes any
 MAX_TOKENS = 2**20  # seq_len: past any context length shipped today
 MAX_WINDOWS = 2**16  # calibration / evaluation windows, search windows
 MAX_WIDTH = 2**16  # group sizes, GPTQ block sizes, round_to: input columns or channels of one layer
 MAX_SHARD_MB = 2**20  # 1 TiB per safetensors shard
-MAX_REPEATS = 1024  # product of a pattern's {m,n} counts (regex unrolls them when compiling)
-PATTERN_TIMEOUT_S = 1.0  # one module-name search; a sane pattern takes microseconds
+MAX_CHOICES = 16  # entries of bits.choices (four distinct widths exist; repeats are harmless)
+# searches (evolution, Tyr): every generation scores every offspring, so these bound how long a run takes
+MAX_GENERATIONS = 100_000  # about a day at a second per generation (the defaults run 25 to 30)
+MAX_OFFSPRING = 1024  # offspring per generation, survivors per stage, units switched per mutation
+MAX_CUTS = 16  # stages that cut the offspring down to `survivors`; `stage_windows` has one more (the final stage)
+MAX_LEVELS = 64  # Tyr sparsity levels per unit and round: each level builds and stores a variant of every unit
+MAX_ROUNDS = 16  # Tyr coarse-to-fine rounds: each halves the level spacing, so the 16th works at 2**-15 of the first
 
 
 class _Strict(BaseModel):
@@ -112,13 +117,13 @@ class CfspConfig(_Strict):
 class EvolutionConfig(_Strict):
     """EvoPress-style search settings: (1 + offspring) generations, staged selection on growing token sets."""
 
-    generations: int = Field(30, ge=1, le=100_000)
-    offspring: int = Field(8, ge=1, le=1024)
-    survivors: list[Annotated[int, Field(le=1024)]] = Field(
-        [2], max_length=16, description="how many offspring go on after each stage but the last")
+    generations: int = Field(30, ge=1, le=MAX_GENERATIONS)
+    offspring: int = Field(8, ge=1, le=MAX_OFFSPRING)
+    survivors: list[Annotated[int, Field(le=MAX_OFFSPRING)]] = Field(
+        [2], max_length=MAX_CUTS, description="how many offspring go on after each stage but the last")
     stage_windows: list[Annotated[int, Field(ge=1, le=MAX_WINDOWS)]] = Field(
-        [2, 6], min_length=1, max_length=17, description="calibration windows scored at each stage")
-    max_switches: int = Field(3, ge=1, le=1024, description="units raised per mutation")
+        [2, 6], min_length=1, max_length=MAX_CUTS + 1, description="calibration windows scored at each stage")
+    max_switches: int = Field(3, ge=1, le=MAX_OFFSPRING, description="units raised per mutation")
 
     @model_validator(mode="after")
     def _stages(self) -> "EvolutionConfig":
@@ -141,8 +146,8 @@ class TyrConfig(_Strict):
 
     pass_: Literal["tyr"] = Field("tyr", alias="pass")
     target: float = Field(..., gt=0.0, lt=1.0, description="share of decoder-block projection parameters removed")
-    levels: int = Field(9, ge=2, le=64, description="sparsity levels per unit in each round")
-    rounds: int = Field(2, ge=1, le=16, description="coarse-to-fine rounds (each halves the level spacing)")
+    levels: int = Field(9, ge=2, le=MAX_LEVELS, description="sparsity levels per unit in each round")
+    rounds: int = Field(2, ge=1, le=MAX_ROUNDS, description="coarse-to-fine rounds (each halves the level spacing)")
     max_sparsity: float = Field(0.9, gt=0.0, lt=1.0, description="no unit loses more than this share of its width")
     round_to: int = Field(8, ge=1, le=MAX_WIDTH, description="kept MLP widths are a multiple of this")
     bias: bool = Field(False, description="refit a bias with the kept weights (absorbs the removed inputs' mean)")
@@ -159,54 +164,13 @@ class MixedBits(_Strict):
     (`allocator: evolution`)."""
 
     average: float = Field(..., gt=0, le=16)  # the choices bound it further (_reachable)
-    choices: list[Literal[2, 3, 4, 8]] = Field([2, 3, 4, 8], min_length=1, max_length=16)
+    choices: list[Literal[2, 3, 4, 8]] = Field([2, 3, 4, 8], min_length=1, max_length=MAX_CHOICES)
     allocator: Literal["rank", "knapsack", "evolution"] = "rank"
     importance: Literal["lim", "zd", "random"] = "lim"
     zd_threshold: float = Field(3.0, gt=0, le=1e3, description="zd: z-score above which a weight counts as an outlier")
     error_windows: int = Field(4, ge=1, le=MAX_WINDOWS,
                                description="knapsack: calibration windows the per-unit KL is measured on")
     evolution: EvolutionConfig = EvolutionConfig()  # allocator: evolution (started from the knapsack's allocation)
-
-
-_COUNTED = re.compile(r"\{(\d*),?(\d*)\}")  # {m}, {m,}, {,n}, {m,n}
-
-
-def _check_pattern(p: str) -> str:
-    """A Python `re` pattern of at most MAX_PATTERN characters whose counted repeats ({m,n}) multiply to at most
-    MAX_REPEATS: `regex` (which matches it; see `pattern_search`) unrolls nested counts when compiling, so
-    `(?:a{1000}){1000}` takes a second and `(?:a{65535}){65535}` forever, and no module name is that long anyway."""
-    if len(p) > MAX_PATTERN:
-        raise ValueError(f"a pattern of {len(p)} characters; at most {MAX_PATTERN}")
-    try:
-        re.compile(p)
-    except (re.error, ValueError, OverflowError, RecursionError) as err:
-        raise ValueError(f"{p!r} is not a valid regex: {err}") from None
-    product = math.prod(max(int(n or 0) for n in m.groups()) or 1 for m in _COUNTED.finditer(p))
-    if product > MAX_REPEATS:
-        raise ValueError(f"{p!r}: its counted repeats multiply to {product}; at most {MAX_REPEATS}")
-    try:
-        regex.compile(p)
-    except (regex.error, ValueError, OverflowError, RecursionError) as err:
-        raise ValueError(f"{p!r} is not a valid regex: {err}") from None
-    return p
-
-
-Pattern = Annotated[str, AfterValidator(_check_pattern)]
-
-
-def pattern_search(pattern: str, name: str, field: str) -> bool:
-    r"""Whether regex `pattern` occurs in module `name`; refuses, naming `field`, a pattern that backtracks too long.
-
-    Matched with the `regex` package (re-compatible syntax, already required by transformers) under a time limit:
-    Python's `re` has none, and a nested repeat such as `^([\w.]+\.?)*\d$` backtracks for minutes on one module
-    name. `regex` guards most such patterns itself (that one takes microseconds), and PATTERN_TIMEOUT_S stops the
-    rest. A static ban on nested quantifiers would refuse useful patterns and still miss sequential ones
-    (`.*.*.*...x`), so the limit is the guarantee and the length bound (MAX_PATTERN) keeps compiling cheap."""
-    try:
-        return regex.search(pattern, name, timeout=PATTERN_TIMEOUT_S) is not None
-    except TimeoutError:
-        raise RecipeError(f"{field}: pattern {pattern!r} took over {PATTERN_TIMEOUT_S} s on module {name!r} "
-                          "(nested repeats backtrack); simplify it") from None
 
 
 class QuantOverride(_Strict):
@@ -273,7 +237,7 @@ class Recipe(_Strict):
     model: str = Field("smollm2-135m", max_length=MAX_PATH)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     calibration: CalibrationConfig = CalibrationConfig()
-    passes: list[PassConfig] = Field(..., min_length=1, max_length=64)
+    passes: list[PassConfig] = Field(..., min_length=1, max_length=MAX_PASSES)
     export: ExportConfig = ExportConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     trust_remote_code: bool = False

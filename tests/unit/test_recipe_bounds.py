@@ -10,6 +10,7 @@ import typing
 import annotated_types
 import pytest
 
+from compress import patterns as P
 from compress import recipe as R
 from compress.errors import RecipeError
 
@@ -61,16 +62,21 @@ def test_seed_bounds_are_torchs():
 @pytest.mark.parametrize("pattern", [r"\.(self_attn|mlp)\.", r"q_proj$", r"layers\.(0|31)\.", r"^model\.layers\.\d+\.mlp",
                                      r"(?<!gate)_proj", r"DOWN", r"(?i)down"])
 def test_pattern_search_answers_as_re(pattern):
-    assert [R.pattern_search(pattern, n, "f") for n in NAMES] == [re.search(pattern, n) is not None for n in NAMES]
+    assert [P.pattern_search(pattern, n, "f") for n in NAMES] == [re.search(pattern, n) is not None for n in NAMES]
+
+
+def test_pattern_search_still_imports_from_recipe():
+    """compress/passes/quantize.py imports it from compress.recipe; the re-export keeps that line working."""
+    assert R.pattern_search is P.pattern_search
 
 
 def test_backtracking_pattern_is_fast_or_refused_by_name():
     t0 = time.perf_counter()  # with re: ~2 s on one name and doubling per character; regex guards it
-    assert not any(R.pattern_search(r"^([\w.]+\.?)*\d$", n + "_and_longer", "f") for n in NAMES)
+    assert not any(P.pattern_search(r"^([\w.]+\.?)*\d$", n + "_and_longer", "f") for n in NAMES)
     assert time.perf_counter() - t0 < 1.0
     t0 = time.perf_counter()  # one regex does not guard: the time limit stops it and names the field
     with pytest.raises(RecipeError, match=r"passes.0.targets: pattern '\(a\|aa\)\+\$' took over 1.0 s on module"):
-        R.pattern_search(r"(a|aa)+$", "a" * 60 + "b", "passes.0.targets")
+        P.pattern_search(r"(a|aa)+$", "a" * 60 + "b", "passes.0.targets")
     assert time.perf_counter() - t0 < 1.0 + 2.0
 
 
@@ -85,7 +91,16 @@ def test_recipe_file_size_read_before_parsing(tmp_path):
 
 def test_counted_repeats_are_bounded_so_compiling_stays_fast():
     t0 = time.perf_counter()
-    assert R._check_pattern("(?:(?:a{4}){16}){16}")  # at the bound: 4 * 16 * 16 = 1024
+    assert P.check_pattern("(?:(?:a{4}){16}){16}")  # at the bound: 4 * 16 * 16 = 1024
     assert time.perf_counter() - t0 < 0.5
     with pytest.raises(ValueError, match="counted repeats multiply to 1025; at most 1024"):
-        R._check_pattern("(?:a{25}){41}")
+        P.check_pattern("(?:a{25}){41}")
+
+
+def test_search_stages_bound_counts_cuts_and_the_final_stage():
+    """`survivors` has one entry per cut (at most MAX_CUTS), `stage_windows` one more: the final stage."""
+    most = R.EvolutionConfig(survivors=[2] * R.MAX_CUTS, stage_windows=[2] * (R.MAX_CUTS + 1))
+    assert (len(most.survivors), len(most.stage_windows)) == (16, 17)
+    with pytest.raises(RecipeError, match=r"passes.0.evolution.survivors: List should have at most 16 items"):
+        R.parse_recipe({"name": "t", "passes": [{"pass": "tyr", "target": 0.3, "evolution": {
+            "survivors": [2] * 17, "stage_windows": [2] * 18}}]})
