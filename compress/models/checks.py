@@ -49,8 +49,9 @@ class TensorEntry:
         return math.prod(self.shape)
 
 
-def _is_size(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def is_json_int(value: object, least: int) -> bool:
+    """Whether a parsed JSON value is an integer of at least `least` (true, false and 2.0 are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -91,9 +92,9 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
         if dtype not in DTYPE_BITS:
             raise InputError(f"{where}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+        if not isinstance(shape, list) or not all(is_json_int(d, 0) for d in shape):
             raise InputError(f"{where}: shape {shape!r} is not a list of sizes")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(o) for o in offsets)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_json_int(o, 0) for o in offsets)
                 and offsets[0] <= offsets[1]):
             raise InputError(f"{where}: data_offsets {offsets!r} are not [begin, end] byte positions")
         begin, end = offsets

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from compress.errors import InputError
+from compress.models.checks import is_json_int
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
@@ -23,11 +24,6 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 # config.json sizes the adapter reads: required ones, then optional ones (absent or null means derived)
 REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
-
-
-def _is_count(value: object) -> bool:
-    """A positive integer (JSON true/false and 2.0 are not)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def check_supported(config: object, where: str) -> None:
@@ -51,7 +47,7 @@ def check_supported(config: object, where: str) -> None:
         value = config.get(key)
         if value is None and key in REQUIRED_SIZES:
             raise InputError(f"{where}: {key}: missing")
-        if value is not None and not _is_count(value):
+        if value is not None and not is_json_int(value, 1):
             raise InputError(f"{where}: {key}: {value!r} is not a positive integer")
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads

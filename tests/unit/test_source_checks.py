@@ -167,3 +167,12 @@ def test_a_stock_pruned_artifact_can_be_compressed_again_a_quantized_one_cannot(
     assert resolve_model(str(made["pruned"])).path == made["pruned"].resolve()
     with pytest.raises(InputError, match="a compress artifact .*already compressed"):
         resolve_model(str(made["quantized"]))
+
+
+@pytest.mark.parametrize("value, least, ok", [(0, 0, True), (7, 1, True), (0, 1, False), (-1, 0, False),
+                                              (True, 0, False), (False, 0, False), (2.0, 1, False), ("2", 1, False),
+                                              (None, 0, False), (2**70, 1, True)])
+def test_one_json_integer_check_for_header_sizes_and_config_sizes(value, least, ok):
+    """Header shapes and offsets (least 0) and config.json sizes (least 1) share this check: JSON true and 2.0 are
+    not integers."""
+    assert checks.is_json_int(value, least) is ok
