@@ -14,7 +14,9 @@ from compress.errors import ArtifactError, InputError
 from compress.pipeline import RunResult
 from compress.recipe import Recipe, RecipeError, load_recipe
 from compress.tables import html_table, text_table
-from export.format import Manifest
+from export.format import MAX_DETAIL, Manifest
+
+PROMPT_TOKENS = 16  # tokens of the prompt `eval` measures generation speed from (batch 1): a short user turn
 
 
 def validate(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -126,7 +128,7 @@ def inspect(artifact: str | Path) -> InspectResult:
     try:
         report = _ReportView.model_validate(json.loads(report_path.read_text("utf-8")) if report_path.is_file() else {})
     except (ValueError, RecursionError, OSError) as err:  # ValidationError and JSONDecodeError are ValueErrors
-        raise ArtifactError(f"{report_path}: not a report ({type(err).__name__}: {str(err)[:300]})") from None
+        raise ArtifactError(f"{report_path}: not a report ({type(err).__name__}: {str(err)[:MAX_DETAIL]})") from None
     return InspectResult(artifact, manifest, report)
 
 
@@ -168,7 +170,7 @@ def eval(artifact: str | Path, max_windows: int | None = None, new_tokens: int =
     import export
     from compress import evaluate as ev
     from compress.models import DEFAULT_MODELS, load_model, resolve_model
-    from compress.pipeline import EvalSets, weights_bytes
+    from compress.pipeline import EVAL_BATCH, EvalSets, weights_bytes
 
     artifact = Path(artifact)
     manifest = _manifest(artifact)
@@ -190,10 +192,10 @@ def eval(artifact: str | Path, max_windows: int | None = None, new_tokens: int =
                          "the source, or run the recipe again")
     dense, tokenizer = load_model(source)
     sets = EvalSets.build(recipe, tokenizer)
-    prompt = next(iter(sets.windows.values()))[:1, :16]
+    prompt = next(iter(sets.windows.values()))[:1, :PROMPT_TOKENS]  # (1, PROMPT_TOKENS)
     rows = []
     for label, model, path in (("dense", dense, source.path), ("compressed", compressed, artifact)):
-        row = {"model": label, **{f"ppl {k}": round(v, 3) for k, v in sets.perplexities(model, 4).items()},
+        row = {"model": label, **{f"ppl {k}": round(v, 3) for k, v in sets.perplexities(model, EVAL_BATCH).items()},
                "params": ev.count_parameters(model), "weights MB": round(weights_bytes(path) / 2**20, 1),
                "tokens/s": round(ev.generation_tokens_per_second(model, prompt, new_tokens), 1)}
         rows.append(row)

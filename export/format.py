@@ -63,6 +63,12 @@ class ArtifactError(ValueError):
     """An artifact that is missing, altered or incomplete; the message names the file or tensor."""
 
 
+# How much one message quotes: a field may hold megabytes and a checkpoint thousands of tensors, and a message is read
+MAX_LISTED = 10  # problems or tensor names listed in one message; the rest are counted
+MAX_QUOTED = 100  # characters of a value read from a file (a manifest field), quoted in a message
+MAX_DETAIL = 300  # characters of a library's own error text (json, pydantic, transformers) appended to ours
+
+
 # ---- the manifest, typed -----------------------------------------------------------------------------------------
 # What the writer puts in manifest.json, checked when it is read: every problem is refused naming the field, before
 # verify, inspect or load touch a file. The on-disk form is the writer's JSON; these classes only read it, and keep
@@ -186,7 +192,7 @@ class Manifest(_Record):
         return self
 
 
-def manifest_errors(err: ValidationError, limit: int = 10) -> list[str]:
+def manifest_errors(err: ValidationError, limit: int = MAX_LISTED) -> list[str]:
     """One line per problem, `<field path>: <what is wrong>`, at most `limit` (a damaged manifest can have
     thousands)."""
     lines = []

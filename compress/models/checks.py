@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from compress.errors import InputError
-from export.format import DTYPES, FORMAT_NAME, MANIFEST, PRUNED_MODEL_TYPE, SINGLE_WEIGHTS, WEIGHTS_INDEX
+from export.format import (
+    DTYPES, FORMAT_NAME, MANIFEST, MAX_LISTED, PRUNED_MODEL_TYPE, SINGLE_WEIGHTS, WEIGHTS_INDEX,
+)
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 # bits per element of every dtype the safetensors format defines
@@ -33,7 +35,6 @@ IGNORED_UNEXPECTED = re.compile(r"rotary_emb\.inv_freq$")
 # is built; nearer ones are built (on the meta device) and compared tensor by tensor, naming what is missing
 IMPLIED_RATIO = 2
 CHUNK = 1 << 22  # elements per finiteness / magnitude check: 16 MB of fp32 scratch at most, whatever the tensor
-LISTED = 5  # problems listed in one message
 
 
 @dataclass(frozen=True)
@@ -216,8 +217,9 @@ def check_checkpoint(folder: Path, config: dict) -> dict[str, TensorEntry]:
         elif entry.dtype not in DENSE_DTYPES:
             problems.append(f"{where} is stored as {entry.dtype}; a dense source stores {', '.join(DENSE_DTYPES)}")
     if problems:
-        more = f"; and {len(problems) - LISTED} more" if len(problems) > LISTED else ""
-        raise InputError(f"{folder}: the checkpoint does not match config.json: {'; '.join(problems[:LISTED])}{more}")
+        more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        listed = "; ".join(problems[:MAX_LISTED])
+        raise InputError(f"{folder}: the checkpoint does not match config.json: {listed}{more}")
     return tensors
 
 

@@ -176,3 +176,18 @@ def test_one_json_integer_check_for_header_sizes_and_config_sizes(value, least, 
     """Header shapes and offsets (least 0) and config.json sizes (least 1) share this check: JSON true and 2.0 are
     not integers."""
     assert checks.is_json_int(value, least) is ok
+
+
+def test_a_checkpoint_missing_many_tensors_lists_max_listed_and_counts_the_rest(tiny_llama, tmp_path):
+    from export.format import MAX_LISTED
+
+    folder = tmp_path / "holes"
+    shutil.copytree(tiny_llama, folder)
+    state = load_file(folder / "model.safetensors")
+    gone = sorted(k for k in state if k.startswith(("model.layers.1.", "model.layers.2.")))[:MAX_LISTED + 3]
+    assert len(gone) == MAX_LISTED + 3
+    save_file({k: v for k, v in state.items() if k not in gone}, folder / "model.safetensors")
+    with pytest.raises(InputError) as err:
+        resolve_model(str(folder))
+    message = str(err.value)
+    assert message.count("missing tensor model.layers.") == MAX_LISTED and message.endswith("; and 3 more")
