@@ -356,6 +356,8 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
             w.write_text("README.md", _model_card(recipe, source, report))
             w.write_manifest()
             w.commit()
+        for message in w.notes:
+            log(f"note: {message}")
     except ArtifactExistsError as err:
         raise InputError(str(err)) from None
     journal.finish(journal_file)

@@ -8,15 +8,16 @@ Rules (docs/promises.md lists them with their tests):
 - The finished artifact replaces the old one by one atomic exchange of the two folders (Linux renameat2
   RENAME_EXCHANGE); where the file system cannot exchange, by two renames whose interruption the next run repairs.
   Either way `out` holds the old or the new artifact, whole.
-- Temporary folders carry the writing process's id (`.NAME.tmp-PID-XXXXXXXX`, `.NAME.old-PID`); the next run on
-  the same `out` removes those of dead processes, restores an old artifact that an interrupted replacement left
-  aside, and says what it did.
+- Temporary folders carry the writing process's id (`.NAME.tmp-PID-XXXXXXXX`, `.NAME.old-PID`) and are locked
+  (flock) by it while it runs; the next run on the same `out` removes those nobody holds (their process died, in
+  any container or host), restores an old artifact that an interrupted replacement left aside, and says what it did.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import re
@@ -62,18 +63,50 @@ def _unlisted(folder: Path) -> list[str]:
                   if not p.is_dir() and p.relative_to(folder).as_posix() not in listed | {MANIFEST})
 
 
+def hf_snapshot_root(folder: Path) -> Path | None:
+    """The repository folder of a Hugging Face hub cache snapshot (`models--ORG--NAME/snapshots/REV`, whose files
+    link into `models--ORG--NAME/blobs/`), or None when `folder` is not laid out as one."""
+    real = Path(os.path.realpath(folder))
+    repo = real.parent.parent
+    if real.parent.name == "snapshots" and repo.name.startswith(("models--", "datasets--")) and (repo / "blobs").is_dir():
+        return repo
+    return None
+
+
+def links_outside(path: Path, folder: Path) -> Path | None:
+    """Where `path` really is when that is outside `folder` (through a symbolic link on the way), else None. In a hub
+    cache snapshot, links into the repository's own `blobs/` stay inside."""
+    real = Path(os.path.realpath(path))
+    root = Path(os.path.realpath(folder))
+    repo = hf_snapshot_root(folder)
+    if real == root or root in real.parents or (repo is not None and repo / "blobs" in real.parents):
+        return None
+    return real
+
+
 def _absolute(path: Path) -> Path:
     """`path` made absolute with symbolic links resolved, also when it does not exist yet."""
     return Path(os.path.realpath(path))
 
 
+def _check_lengths(out: Path, ancestor: Path) -> None:
+    """Refuse a path the file system cannot hold: any part longer than NAME_MAX (the last one with room for the
+    temporary folder's prefix and suffix), or the whole longer than PATH_MAX."""
+    name_max, path_max = os.pathconf(ancestor, "PC_NAME_MAX"), os.pathconf(ancestor, "PC_PATH_MAX")
+    parts = [os.fsencode(p) for p in out.parts]
+    room = len(os.fsencode(f"..tmp-{os.getpid()}-")) + _TMP_RANDOM  # what the temporary name adds to the last part
+    for i, part in enumerate(parts):
+        limit = name_max - (room if i == len(parts) - 1 else 0)
+        if len(part) > limit:
+            shown = part.decode(errors="replace")
+            raise TargetError(f"output {out}: the name {shown[:40]}... is too long ({len(part)} bytes; this file "
+                              f"system allows {limit} there)")
+    if len(os.fsencode(str(_absolute(out)))) + room >= path_max:
+        raise TargetError(f"output {out}: the path is too long for this file system ({path_max} bytes at most)")
+
+
 def _probe_writable(folder: Path, name: str) -> None:
     """Refuse a place where the temporary folder for `name` cannot be made: create one and remove it."""
-    limit = os.pathconf(folder, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
-    longest = len(os.fsencode(f".{name}.tmp-{os.getpid()}-")) + _TMP_RANDOM
-    if longest > limit:
-        raise TargetError(f"output {name[:40]}...: the name is too long ({len(os.fsencode(name))} bytes; this file "
-                          f"system allows {limit - (longest - len(os.fsencode(name)))} for an artifact's name)")
     try:
         probe = tempfile.mkdtemp(prefix=f".{name}.probe-", dir=folder)
     except OSError as err:
@@ -84,8 +117,26 @@ def _probe_writable(folder: Path, name: str) -> None:
 def check_target(out: Path, overwrite: bool) -> None:
     """Refuse, before any work, an `out` that must not be written or replaced (see the module's rules).
 
-    Raises TargetError naming the folder and the reason."""
+    Raises TargetError naming the folder and the reason (also for a path the system cannot look at)."""
     out = Path(out)
+    try:
+        _check_target(out, overwrite)
+    except OSError as err:
+        raise TargetError(f"output {out}: {err.strerror or err} ({err.filename or out})") from None
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a part too long, or a folder that cannot be entered: nothing there for us
+        return False
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    ancestor = _absolute(out).parent
+    while not _exists(ancestor):
+        ancestor = ancestor.parent
+    _check_lengths(out, ancestor if ancestor.is_dir() else ancestor.parent)
     if out.is_symlink():
         raise TargetError(f"output {out} is a symbolic link (to {os.readlink(out)}); give the real folder")
     real = _absolute(out)
@@ -111,9 +162,6 @@ def check_target(out: Path, overwrite: bool) -> None:
                                   "delete them: move them out first")
         _probe_writable(real.parent, out.name)
         return
-    ancestor = real.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise TargetError(f"output {out}: {ancestor} is a file, not a folder")
     _probe_writable(ancestor, out.name)
@@ -127,31 +175,52 @@ def check_apart(out: Path, folder: Path, what: str) -> None:
         raise TargetError(f"output {out} {how} {what} {folder}; write the artifact somewhere else")
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # our own leftovers come from an earlier run in this process that did not finish
+def hold(folder: Path) -> int:
+    """Lock `folder` for as long as the returned descriptor stays open (the kernel drops the lock when the process
+    dies, however it dies): how a run marks its temporary folders as alive. Close it with os.close."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _held(folder: Path) -> bool:
+    """Whether a live run holds `folder` (see `hold`); a folder left by a dead run is free."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return True  # cannot look: leave it alone
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
-    return True
+    finally:
+        os.close(fd)  # closing drops our own lock too
+    return False
 
 
 def recover_leftovers(out: Path) -> list[str]:
     """Repair what dead runs left beside `out`: restore an old artifact that an interrupted replacement moved aside
-    (when `out` is missing), remove their temporary folders. Returns one message per thing done."""
+    (when `out` is missing), remove their temporary folders. A folder that a live run holds (`hold`) is left alone,
+    whichever process, container or host it runs in. Returns one message per thing done; raises TargetError when
+    the folder cannot be looked at or cleaned."""
     out = Path(out)
+    try:
+        return _recover(out)
+    except OSError as err:
+        raise TargetError(f"output {out}: cannot clean up beside it: {err.strerror or err} "
+                          f"({err.filename or out})") from None
+
+
+def _recover(out: Path) -> list[str]:
     parent = _absolute(out).parent
-    if not parent.is_dir():
+    if not _exists(parent) or not parent.is_dir():
         return []
     name = re.escape(out.name)
     old_re, tmp_re = re.compile(rf"\.{name}\.old-(\d+)"), re.compile(rf"\.{name}\.tmp-(\d+)-\w{{{_TMP_RANDOM}}}")
     done = []
     for p in sorted(parent.iterdir()):
         m = old_re.fullmatch(p.name)
-        if not m or _alive(int(m.group(1))) or p.is_symlink():
+        if not m or p.is_symlink() or not p.is_dir() or _held(p):
             continue
         if not out.exists() and not out.is_symlink() and is_artifact(p):
             os.replace(p, out)
@@ -162,7 +231,7 @@ def recover_leftovers(out: Path) -> list[str]:
             done.append(f"removed {p.name}, the old artifact an interrupted --overwrite (process {m.group(1)}) left")
     for p in sorted(parent.iterdir()):
         m = tmp_re.fullmatch(p.name)
-        if m and not _alive(int(m.group(1))) and p.is_dir() and not p.is_symlink():
+        if m and p.is_dir() and not p.is_symlink() and not _held(p):
             shutil.rmtree(p)
             done.append(f"removed {p.name}, left by an interrupted run (process {m.group(1)})")
     return done

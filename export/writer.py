@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from export.target import TargetError, check_target, exchange, old_name, tmp_prefix
+from export.target import TargetError, check_target, exchange, hold, links_outside, old_name, tmp_prefix
 from export.format import (
     CONFIG,
     FORMAT_NAME,
@@ -53,15 +53,13 @@ def source_files(folder: Path, names: tuple[str, ...] = TOKENIZER_FILES) -> list
     artifact), except links of a Hugging Face cache snapshot into its own repository's blobs; a .json file must be
     JSON. Raises TargetError naming the file."""
     folder = Path(folder)
-    root = Path(os.path.realpath(folder))
-    allowed = root.parent.parent if root.parent.name == "snapshots" else root  # models--org--name/{snapshots,blobs}
     found = []
     for name in names:
         p = folder / name
         if not p.is_file():
             continue
-        real = Path(os.path.realpath(p))
-        if real != allowed and allowed not in real.parents:
+        real = links_outside(p, folder)
+        if real is not None:
             raise TargetError(f"{p}: a symbolic link to {real}, outside the model folder; the artifact would publish "
                               "that file: copy it into the folder if it belongs there")
         if name.endswith(".json"):
@@ -104,6 +102,15 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
     return shards
 
 
+def _sync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename in it) to disk."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class ArtifactWriter:
     """Collects an artifact in a temporary folder next to `out`; `commit()` renames it into place."""
 
@@ -116,6 +123,8 @@ class ArtifactWriter:
             raise ArtifactExistsError(str(err)) from None
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(self.out), dir=self.out.parent))
+        self._locks = [hold(self.tmp)]  # marks the folder as a live run's until this process ends or closes them
+        self.notes: list[str] = []  # what the commit could not tidy (the artifact itself is in place)
         step("temporary folder made")
         self.tensors: dict[str, dict] = {}
         self.manifest_extra: dict = {}
@@ -126,6 +135,9 @@ class ArtifactWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.tmp.exists():  # not committed: leave nothing half-written behind
             shutil.rmtree(self.tmp, ignore_errors=True)
+        for fd in self._locks:
+            os.close(fd)
+        self._locks = []
 
     def write_weights(self, state: dict[str, torch.Tensor], shard_bytes: int) -> None:
         """safetensors, one file or shards plus an index; tensors are written contiguous and unshared."""
@@ -202,15 +214,17 @@ class ArtifactWriter:
         if not self.out.exists():
             os.replace(self.tmp, self.out)
             step("renamed into place")
+            _sync_folder(self.out.parent)
             return self.out
         try:
             check_target(self.out, self.overwrite)  # again: the folder may have changed during the run
         except TargetError as err:
             raise ArtifactExistsError(str(err)) from None
+        self._locks.append(hold(self.out))  # the old artifact is ours until it is removed
         try:
             exchange(self.tmp, self.out)  # self.tmp now holds the old artifact
             step("exchanged")
-            shutil.rmtree(self.tmp)
+            old = self.tmp
         except OSError as err:
             if err.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV):
                 raise
@@ -219,6 +233,11 @@ class ArtifactWriter:
             step("moved the old artifact aside")
             os.replace(self.tmp, self.out)
             step("renamed into place")
+        _sync_folder(self.out.parent)
+        try:
             shutil.rmtree(old)
+        except OSError as err:
+            self.notes.append(f"the new artifact is in place, but the old one could not be removed from {old} "
+                              f"({err.strerror}); remove that folder yourself")
         step("removed the old artifact")
         return self.out

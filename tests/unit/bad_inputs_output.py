@@ -137,7 +137,9 @@ CASES = [
     ("output-dot", lambda f: run(f, ".", "--overwrite"), "name a new folder"),
     ("output-dotdot", lambda f: run(f, "..", "--overwrite"), "name a new folder"),
     ("output-contains-cwd", lambda f: run(f, str(Path.cwd().parent), "--overwrite"), "is the current folder or contains it"),
-    ("output-name-too-long", lambda f: run(f, f["root"] / ("x" * 250)), "the name is too long"),
+    ("output-name-too-long", lambda f: run(f, f["root"] / ("x" * 250)), "is too long (250 bytes"),
+    ("output-middle-name-too-long", lambda f: run(f, f["root"] / ("y" * 300) / "model"), "is too long (300 bytes"),
+    ("output-path-too-long", lambda f: run(f, f["root"].joinpath(*["z" * 200] * 30)), "the path is too long"),
     ("output-read-only-place", lambda f: run(f, "/sys/compress-artifact"), "cannot write in /sys"),
     # files the artifact would copy from the source
     ("output-source-link-outside", lambda f: run(f, f["root"] / "o1", model=model_with_file(

@@ -1,6 +1,7 @@
 """Bad input, table-driven: exit code 2, a message that names the field, file or tensor, and nothing written."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -136,13 +137,26 @@ def test_bad_input(folders, case):
     args = [str(a) for a in build(folders)]
     if args[0] == "run" and "--out" not in args:
         args += ["--out", str(out)]
-    before = {p: p.stat().st_mtime_ns for p in folders["artifact"].rglob("*")}
+    before = _tree(folders["root"])
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
     assert expected in res.output, res.output
     assert not out.exists()  # nothing written
-    assert not list(folders["root"].glob(".out-*")) and not list(folders["root"].glob(".artifact*"))  # no temp left
-    assert {p: p.stat().st_mtime_ns for p in folders["artifact"].rglob("*")} == before  # nothing overwritten
+    # nothing written, overwritten or left behind (no temporary folder) anywhere under root, --out targets included
+    assert _tree(folders["root"]) == before
+
+
+def _tree(root: Path) -> dict[str, tuple]:
+    """Every file and link under root (links not followed) with its size, mode and modification time, and every
+    folder by name (a refused run may probe a folder for writing, which touches the folder's own time)."""
+    found: dict[str, tuple] = {}
+    for here, dirs, files in os.walk(root, followlinks=False):
+        for name in dirs + files:
+            p = Path(here) / name
+            st = p.lstat()
+            found[str(p.relative_to(root))] = ("dir",) if name in dirs and not p.is_symlink() else (
+                st.st_size, st.st_mode, st.st_mtime_ns)
+    return found
 
 
 def test_good_artifact_verifies_and_overwrite_replaces(folders, tmp_path):

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import export.writer as writer
 from compress.cli import cli
-from export.target import TargetError, check_apart, check_target, recover_leftovers
+from export.target import TargetError, check_apart, check_target, hold, recover_leftovers
 
 RECIPE = {"name": "t", "calibration": {"windows": 4, "seq_len": 32, "batch_size": 4},
           "evaluate": {"enabled": False, "extra": []}, "passes": [{"pass": "flap", "target": 0.3}]}
@@ -156,13 +156,53 @@ def test_recover_removes_an_old_artifact_when_out_exists(tmp_path):
 
 
 def test_recover_leaves_live_runs_and_other_folders_alone(tmp_path):
-    live = os.getppid()  # alive, and not this process
     out = tmp_path / "art"
-    keep = [f".art.tmp-{live}-abcd1234", f".art.old-{live}", ".art.tmp-notapid", ".other.tmp-1-abcd1234", ".art.bak"]
-    for name in keep:
+    live = [f".art.tmp-{_dead_pid()}-abcd1234", f".art.old-{_dead_pid()}"]  # a live run holds them, whatever its id
+    other = [".art.tmp-notapid", ".other.tmp-1-abcd1234", ".art.bak"]
+    for name in live + other:
         (tmp_path / name).mkdir()
-    assert recover_leftovers(out) == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+    locks = [hold(tmp_path / name) for name in live]
+    try:
+        assert recover_leftovers(out) == []
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(live + other)
+    finally:
+        for fd in locks:
+            os.close(fd)
+    assert len(recover_leftovers(out)) == 2  # once their run is gone, they are cleaned
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(other)
+
+
+def test_a_failed_removal_of_the_old_artifact_is_a_note_not_a_failure(tiny_llama, tmp_path, monkeypatch):
+    recipe, out = _recipe(tmp_path, tiny_llama), tmp_path / "art"
+    assert CliRunner().invoke(cli, ["run", "-r", str(recipe), "--out", str(out)]).exit_code == 0
+    real_rmtree = writer.shutil.rmtree
+
+    def refuse_old(path, *args, **kwargs):
+        if ".art.tmp-" in str(path) and (Path(path) / "manifest.json").exists() and not kwargs.get("ignore_errors"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(writer.shutil, "rmtree", refuse_old)
+    res = CliRunner().invoke(cli, ["run", "-r", str(recipe), "--out", str(out), "--overwrite",
+                                   "--set", "passes.0.target=0.2"])
+    assert res.exit_code == 0, res.output
+    assert "note: the new artifact is in place, but the old one could not be removed" in res.output
+    assert json.loads((out / "manifest.json").read_text())["recipe"]["passes"][0]["target"] == 0.2
+
+
+def test_an_artifact_used_as_source_is_not_overwritten_by_its_own_run(tiny_llama, tmp_path):
+    """A stock pruned artifact may be a source; --out on it with --overwrite passes the artifact rule and is stopped
+    by the source rule, before anything changes."""
+    src = tmp_path / "pruned"
+    first = tmp_path / "first.yaml"
+    first.write_text(yaml.safe_dump({**RECIPE, "model": str(tiny_llama),
+                                     "passes": [{"pass": "flap", "target": 0.3, "structure": "uniform"}]}))
+    assert CliRunner().invoke(cli, ["run", "-r", str(first), "--out", str(src)]).exit_code == 0
+    recipe = _recipe(tmp_path, src)
+    before = _snapshot(tmp_path)
+    res = CliRunner().invoke(cli, ["run", "-r", str(recipe), "--out", str(src), "--overwrite"])
+    assert res.exit_code == 2 and "is the source model folder" in res.output, res.output
+    assert _snapshot(tmp_path) == before
 
 
 def test_check_target_and_apart_name_the_folder(tmp_path):
