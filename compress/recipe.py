@@ -228,8 +228,8 @@ class RtnConfig(_QuantBase):
     pass_: Literal["rtn"] = Field("rtn", alias="pass")
 
 
-PassConfig = Annotated[Union[FlapConfig, WandaSpConfig, CfspConfig, TyrConfig, GptqConfig, RtnConfig],
-                      Field(discriminator="pass_")]
+PASS_CONFIGS = (FlapConfig, WandaSpConfig, CfspConfig, TyrConfig, GptqConfig, RtnConfig)
+PassConfig = Annotated[Union[PASS_CONFIGS], Field(discriminator="pass_")]
 
 
 class Recipe(_Strict):
@@ -330,12 +330,16 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+# pydantic names the union branch it tried in an error's path (passes.0.flap.target, bits.MixedBits.average)
+_UNION_BRANCHES = {c.model_fields["pass_"].default for c in PASS_CONFIGS} | {MixedBits.__name__}
+
+
 def _format_validation(err: ValidationError, where: str) -> str:
     """One line per problem: `<file>: <field path>: <what is wrong>`; union branches that do not apply are dropped."""
     found: dict[str, list[str]] = {}
     for e in err.errors():
         parts = [str(p) for p in e["loc"]]
-        parts = [p for p in parts if p not in ("flap", "wanda_sp", "cfsp", "tyr", "gptq", "rtn") and "[" not in p and p != "MixedBits"]
+        parts = [p for p in parts if p not in _UNION_BRANCHES and "[" not in p]
         path = ".".join(parts).replace("pass_", "pass") or "<root>"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         found.setdefault(path, [])
