@@ -5,7 +5,6 @@ Kept light: torch, safetensors and transformers (for the stock module classes), 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -14,10 +13,12 @@ from safetensors import safe_open
 from torch import nn
 
 from export.format import (
-    DTYPES, ArtifactError, CONFIG, FORMAT_NAME, FORMAT_VERSION, MANIFEST, PRUNED_MODEL_TYPE, Manifest, manifest_errors,
+    DTYPES, ArtifactError, CONFIG, FORMAT_NAME, FORMAT_VERSION, MANIFEST, MAX_DETAIL, MAX_LISTED, MAX_QUOTED,
+    PRUNED_MODEL_TYPE, Manifest, manifest_errors,
 )
 from export.interop import gptq_to_packed
 from export.qlinear import QuantLinear
+from export.target import links_outside
 
 _ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
@@ -34,21 +35,21 @@ def read_manifest(path: Path) -> tuple[Manifest | None, list[str]]:
     mpath = path / MANIFEST
     if not mpath.is_file():
         return None, [f"{MANIFEST}: missing (not an artifact written by compress?)"]
-    if (real := _escapes(path, MANIFEST)) is not None:
+    if (real := links_outside(mpath, path)) is not None:
         return None, [f"{MANIFEST}: resolves to {real}, outside the artifact folder"]
     if (size := mpath.stat().st_size) > MAX_MANIFEST_BYTES:
         return None, [f"{MANIFEST}: {size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}"]
     try:
         raw = json.loads(mpath.read_text(encoding="utf-8"))
     except (ValueError, RecursionError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        return None, [f"{MANIFEST}: not valid JSON ({type(err).__name__}: {str(err)[:200]})"]
+        return None, [f"{MANIFEST}: not valid JSON ({type(err).__name__}: {str(err)[:MAX_DETAIL]})"]
     if not isinstance(raw, dict):
         return None, [f"{MANIFEST}: a JSON object expected, got {type(raw).__name__}"]
     if raw.get("format") != FORMAT_NAME:
-        return None, [f"{MANIFEST}: format is {str(raw.get('format'))[:100]!r}, expected {FORMAT_NAME!r}"]
+        return None, [f"{MANIFEST}: format is {str(raw.get('format'))[:MAX_QUOTED]!r}, expected {FORMAT_NAME!r}"]
     version = raw.get("format_version")
     if type(version) is not int:
-        return None, [f"{MANIFEST}: format_version: {str(version)[:100]!r} is not an integer"]
+        return None, [f"{MANIFEST}: format_version: {str(version)[:MAX_QUOTED]!r} is not an integer"]
     if version > FORMAT_VERSION:
         return None, [f"{MANIFEST}: format_version {version} is newer than this runtime's {FORMAT_VERSION}"]
     try:
@@ -57,13 +58,10 @@ def read_manifest(path: Path) -> tuple[Manifest | None, list[str]]:
         return None, [f"{MANIFEST}: {line}" for line in manifest_errors(err)]
 
 
-def _escapes(path: Path, rel: str) -> str | None:
-    """Where `path/rel` really is, when that is outside the artifact folder (a symbolic link on the way); else None.
-    A Hugging Face cache snapshot's links into its own repository's blobs stay inside."""
-    root = Path(os.path.realpath(path))
-    allowed = root.parent.parent if root.parent.name == "snapshots" else root  # models--org--name/{snapshots,blobs}
-    real = Path(os.path.realpath(path / rel))
-    return None if allowed in real.parents else str(real)
+def _listed(items: list[str], sep: str = ", ") -> str:
+    """`a, b, c` for at most MAX_LISTED items, then how many more."""
+    more = f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return sep.join(items[:MAX_LISTED]) + more
 
 
 def _non_finite(tensor: torch.Tensor) -> int:
@@ -80,7 +78,7 @@ def _check(path: Path, manifest: Manifest, hashes: bool) -> list[str]:
     files = manifest.files
     for rel, meta in files.items():
         p = path / rel
-        if (real := _escapes(path, rel)) is not None:
+        if (real := links_outside(p, path)) is not None:
             problems.append(f"{rel}: resolves to {real}, outside the artifact folder")
         elif not p.is_file():
             problems.append(f"{rel}: missing")
@@ -150,7 +148,8 @@ def _build_skeleton(config: dict, manifest: Manifest) -> nn.Module:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_config)
     except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ArtifactError(f"{CONFIG}: cannot build a model from it ({type(err).__name__}: {str(err)[:200]})") from None
+        detail = f"{type(err).__name__}: {str(err)[:MAX_DETAIL]}"
+        raise ArtifactError(f"{CONFIG}: cannot build a model from it ({detail})") from None
     layers = manifest.architecture.layers
     if len(layers) != len(model.model.layers):
         raise ArtifactError(f"{MANIFEST}: {len(layers)} layers described, config has {len(model.model.layers)}")
@@ -199,7 +198,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     bad = {name: n for name, t in state.items() if (n := _non_finite(t))}
     if bad:
         raise ArtifactError(f"{path}: non-finite values (NaN or Inf) in {len(bad)} tensor(s): "
-                            + ", ".join(f"{k} ({n})" for k, n in list(bad.items())[:5]))
+                            + _listed([f"{k} ({n})" for k, n in bad.items()]))
     for name, scheme in manifest.quantization.items():
         if scheme.format == "gptq":
             try:
@@ -208,19 +207,21 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
                 raise ArtifactError(f"{path}: quantization.{name}: GPTQ tensor {err} missing") from None
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as err:  # shapes that disagree with the skeleton; the message names the tensors
-        raise ArtifactError(f"{path}: {str(err)[:1000]}") from None
+    except RuntimeError as err:  # shapes that disagree with the skeleton; torch names one tensor a line after a title
+        lines = str(err).splitlines() or [type(err).__name__]
+        raise ArtifactError(f"{path}: {lines[0]} " + _listed([line.strip() for line in lines[1:]], "; ")) from None
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
     if missing or result.unexpected_keys:
-        raise ArtifactError(f"{path}: tensors missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        raise ArtifactError(f"{path}: tensors missing: {_listed(missing) or 'none'}; unexpected: "
+                            f"{_listed(result.unexpected_keys) or 'none'}")
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     rotary = model.model.rotary_emb  # non-persistent buffers (inv_freq) are computed, not stored
     model.model.rotary_emb = type(rotary)(config=model.config)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
-        raise ArtifactError(f"{path}: no values for {left[:5]}")
+        raise ArtifactError(f"{path}: no values for {_listed(left)}")
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     model.to(device=device)

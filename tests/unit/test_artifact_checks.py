@@ -14,7 +14,7 @@ import torch
 import export
 from compress import api
 from compress.evaluate import pad_token_id
-from export.format import Manifest
+from export.format import MAX_LISTED, ArtifactError, Manifest
 from tests.tiny import make_tiny_model
 
 SMALL = ["calibration.windows=4", "calibration.seq_len=32", "evaluate.seq_len=32", "evaluate.max_windows=1",
@@ -37,6 +37,57 @@ def test_eval_with_an_eos_list_and_no_pad(llama3_style, tmp_path):
     dense, comp = ev.rows
     assert dense["tokens/s"] > 0 and comp["tokens/s"] > 0 and comp["params"] < dense["params"]
     assert pad_token_id(export.load(res.artifact)) == 0  # the first end-of-text id
+
+
+def _snapshot_with_link(artifact: Path, repo: Path, aside: str) -> tuple[Path, Path]:
+    """A copy of `artifact` at `repo/snapshots/0123abc` whose config.json links to `repo/<aside>/config.json`; the
+    folder and the link's target."""
+    snapshot = repo / "snapshots" / "0123abc"
+    shutil.copytree(artifact, snapshot)
+    target = repo / aside / "config.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    (snapshot / "config.json").rename(target)
+    os.symlink(target, snapshot / "config.json")
+    return snapshot, target
+
+
+@pytest.mark.parametrize("repo_name, aside, blobs", [
+    ("work", "blobs", False),  # a folder merely named snapshots: no cache, whatever its neighbours are called
+    ("work", "blobs", True),
+    ("models--org--art", "files", False),  # cache-named, but no blobs folder: not a cache
+    ("models--org--art", "refs", True),  # a real cache, but the link leaves its blobs
+])
+def test_a_folder_named_snapshots_is_not_a_cache(artifact, tmp_path, repo_name, aside, blobs):
+    """Only a hub cache (`models--*` with a `blobs/` folder) lets links leave the snapshot, and only into `blobs/`;
+    anything else that merely sits under `snapshots/` is refused by file (the old rule allowed all of the repo)."""
+    if blobs:
+        (tmp_path / repo_name / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot, target = _snapshot_with_link(artifact, tmp_path / repo_name, aside)
+    expected = f"config.json: resolves to {target}, outside the artifact folder"
+    assert export.verify(snapshot) == [expected]
+    with pytest.raises(ArtifactError, match=expected):
+        export.load(snapshot)
+
+
+def test_load_lists_at_most_max_listed_tensors_and_counts_the_rest(artifact, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tests.unit.bad_inputs_artifact import WEIGHTS
+
+    art = tmp_path / "nan"
+    shutil.copytree(artifact, art)
+    state = load_file(art / WEIGHTS)
+    floats = sorted(k for k, t in state.items() if t.is_floating_point())
+    assert len(floats) > MAX_LISTED + 2
+    for name in floats:
+        state[name].view(-1)[0] = float("nan")
+    save_file(state, art / WEIGHTS, metadata={"format": "pt"})  # same sizes: only verify's hashes would see it
+    with pytest.raises(ArtifactError) as err:
+        export.load(art)
+    message = str(err.value)
+    assert f"non-finite values (NaN or Inf) in {len(floats)} tensor(s): " in message
+    assert message.endswith(f" and {len(floats) - MAX_LISTED} more")
+    assert message.count(" (1)") == MAX_LISTED
 
 
 def test_pad_token_id_order():
