@@ -41,7 +41,7 @@ def _reset_peak() -> None:
 def run_one(label: str, args) -> dict:
     import torch
 
-    from compress.evaluate import TailKL
+    from compress.search.scoring import TailKL
     from compress.models import llama
 
     _, model, calib, _ = default_setup(args.windows, 1, args.threads)

@@ -23,7 +23,6 @@ from torch import nn
 
 from calibration.capture import for_each_block
 from compress.errors import InputError
-from compress.evaluate import TailKL
 from compress.models import llama
 from compress.ops.refit import augment, damped, refit, removal_order, structure_columns
 from compress.passes.base import PassContext, check_finite
@@ -31,7 +30,9 @@ from compress.plan import PassReport
 from compress.recipe import TyrConfig
 from compress.search.base import Option, Unit, cost_range, total
 from compress.search.evolution import EvolutionSettings, evolve_saved
-from compress.search.variants import CODE_VERSION, LoadCache, VariantDB, fingerprint, model_parts
+from compress.search.scoring import StagedKL, supernet_fitness
+from compress.search.supernet import CODE_VERSION, Assembler, LoadCache, VariantDB
+from compress.search.variants import fingerprint, model_parts
 
 OUT_PROJ = {"attn": "o_proj", "mlp": "down_proj"}
 STEPS_PER_LAYER = 256  # OBS updates per layer at most: channels are removed a few at a time above this width
@@ -103,8 +104,9 @@ class TyrPass:
                              f"keep {lo / dense_total:.1%}; raise max_sparsity or lower the target")
         upstream = {u.name: min(levels[u.name], key=lambda k: (abs(k / u.width - (1 - cfg.target)), -k)) for u in units}
 
-        state = _Assembler(blocks, dense, units)
-        stages = [TailKL(model, ctx.calibration[:n], batch_size=ctx.batch_size, any_start=False) for n in cfg.evolution.stage_windows]
+        swap = _StructureSwap(blocks, dense, units)
+        supernet = Assembler(swap)
+        score = StagedKL(model, ctx.calibration, cfg.evolution.stage_windows, ctx.batch_size)  # on the dense model
         rounds, choice = [], None
         try:
             for r in range(cfg.rounds):
@@ -119,18 +121,19 @@ class TyrPass:
                 key = fingerprint(key0, levels, upstream)
                 db = VariantDB(None if ctx.cache is None else ctx.cache / f"variants-tyr-{key[:20]}")
                 t_var = time.perf_counter()
-                state.restore_dense()
-                self._build_variants(model, ctx, units, levels, upstream, db, state)
+                supernet.restore_dense()
+                swap.use(db)
+                self._build_variants(model, ctx, units, levels, upstream, db, supernet, dense)
                 t_var = time.perf_counter() - t_var
-                choice, info = self._search(units, levels, budget, choice or upstream, db, state, stages, ctx, key)
+                choice, info = self._search(units, levels, budget, choice or upstream, db, supernet, score, ctx, key)
                 rounds.append({"round": r + 1, "spacing": round(spacing, 4), "variants_s": round(t_var, 1),
                                "levels_per_unit": [min(map(len, levels.values())), max(map(len, levels.values()))],
                                **info})
-                state.assemble(choice, db)
+                supernet.assemble(choice)
         except BaseException:
-            state.restore_dense()
+            supernet.restore_dense()
             raise
-        del stages
+        del score
 
         report = PassReport(name="tyr")
         kept_total = 0
@@ -138,7 +141,7 @@ class TyrPass:
             before, after = shapes[i], llama.block_shape(block)
             kept = llama.block_params(after, model.config.hidden_size)
             kept_total += kept
-            groups, channels = (state.kept[u.name] for u in units if u.layer == i)
+            groups, channels = (swap.kept[u.name] for u in units if u.layer == i)
             ctx.plan.record(i, kept_kv_groups=groups.tolist(), kept_mlp_channels=channels.tolist(),
                             compensated=cfg.bias, refit="least squares")
             report.rows.append({"layer": i, "q_heads": f"{after.num_attention_heads}/{before.num_attention_heads}",
@@ -157,7 +160,7 @@ class TyrPass:
         return [Unit(u.name, tuple(Option(k, float(k * u.cost)) for k in levels[u.name])) for u in units]
 
     def _build_variants(self, model, ctx: PassContext, units: list[PruneUnit], levels: dict[str, list[int]],
-                        upstream: dict[str, int], db: VariantDB, state: "_Assembler") -> None:
+                        upstream: dict[str, int], db: VariantDB, supernet: Assembler, dense: dict) -> None:
         """Every unit at every level of the round (the full width is the dense unit itself), block by block, each
         block calibrated on the upstream variants of the blocks before it."""
         cfg = self.config
@@ -178,7 +181,7 @@ class TyrPass:
                 if not missing:
                     continue
                 s = stats[OUT_PROJ[u.kind]]
-                W, b = state.dense[i][OUT_PROJ[u.kind]]
+                W, b = dense[i][OUT_PROJ[u.kind]]
                 check_finite(f"model.layers.{i}.{OUT_PROJ[u.kind]}", W, s.xtx)
                 n_cols = u.width * u.size
                 if cfg.bias:  # the bias is one more input column, fixed at 1, never removed
@@ -199,28 +202,24 @@ class TyrPass:
                     if cfg.bias:
                         tensors["bias"] = W_kept[:, -1].contiguous()
                     db.put(u.name, k, tensors, {"unit": u.name, "kept": k, "width": u.width})
-            state.assemble({u.name: upstream[u.name] for u in by_layer[i]}, db)
+            supernet.assemble({u.name: upstream[u.name] for u in by_layer[i]})
             return True
 
         for_each_block(model, llama.blocks(model), ctx.calibration, visit, watch, batch_size=ctx.batch_size,
                        want_xtx=True, desc="tyr: variants")
 
-    def _search(self, units, levels, budget, start_levels: dict[str, int], db, state: "_Assembler",
-                stages: list[TailKL], ctx: PassContext, key: str) -> tuple[dict[str, int], dict]:
+    def _search(self, units: list[PruneUnit], levels: dict[str, list[int]], budget: float,
+                start_levels: dict[str, int], db: VariantDB, supernet: Assembler, score: StagedKL, ctx: PassContext,
+                key: str) -> tuple[dict[str, int], dict]:
         evo = self.config.evolution
         search_units = self._search_units(units, levels)
         start = {su.name: min(range(len(su.options)), key=lambda j: abs(su.options[j].level - start_levels[su.name]))
                  for su in search_units}
         start = _fit_budget(search_units, start, budget)
-
-        def fitness(choice: dict[str, int], stage: int) -> float:
-            state.assemble({su.name: su.options[choice[su.name]].level for su in search_units}, db)
-            return stages[stage].kl_from(0)
-
-        alloc, summary = evolve_saved(search_units, budget, fitness, start,
+        alloc, summary = evolve_saved(search_units, budget, supernet_fitness(search_units, supernet, score), start,
                                       EvolutionSettings.from_config(evo, ctx.seed), db.folder,
                                       {"variants": key, "stage_windows": evo.stage_windows})
-        return {su.name: su.options[alloc.choice[su.name]].level for su in search_units}, summary
+        return alloc.levels(search_units), summary
 
 
 def _fit_budget(units: list[Unit], choice: dict[str, int], budget: float) -> dict[str, int]:
@@ -233,55 +232,47 @@ def _fit_budget(units: list[Unit], choice: dict[str, int], budget: float) -> dic
     return choice
 
 
-class _Assembler:
-    """Puts variants into the model's blocks: the kept rows of q/k/v or gate/up come from the dense weights, the
-    refitted o_proj / down_proj from the variant database. Knows what every unit holds, so only changes are applied."""
+class _StructureSwap:
+    """Puts a unit's variant into its block: the kept rows of q/k/v or gate/up come from the dense weights, the
+    refitted o_proj / down_proj from the round's variant database (`use`); the full width is the dense unit.
+    `kept[unit]` is the kept key-value groups or channels the unit holds now."""
 
     def __init__(self, blocks: nn.ModuleList, dense: dict, units: list[PruneUnit]):
         self.blocks, self.dense = blocks, dense
         self.units = {u.name: u for u in units}
-        self.level: dict[str, int] = {}
         self.kept: dict[str, torch.Tensor] = {}
-        self._db: VariantDB | None = None
-        self._load = None
+        self._load: LoadCache | None = None
 
-    def _loader(self, db: VariantDB):
-        """A bounded in-memory cache of one database's variants (a search revisits the same few levels per unit);
-        a new database (the next round) replaces it."""
-        if db is not self._db:
-            self._db = db
-            self._load = LoadCache(lambda name, k: db.get(name, k)[0])
-        return self._load
+    def use(self, db: VariantDB) -> None:
+        """Read variants from `db` (this round's), through a bounded in-memory cache: a search revisits the same few
+        levels per unit."""
+        self._load = LoadCache(lambda name, k: db.get(name, k)[0])
 
-    def restore_dense(self) -> None:
+    def restore(self) -> None:
         for i, block in enumerate(self.blocks):
             for name, lin in llama.linears(block).items():
                 llama.set_linear(lin, *self.dense[i][name])
             llama.sync_widths(block)
-        self.level = {}
         self.kept = {u.name: torch.arange(u.width) for u in self.units.values()}
 
-    def assemble(self, levels: dict[str, int], db: VariantDB) -> None:
-        load = self._loader(db)
-        for name, k in levels.items():
-            if self.level.get(name) == k:
-                continue
-            u = self.units[name]
-            block, dense = self.blocks[u.layer], self.dense[u.layer]
-            lin = llama.linears(block)
-            if k == u.width:
-                keep, W, b = torch.arange(u.width), *dense[OUT_PROJ[u.kind]]
-            else:
-                v = load(name, k)
-                keep, W, b = v["keep"], v["weight"], v.get("bias", dense[OUT_PROJ[u.kind]][1])
-            if u.kind == "attn":
-                q_dims, kv_dims = llama.group_dims(llama.block_shape(block), keep)
-                rows = {"q_proj": q_dims, "k_proj": kv_dims, "v_proj": kv_dims}
-            else:
-                rows = {"gate_proj": keep, "up_proj": keep}
-            for proj, r in rows.items():
-                w, bias = dense[proj]
-                llama.set_linear(lin[proj], w[r], None if bias is None else bias[r])
-            llama.set_linear(lin[OUT_PROJ[u.kind]], W, b)
-            llama.sync_widths(block)
-            self.level[name], self.kept[name] = k, keep
+    def put(self, name: str, k: int) -> None:
+        u = self.units[name]
+        block, dense = self.blocks[u.layer], self.dense[u.layer]
+        lin = llama.linears(block)
+        if k == u.width:
+            keep, W, b = torch.arange(u.width), *dense[OUT_PROJ[u.kind]]
+        else:
+            assert self._load is not None, "use(db) before put"
+            v = self._load(name, k)
+            keep, W, b = v["keep"], v["weight"], v.get("bias", dense[OUT_PROJ[u.kind]][1])
+        if u.kind == "attn":
+            q_dims, kv_dims = llama.group_dims(llama.block_shape(block), keep)
+            rows = {"q_proj": q_dims, "k_proj": kv_dims, "v_proj": kv_dims}
+        else:
+            rows = {"gate_proj": keep, "up_proj": keep}
+        for proj, r in rows.items():
+            w, bias = dense[proj]
+            llama.set_linear(lin[proj], w[r], None if bias is None else bias[r])
+        llama.set_linear(lin[OUT_PROJ[u.kind]], W, b)
+        llama.sync_widths(block)
+        self.kept[name] = keep

@@ -3,13 +3,19 @@
 A `Unit` is something that takes one setting: a layer, or a group of modules that must share it (fused q/k/v,
 fused gate/up). Each unit offers `Option`s: a level (bits, a kept width, ...), its cost (bits or parameters) and its
 measured error. An allocator picks one option per unit so that the summed cost stays within a budget, and returns
-an `Allocation` that records how it was found.
+an `Allocation` that records how it was found. A search that measures candidates on the model calls a `Fitness` with
+a batch of them at once (the seam where an executor spreads evaluations over workers).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+# fitness(candidates, stage) -> one score per candidate, lower is better; a candidate maps each unit's name to an index
+# into its options, `stage` indexes the token sets of a staged search (0 = fewest tokens)
+Fitness = Callable[[list[dict[str, int]], int], list[float]]
 
 
 @dataclass(frozen=True)

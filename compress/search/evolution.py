@@ -6,6 +6,9 @@ best `survivors[k]` go on to the next stage's larger token set, and the last sta
 parent on the same tokens. The parent is replaced only by a strictly better candidate, so the parent's fitness on the
 final stage's fixed tokens never worsens. The search is seeded and saves its state after every generation; started
 again with the same state file it resumes where it stopped and reaches the same result as an uninterrupted run.
+
+Fitness is asked for a batch at a time (all offspring of a stage, or all finalists), in a fixed order, so an executor
+may score a batch anywhere without changing the result.
 """
 
 from __future__ import annotations
@@ -14,19 +17,16 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from tqdm.auto import tqdm
 
 from compress.atomic import write_text_atomic
 from compress.errors import CompressError, InputError
-from compress.search.base import Allocation, Unit, check_budget, total
+from compress.search.base import Allocation, Fitness, Unit, check_budget, total
 from compress.search.variants import fingerprint
-
-# fitness(choice, stage) -> lower is better; `stage` indexes the token sets (0 = fewest tokens)
-Fitness = Callable[[dict[str, int], int], float]
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class EvolutionSettings:
 
 
     @classmethod
-    def from_config(cls, config, seed: int) -> "EvolutionSettings":
+    def from_config(cls, config, seed: int) -> EvolutionSettings:
         """From a recipe's evolution settings (generations, offspring, survivors, max_switches) and the run seed."""
         return cls(generations=config.generations, offspring=config.offspring, survivors=tuple(config.survivors),
                    max_switches=config.max_switches, seed=seed)
@@ -109,15 +109,15 @@ def evolve(units: list[Unit], budget: float, fitness: Fitness, start: dict[str, 
     rng = random.Random(settings.seed)
     non_finite = 0
 
-    def score(c: list[int], stage: int) -> float:
-        """A candidate whose fitness is not finite (a variant that overflows) is never selected; such evaluations
-        are counted."""
+    def score(batch: list[list[int]], stage: int) -> list[float]:
+        """One fitness per candidate, asked for in one call. A candidate whose fitness is not finite (a variant that
+        overflows) is never selected; such evaluations are counted."""
         nonlocal non_finite
-        value = fitness(to_choice(c), stage)
-        if math.isfinite(value):
-            return value
-        non_finite += 1
-        return math.inf
+        values = fitness([to_choice(c) for c in batch], stage)
+        if len(values) != len(batch):
+            raise CompressError(f"evolution: fitness gave {len(values)} scores for {len(batch)} candidates")
+        non_finite += sum(not math.isfinite(v) for v in values)
+        return [v if math.isfinite(v) else math.inf for v in values]
 
     state = _load_state(state_path, identity)
     if state:
@@ -126,7 +126,7 @@ def evolve(units: list[Unit], budget: float, fitness: Fitness, start: dict[str, 
         rng.setstate(_tuplify(state["rng"]))
         log(f"evolution: resuming at generation {gen0} (fitness {parent_fit:.6g})")
     else:
-        parent_fit, gen0, evaluations = fitness(to_choice(parent), n_stages - 1), 0, 1
+        (parent_fit,), gen0, evaluations = fitness([to_choice(parent)], n_stages - 1), 0, 1
         if not math.isfinite(parent_fit):
             raise CompressError(f"evolution: the starting allocation's fitness is {parent_fit}; the variants it "
                                 "assembles produce non-finite outputs")
@@ -143,10 +143,10 @@ def evolve(units: list[Unit], budget: float, fitness: Fitness, start: dict[str, 
                 children.append(child)
         finalists = children
         for stage, keep in enumerate(settings.survivors):
-            scored = sorted(((score(c, stage), k) for k, c in enumerate(finalists)))
+            scored = sorted(zip(score(finalists, stage), range(len(finalists))))
             evaluations += len(finalists)
             finalists = [finalists[k] for _, k in scored[:keep]]
-        final = [(score(c, n_stages - 1), c) for c in finalists]
+        final = list(zip(score(finalists, n_stages - 1), finalists))
         evaluations += len(final)
         best_fit, best = min(final, key=lambda t: t[0], default=(float("inf"), None))
         accepted = best is not None and best_fit < parent_fit

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from calibration.capture import capture_block_inputs, for_each_block
-from compress.evaluate import TailKL
+from compress.search.scoring import TailKL
 from compress.models import llama
 
 

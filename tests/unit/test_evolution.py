@@ -21,7 +21,12 @@ def _units(raw):
             for i, opts in enumerate(raw)]
 
 
-def _fitness(units, calls=None):
+def _batch(one):
+    """A batch fitness (what `evolve` calls) from a one-candidate function."""
+    return lambda candidates, stage: [one(c, stage) for c in candidates]
+
+
+def _one_fitness(units, calls=None):
     """Additive errors plus an interaction term (what a knapsack cannot see), a little noisier on few tokens."""
     def f(choice, stage):
         if calls is not None:
@@ -30,6 +35,10 @@ def _fitness(units, calls=None):
         base = sum(errs) + 0.3 * max(errs) * min(errs)
         return base * (1.0 + (0.05 if stage == 0 else 0.0) * ((hash(tuple(choice.values())) % 7) - 3) / 3)
     return f
+
+
+def _fitness(units, calls=None):
+    return _batch(_one_fitness(units, calls))
 
 
 @settings(max_examples=60, deadline=None)  # units with one option: the ones an override pins
@@ -44,7 +53,7 @@ def test_never_over_budget_and_parent_never_worsens(raw, frac, seed):
     assert alloc.cost <= budget + 1e-9
     fits = [h["fitness"] for h in alloc.details["history"]]
     assert all(b <= a for a, b in zip(fits, fits[1:]))
-    assert alloc.error == fits[-1] == _fitness(units)(alloc.choice, 1)
+    assert alloc.error == fits[-1] == _one_fitness(units)(alloc.choice, 1)
 
 
 def _instance():
@@ -64,11 +73,11 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path):
     def dies_halfway(choice, stage):
         if len(calls) > 40:
             raise KeyboardInterrupt
-        return _fitness(units, calls)(choice, stage)
+        return _one_fitness(units, calls)(choice, stage)
 
     state = tmp_path / "evo.json"
     with pytest.raises(KeyboardInterrupt):
-        evolve(units, budget, dies_halfway, start, cfg, state_path=state, **QUIET)
+        evolve(units, budget, _batch(dies_halfway), start, cfg, state_path=state, **QUIET)
     assert state.exists()
     resumed = evolve(units, budget, _fitness(units), start, cfg, state_path=state, **QUIET)
     assert resumed.details["resumed_from"] and 0 < resumed.details["resumed_from"] < 12
@@ -101,16 +110,16 @@ def test_candidates_with_non_finite_fitness_are_never_selected_and_are_counted(b
     and a finite better candidate still wins beside them."""
     units, budget = _instance()
     start = {u.name: min(range(len(u.options)), key=lambda k: u.options[k].cost) for u in units}  # room to improve
-    good = _fitness(units)
+    good = _one_fitness(units)
     bad = lambda choice, stage: broken if choice != start and hash(tuple(choice.values())) % 2 else good(choice, stage)  # noqa: E731
     cfg = EvolutionSettings(generations=6, offspring=6, survivors=(2,), seed=1)
-    res = evolve(units, budget, bad, start, cfg, **QUIET)
+    res = evolve(units, budget, _batch(bad), start, cfg, **QUIET)
     assert res.details["non_finite_evaluations"] > 0
     fits = [h["fitness"] for h in res.details["history"]]
     assert all(math.isfinite(f) for f in fits) and all(b <= a for a, b in zip(fits, fits[1:]))
     assert sum(h["accepted"] for h in res.details["history"][1:]) > 0  # finite improvements were still taken
     with pytest.raises(CompressError, match="starting allocation's fitness is nan"):
-        evolve(units, budget, lambda c, s: float("nan"), start, cfg, **QUIET)
+        evolve(units, budget, _batch(lambda c, s: float("nan")), start, cfg, **QUIET)
 
 
 @settings(max_examples=80, deadline=None)  # units with one option: the ones an override pins
@@ -136,3 +145,23 @@ def test_mutants_fit_the_budget_and_leave_no_untouched_unit_that_could_still_ris
         # a unit the mutation did not touch is raised by the fill whenever one more level fits
         assert all(cost(child) + units[i].options[child[i] + 1].cost - units[i].options[child[i]].cost > budget + 1e-9
                    for i in risen_only)
+
+
+def test_fitness_is_asked_for_whole_batches_and_must_answer_each_candidate():
+    """The start alone on the last stage, then per generation all offspring on stage 0 and the survivors on the last:
+    the batches an executor may spread over workers."""
+    units, budget = _instance()
+    start = knapsack(units, budget).choice
+    batches = []
+    one = _one_fitness(units)
+
+    def fitness(candidates, stage):
+        batches.append((len(candidates), stage))
+        return [one(c, stage) for c in candidates]
+
+    cfg = EvolutionSettings(generations=3, offspring=6, survivors=(2,), seed=0)
+    res = evolve(units, budget, fitness, start, cfg, **QUIET)
+    assert batches == [(1, 1)] + [(6, 0), (2, 1)] * 3
+    assert res.details["evaluations"] == 1 + 3 * (6 + 2)
+    with pytest.raises(CompressError, match="fitness gave 1 scores for 6 candidates"):
+        evolve(units, budget, lambda cs, stage: [1.0] if stage == 0 else [1.0] * len(cs), start, cfg, **QUIET)

@@ -255,7 +255,7 @@ def test_tyr_searches_per_unit_sparsity_within_budget_and_reloads(tiny_any, tmp_
 def test_tyr_interrupted_run_resumes_to_the_same_result_and_refuses_changed_inputs(tiny_llama, tmp_path,
                                                                                     monkeypatch):
     from compress.errors import InputError
-    from compress.evaluate import TailKL
+    from compress.search.scoring import TailKL
 
     monkeypatch.setenv("COMPRESS_RUNS", str(tmp_path / "runs-whole"))
     whole = api.run(_tyr(tiny_llama), out=tmp_path / "whole", overrides=SMALL, log=lambda *_: None)

@@ -11,8 +11,8 @@ import torch
 from compress import journal
 from compress.atomic import write_atomic, write_text_atomic
 from compress.errors import CompressError, InputError
-from compress.evaluate import TailKL
-from compress.search.variants import LoadCache, VariantDB
+from compress.search.scoring import TailKL
+from compress.search.supernet import LoadCache, VariantDB
 
 
 def test_load_cache_is_bounded_by_bytes_and_drops_the_least_recently_used():
