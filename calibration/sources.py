@@ -1,40 +1,35 @@
 """Text sources (packaged corpora, local files) and seeded sampling into token windows.
 
-Memory is bounded by what is sampled, not by the size of the source: files are read in blocks, a split's documents
-are tokenized in chunks of at most CHUNK_CHARS characters, and reading stops once the tokens asked for exist. Rows
-whose field is not text are refused by file, row and field; lists of chat messages are rendered with the
-tokenizer's chat template (and the corpus notes it) or refused when the tokenizer has none."""
+Memory is bounded by what is sampled, not by the size of the source: files are read in blocks (calibration.readers),
+a split's documents are tokenized in chunks of at most CHUNK_CHARS characters, and calibration windows are drawn in
+one streaming pass over the whole split that holds only the windows kept so far (draw_windows); evaluation reads no
+further than the tokens it needs."""
 
 from __future__ import annotations
 
-import codecs
 import importlib.metadata
-import io
-import json
 import re
-import reprlib
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
 import torch
 
+from calibration.readers import ChatRender, reader
 from compress.errors import InputError
 
 Split = Literal["calibration", "heldout", "all"]
 HELDOUT_SHARE = 0.2  # share of characters held out for evaluation, by whole documents, never in calibration
 PACKAGED = ("pydoc", "licenses")
-READ_BYTES = 1 << 20  # bytes read from a file at a time
-MAX_DOC_CHARS = 1 << 20  # a longer paragraph, file or row is cut at whitespace into documents of at most this size
 CHUNK_CHARS = 1 << 16  # characters per tokenizer call (the tokenizer takes about 150 bytes per character while it runs)
 SEAM_CHARS = 64  # characters each side of a cut that must tokenize the same cut as whole
 SEAM_TRIES = 32  # cut candidates checked per chunk before cutting blindly (text without tokenizable whitespace)
-# calibration windows are drawn from the first max(POOL_TOKENS, POOL_FACTOR x windows x seq_len) tokens of the split;
-# POOL_TOKENS exceeds the bytes of each packaged corpus, so their windows are those drawn from the whole split
+# a calibration split of at most max(POOL_TOKENS, POOL_FACTOR x windows x seq_len) tokens is held whole and sampled by
+# sample_windows; POOL_TOKENS exceeds the bytes of each packaged corpus, so their windows stay those one call on the
+# whole split gave. A longer split is sampled by a seeded reservoir over all of it (draw_windows).
 POOL_TOKENS = 1 << 20
 POOL_FACTOR = 2
-ChatRender = Callable[[list], str]  # chat messages [{"role": ..., "content": ...}, ...] -> text
+KEY_BLOCK = 1 << 12  # reservoir keys are drawn this many slots at a time, whatever the chunks, so chunking cannot move them
 
 
 @dataclass(frozen=True)
@@ -81,21 +76,29 @@ class Corpus:
         """The whole split as one text, documents joined by a blank line (small corpora and tests)."""
         return "\n\n".join(self.documents_of(which))
 
-    def tokens(self, tokenizer, which: Split, max_tokens: int | None = None) -> torch.Tensor:
-        """The split's text (documents joined by a blank line) as one token stream, 1-D int64 without special
-        tokens, at most `max_tokens` long: tokenized CHUNK_CHARS at a time and read no further than needed. Token
-        for token what one call on the whole text gives, wherever a cut passes the seam check (see `_cut`)."""
-        parts: list[torch.Tensor] = []
-        count, text = 0, ""
+    def token_chunks(self, tokenizer, which: Split) -> Iterator[torch.Tensor]:
+        """The split's text (documents joined by a blank line) as consecutive 1-D int64 token pieces, without
+        special tokens, each from at most CHUNK_CHARS characters. Joined, token for token what one call on the whole
+        text gives, wherever a cut passes the seam check (see `_cut`); read only as far as the pieces are taken."""
+        text = ""
         for i, doc in enumerate(self.documents_of(which)):
             text += ("\n\n" if i else "") + doc
             while len(text) > CHUNK_CHARS:
                 cut = _cut(tokenizer, text)
-                parts.append(_encode(tokenizer, text[:cut]))
-                count, text = count + parts[-1].numel(), text[cut:]
-                if max_tokens is not None and count >= max_tokens:
-                    return torch.cat(parts)[:max_tokens]
-        parts.append(_encode(tokenizer, text))
+                yield _encode(tokenizer, text[:cut])
+                text = text[cut:]
+        yield _encode(tokenizer, text)
+
+    def tokens(self, tokenizer, which: Split, max_tokens: int | None = None) -> torch.Tensor:
+        """The split as one token stream (see token_chunks), 1-D int64, at most `max_tokens` long, read no
+        further than needed."""
+        parts: list[torch.Tensor] = []
+        count = 0
+        for part in self.token_chunks(tokenizer, which):
+            parts.append(part)
+            count += part.numel()
+            if max_tokens is not None and count >= max_tokens:
+                break
         return torch.cat(parts)[:max_tokens]
 
 
@@ -158,185 +161,6 @@ def _licenses_corpus() -> Corpus:
     return Corpus("licenses", lambda: iter(docs))
 
 
-_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISSOCK, "a socket"))
-
-
-def _check_regular(path: Path) -> None:
-    """Refuse what is not a regular file before opening it (opening a FIFO blocks until someone writes)."""
-    try:
-        mode = path.stat().st_mode
-    except OSError as err:
-        raise InputError(f"{path}: cannot read: {err.strerror}") from None
-    if not stat.S_ISREG(mode):
-        kind = next((name for test, name in _KINDS if test(mode)), "not a file")
-        raise InputError(f"{path}: not a regular file ({kind}); text sources are files or folders of files")
-
-
-def _open(path: Path):
-    try:
-        return open(path, "rb")
-    except OSError as err:
-        raise InputError(f"{path}: cannot read: {err.strerror}") from None
-
-
-def _binary_check(raw: bytes, path: Path, offset: int, line: int) -> None:
-    """Refuse a NUL byte in `raw` (which starts at byte `offset`, on line `line` of the file): binary data."""
-    nul = raw.find(b"\0")
-    if nul >= 0:
-        line += raw.count(b"\n", 0, nul)
-        raise InputError(f"{path}: a NUL byte at byte {offset + nul} (line {line}): binary data, not UTF-8 text")
-
-
-def _text_blocks(path: Path) -> Iterator[str]:
-    """The file's text in blocks: strict UTF-8 (a leading byte-order mark dropped), newlines translated as open()
-    does; refuses binary data and undecodable bytes naming the byte offset and line."""
-    utf8 = codecs.getincrementaldecoder("utf-8")()
-    decoder = io.IncrementalNewlineDecoder(utf8, translate=True)
-    offset, line, first = 0, 1, True
-    with _open(path) as f:
-        while True:
-            raw = f.read(READ_BYTES)
-            _binary_check(raw, path, offset, line)
-            pending = len(utf8.buffer)  # undecoded bytes of the previous block, before `raw`
-            try:
-                text = decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError as err:
-                at = offset - pending + err.start
-                n = line + raw[: max(at - offset, 0)].count(b"\n")
-                raise InputError(f"{path}: not UTF-8 text: byte {at} (line {n}) cannot be decoded ({err.reason}); "
-                                 "a binary file?") from None
-            offset, line = offset + len(raw), line + raw.count(b"\n")
-            if first and text:
-                text, first = text.removeprefix("\ufeff"), False
-            if text:
-                yield text
-            if not raw:
-                return
-
-
-_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
-
-
-def _documents(blocks: Iterator[str], paragraphs: bool) -> Iterator[str]:
-    """Documents from a stream of text blocks: its paragraphs (split at blank lines) or, if not `paragraphs`, the
-    whole text; either cut at whitespace into pieces of at most MAX_DOC_CHARS. Paragraphs are those one split of the
-    whole text gives: a break is taken only once text after it has arrived."""
-    carry = ""
-    for block in blocks:
-        carry += block
-        if paragraphs:
-            end = len(carry.rstrip())  # breaks before the trailing whitespace are complete
-            *done, rest = _PARAGRAPH_BREAK.split(carry[:end])
-            yield from done
-            carry = rest + carry[end:]
-        while len(carry) > MAX_DOC_CHARS:
-            space = max(carry.rfind(" ", 0, MAX_DOC_CHARS), carry.rfind("\n", 0, MAX_DOC_CHARS))
-            cut = space if space > 0 else MAX_DOC_CHARS
-            yield carry[:cut]
-            carry = carry[cut:]
-    yield from _PARAGRAPH_BREAK.split(carry) if paragraphs else [carry]
-
-
-def _is_chat(value) -> bool:
-    return (isinstance(value, list) and bool(value)
-            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in value))
-
-
-def _row_text(value, where: str, name: str, chat: ChatRender | None, notes: list[str], path: Path) -> str:
-    """The text of one row's field; refuses anything but a string or a list of chat messages (rendered by `chat`)."""
-    if isinstance(value, str):
-        return value
-    if _is_chat(value):
-        if chat is None:
-            raise InputError(f"{where}: field {name!r} holds chat messages and the tokenizer has no chat template to "
-                             "render them; give a field of plain text")
-        note = f"{path}: field {name!r} holds chat messages, rendered with the tokenizer's chat template"
-        if note not in notes:
-            notes.append(note)
-        return chat(value)
-    kind = ("null" if value is None else "a bool" if isinstance(value, bool)
-            else "a number" if isinstance(value, (int, float)) else "an object" if isinstance(value, dict)
-            else "a list" if isinstance(value, list) else f"a {type(value).__name__}")
-    raise InputError(f"{where}: field {name!r} is {kind} ({reprlib.repr(value)}), not text")
-
-
-def _jsonl_rows(path: Path, name: str, chat: ChatRender | None, notes: list[str]) -> Iterator[str]:
-    offset = 0
-    with _open(path) as f:
-        for n, raw in enumerate(f, 1):
-            _binary_check(raw, path, offset, n)
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise InputError(f"{path}: line {n}: not UTF-8 text: byte {offset + err.start} cannot be decoded "
-                                 f"({err.reason})") from None
-            offset += len(raw)
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}: line {n}: not valid JSON: {err}") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path}: line {n}: not a JSON object")
-            if name not in row:
-                raise InputError(f"{path}: line {n}: no field {name!r}")
-            yield _row_text(row[name], f"{path}: line {n}", name, chat, notes, path)
-
-
-def _table_rows(path: Path, name: str, chat: ChatRender | None, notes: list[str]) -> Iterator[str]:
-    """Rows of a parquet file or an Arrow IPC file (stream or file format, as `datasets` saves), a batch at a time."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    kind = "parquet" if path.suffix == ".parquet" else "arrow"
-    try:
-        if kind == "parquet":
-            table = pq.ParquetFile(path)
-            columns = table.schema_arrow.names
-            batches = table.iter_batches(batch_size=256, columns=[name]) if name in columns else iter(())
-        else:
-            try:
-                reader = pa.ipc.open_stream(pa.memory_map(str(path)))
-                columns, batches = reader.schema.names, iter(reader)
-            except pa.ArrowInvalid:
-                whole = pa.ipc.open_file(pa.memory_map(str(path)))
-                columns = whole.schema.names
-                batches = (whole.get_batch(i) for i in range(whole.num_record_batches))
-        if name not in columns:
-            raise InputError(f"{path}: no field {name!r}; columns are {columns}")
-        row = 0
-        for batch in batches:
-            for value in batch.column(name).to_pylist():
-                row += 1
-                yield _row_text(value, f"{path}: row {row}", name, chat, notes, path)
-    except (pa.ArrowException, OSError) as err:
-        raise InputError(f"{path}: not a readable {kind} file: {err}") from None
-
-
-def _reader(path: Path, name: str | None, chat: ChatRender | None, notes: list[str]) -> Callable[[], Iterator[str]]:
-    """A function that streams the documents of one local file or folder."""
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and not p.is_dir())
-        for p in files:
-            _check_regular(p)
-        if not files:
-            raise InputError(f"{path}: folder has no .txt or .md files")
-        return lambda: (d for p in files for d in _documents(_text_blocks(p), paragraphs=False))
-    _check_regular(path)
-    if path.suffix in (".txt", ".md"):
-        return lambda: _documents(_text_blocks(path), paragraphs=True)
-    if path.suffix not in (".jsonl", ".parquet", ".arrow"):
-        raise InputError(f"{path}: unsupported file type {path.suffix!r} (use .txt, .md, .jsonl, .parquet, .arrow)")
-    if name is None:
-        what = "text field of each JSON line" if path.suffix == ".jsonl" else "text column of this table"
-        raise InputError(f"{path}: calibration.field must name the {what}")
-    rows = _jsonl_rows if path.suffix == ".jsonl" else _table_rows
-    return lambda: (d for row in rows(path, name, chat, notes) for d in _documents(iter([row]), paragraphs=False))
-
-
 def load_corpus(source: str, field: str | None = None, chat: ChatRender | None = None) -> Corpus:
     """A packaged corpus by name ('pydoc', 'licenses') or a local .txt/.md/.jsonl/.parquet/.arrow file or a folder
     of .txt/.md files. `field` names the text field of .jsonl/.parquet/.arrow rows; rows holding chat messages are
@@ -350,7 +174,7 @@ def load_corpus(source: str, field: str | None = None, chat: ChatRender | None =
     if not path.exists():
         raise InputError(f"calibration source {source!r}: no such file or folder (packaged sources: {', '.join(PACKAGED)})")
     notes: list[str] = []
-    read = _reader(path, field, chat, notes)
+    read = reader(path, field, chat, notes)
     corpus = Corpus(str(path), lambda: (d for d in read() if d.strip()), notes)
     if next(corpus.read(), None) is None:
         raise InputError(f"calibration source {source!r} is empty: it has no text")
@@ -363,20 +187,114 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return _encode(tokenizer, text)
 
 
-def sample_windows(tokens: torch.Tensor, windows: int, seq_len: int, seed: int, what: str) -> torch.Tensor:
-    """`windows` non-overlapping token windows drawn at random (seeded): (windows, seq_len) int64."""
-    slots = tokens.numel() // seq_len
+def _sample_starts(n_tokens: int, windows: int, seq_len: int, seed: int, what: str) -> torch.Tensor:
+    """Where `windows` non-overlapping windows of `seq_len` start in a stream of `n_tokens` (seeded): a random shift,
+    then a random subset of the seq_len-token slots after it; (windows,) int64, ascending."""
+    slots = n_tokens // seq_len
     if slots < windows:
         raise InputError(
-            f"{what} has {tokens.numel()} tokens = {slots} windows of {seq_len}; "
+            f"{what} has {n_tokens} tokens = {slots} windows of {seq_len}; "
             f"the recipe asks for {windows} (lower calibration.windows or seq_len, or give more text)"
         )
     gen = torch.Generator().manual_seed(seed)
-    spare = tokens.numel() - slots * seq_len
+    spare = n_tokens - slots * seq_len
     shift = int(torch.randint(0, spare + 1, (1,), generator=gen))
     chosen = torch.randperm(slots, generator=gen)[:windows].sort().values
-    starts = shift + chosen * seq_len
+    return shift + chosen * seq_len
+
+
+def sample_windows(tokens: torch.Tensor, windows: int, seq_len: int, seed: int, what: str) -> torch.Tensor:
+    """`windows` non-overlapping token windows drawn at random (seeded): (windows, seq_len) int64."""
+    starts = _sample_starts(tokens.numel(), windows, seq_len, seed, what)
     return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """Calibration windows and where they came from."""
+
+    windows: torch.Tensor  # (windows, seq_len) int64
+    starts: torch.Tensor  # (windows,) int64: each window's first token, as an offset into the split's token stream
+    split_tokens: int  # tokens in the whole calibration split (all of it was read)
+    pool: int  # pool_tokens(windows, seq_len): a split up to this size is held whole and sampled by sample_windows
+
+    def describe(self, what: str) -> str:
+        """One line for the log: how many windows, from how many tokens of `what`, and how."""
+        n, seq_len = self.windows.shape
+        how = ("held whole" if self.split_tokens <= self.pool
+               else f"a seeded reservoir: more than the {self.pool:,} tokens held whole")
+        return f"{n} windows of {seq_len} tokens drawn across all {self.split_tokens:,} tokens of {what} ({how})"
+
+
+class _Reservoir:
+    """A seeded uniform sample of `windows` slots of `seq_len` tokens from a token stream fed in pieces: after a
+    random shift (< seq_len) the stream is cut into consecutive slots, slot k gets the k-th of a run of uniform keys
+    (drawn KEY_BLOCK at a time), and the `windows` slots of least key are kept. Holds the kept slots and one piece."""
+
+    def __init__(self, windows: int, seq_len: int, seed: int):
+        self.windows, self.seq_len = windows, seq_len
+        self.gen = torch.Generator().manual_seed(seed)
+        self.shift = int(torch.randint(0, seq_len, (1,), generator=self.gen))  # tokens before slot 0
+        self.skip = self.shift  # of those, still to drop
+        self.pending = torch.zeros(0, dtype=torch.long)  # tokens after the last whole slot
+        self.next_slot, self.total = 0, 0
+        self.unused_keys = torch.zeros(0, dtype=torch.float64)
+        self.keys = torch.zeros(0, dtype=torch.float64)  # (kept,) the kept slots' keys
+        self.slots = torch.zeros(0, dtype=torch.long)  # (kept,) their indices
+        self.kept = torch.zeros(0, seq_len, dtype=torch.long)  # (kept, seq_len) their tokens
+
+    def _next_keys(self, n: int) -> torch.Tensor:
+        while self.unused_keys.numel() < n:
+            block = torch.rand(KEY_BLOCK, generator=self.gen, dtype=torch.float64)
+            self.unused_keys = torch.cat([self.unused_keys, block])
+        keys, self.unused_keys = self.unused_keys[:n], self.unused_keys[n:]
+        return keys
+
+    def add(self, tokens: torch.Tensor) -> None:
+        """Feed the next piece of the stream (1-D int64)."""
+        self.total += tokens.numel()
+        drop = min(self.skip, tokens.numel())
+        self.skip -= drop
+        stream = torch.cat([self.pending, tokens[drop:]])
+        n = stream.numel() // self.seq_len
+        self.pending = stream[n * self.seq_len :].clone()
+        keys = torch.cat([self.keys, self._next_keys(n)])
+        slots = torch.cat([self.slots, torch.arange(self.next_slot, self.next_slot + n)])
+        kept = torch.cat([self.kept, stream[: n * self.seq_len].view(n, self.seq_len)])
+        self.next_slot += n
+        best = keys.topk(min(self.windows, keys.numel()), largest=False).indices
+        self.keys, self.slots, self.kept = keys[best], slots[best], kept[best]
+
+    def result(self, pool: int) -> Drawn:
+        order = self.slots.argsort()
+        return Drawn(self.kept[order], self.shift + self.slots[order] * self.seq_len, self.total, pool)
+
+
+def draw_windows(corpus: Corpus, tokenizer, windows: int, seq_len: int, seed: int, what: str) -> Drawn:
+    """`windows` seeded, non-overlapping calibration windows of `seq_len` tokens from the whole calibration split,
+    in one streaming pass. A split of at most pool_tokens(windows, seq_len) tokens is held whole and sampled by
+    sample_windows (the windows the packaged corpora always gave); a longer one goes through a seeded reservoir
+    (_Reservoir) over all its slots, so a file sorted by source or domain is sampled from end to end while memory
+    stays the pool, the kept windows and one chunk. Deterministic given the text, the tokenizer and the seed."""
+    pool = pool_tokens(windows, seq_len)
+    held: list[torch.Tensor] = []
+    count = 0
+    pieces = corpus.token_chunks(tokenizer, "calibration")
+    for piece in pieces:
+        held.append(piece)
+        count += piece.numel()
+        if count > pool:
+            break
+    else:
+        tokens = torch.cat(held)
+        starts = _sample_starts(tokens.numel(), windows, seq_len, seed, what)
+        return Drawn(torch.stack([tokens[s : s + seq_len] for s in starts.tolist()]), starts, count, pool)
+    reservoir = _Reservoir(windows, seq_len, seed)
+    reservoir.add(torch.cat(held))
+    del held
+    for piece in pieces:
+        reservoir.add(piece)
+    return reservoir.result(pool)
 
 
 def eval_windows(tokens: torch.Tensor, seq_len: int, max_windows: int, what: str) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from calibration.budget import check_fits
-from calibration.sources import chat_renderer, eval_windows, load_corpus, pool_tokens, sample_windows
+from calibration.sources import chat_renderer, draw_windows, eval_windows, load_corpus
 from compress import evaluate as ev
 from compress import journal
 from compress.errors import CompressError, InputError
@@ -63,9 +63,10 @@ def weights_bytes(path: Path) -> int:
 
 @dataclass
 class EvalSets:
-    """Held-out token windows per named text."""
+    """Held-out token windows per named text, and what was done to the texts on the way (chat rows rendered)."""
 
     windows: dict[str, torch.Tensor] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # each once, in the order the texts were read
 
     @classmethod
     def build(cls, recipe: Recipe, tokenizer) -> "EvalSets":
@@ -76,10 +77,12 @@ class EvalSets:
         corpus = load_corpus(c.source, c.field, chat)
         label = f"{Path(corpus.name).name}-heldout"
         sets.windows[label] = eval_windows(corpus.tokens(tokenizer, "heldout", want), e.seq_len, e.max_windows, label)
+        texts = [corpus]
         for name in e.extra:
-            extra = load_corpus(name, c.field, chat)
+            texts.append(extra := load_corpus(name, c.field, chat))
             sets.windows[Path(name).name] = eval_windows(extra.tokens(tokenizer, "all", want), e.seq_len,
                                                          e.max_windows, f"evaluate.extra {name!r}")
+        sets.notes = list(dict.fromkeys(note for text in texts for note in text.notes))
         return sets
 
     def perplexities(self, model, batch_size: int) -> dict[str, float]:
@@ -266,11 +269,16 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     check_fits(model, cal.windows, {"calibration.seq_len": cal.seq_len,
                                     **({"evaluate.seq_len": recipe.evaluate.seq_len} if recipe.evaluate.enabled else {})})
     corpus = load_corpus(cal.source, cal.field, chat_renderer(tokenizer))
-    calib = sample_windows(corpus.tokens(tokenizer, "calibration", pool_tokens(cal.windows, cal.seq_len)), cal.windows,
-                           cal.seq_len, recipe.seed, f"calibration source {corpus.name!r} (calibration split)")
+    drawn = draw_windows(corpus, tokenizer, cal.windows, cal.seq_len, recipe.seed,
+                         f"calibration source {corpus.name!r} (calibration split)")
+    calib = drawn.windows
     for note in corpus.notes:
         log(f"note: {note}")
+    log(f"calibration: {drawn.describe(f'the calibration split of {corpus.name}')}")
     eval_sets = EvalSets.build(recipe, tokenizer) if recipe.evaluate.enabled else EvalSets()
+    for note in eval_sets.notes:
+        if note not in corpus.notes:  # said above
+            log(f"note: {note}")
     _check_passes_fit(recipe, model)
     log(f"model {source.identity}: {len(llama.blocks(model))} blocks; calibration {tuple(calib.shape)} tokens "
         f"from {corpus.name}")

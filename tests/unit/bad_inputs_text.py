@@ -153,5 +153,5 @@ CASES = [
     ("text-evaluate-seq-len-too-long", lambda f: _recipe(f, "ad", evaluate={"seq_len": 513}),
      "evaluate.seq_len 513 exceeds the model's context length 512"),
     ("text-windows-beyond-memory", lambda f: _recipe(f, "ae", {"windows": 2**16, "seq_len": 2**20}, model=_long_context_model(f)),
-     "calibration.windows 65536 x seq_len 1048576 x hidden size 96 x 4 bytes x 4 copies"),
+     "calibration.windows 65536 x seq_len 1048576 x hidden size 96 x 4 bytes x 3 copies"),
 ]

@@ -1,5 +1,6 @@
-"""Text sources and token windows: deterministic, disjoint splits; seeded windows; chunked tokenization equal to one
-call on the whole text (so the packaged corpora give the windows they always gave); bad rows and files named."""
+"""Text sources and token windows: deterministic, disjoint splits; seeded windows drawn across the whole split;
+chunked tokenization equal to one call on the whole text (so the packaged corpora give the windows they always gave);
+bad rows and files named; the memory check's numbers, read from fake /proc and cgroup trees."""
 
 import json
 import os
@@ -10,8 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from calibration import budget, sources
-from calibration.sources import eval_windows, load_corpus, pool_tokens, sample_windows, tokenize
+from calibration import budget, readers, sources
+from calibration.sources import (draw_windows, eval_windows, load_corpus, pool_tokens, sample_windows,
+                                 tokenize)
 from compress.errors import InputError
 from tests.tiny import make_tokenizer
 
@@ -77,6 +79,9 @@ def test_packaged_corpora_give_the_windows_one_whole_text_call_gives(tiny_tok):
     for a, b in zip(_default_windows(old_cal, old_held),
                     _default_windows(new_cal, pydoc.tokens(tiny_tok, "heldout", 32 * 256))):
         assert torch.equal(a, b)
+    drawn = draw_windows(pydoc, tiny_tok, 64, 256, 0, "c")  # what `compress run` calls
+    assert torch.equal(drawn.windows, _default_windows(old_cal, old_held)[0])
+    assert drawn.split_tokens == old_cal.numel() <= drawn.pool
     assert torch.equal(licenses.tokens(tiny_tok, "all"), tokenize(tiny_tok, licenses.split("all")))
     assert sum(len(d.encode()) for d in pydoc.documents) < sources.POOL_TOKENS  # any tokenizer: under the pool
 
@@ -116,8 +121,8 @@ def test_stops_reading_once_enough_tokens(tmp_path, tiny_tok, monkeypatch):
 
 
 def test_long_line_is_cut_into_bounded_documents(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "MAX_DOC_CHARS", 1000)
-    monkeypatch.setattr(sources, "READ_BYTES", 300)
+    monkeypatch.setattr(readers, "MAX_DOC_CHARS", 1000)
+    monkeypatch.setattr(readers, "READ_BYTES", 300)
     line = " ".join(f"w{i}" for i in range(3000))  # one paragraph of ~17k characters
     (tmp_path / "line.txt").write_text(line)
     docs = load_corpus(str(tmp_path / "line.txt")).documents
@@ -132,8 +137,8 @@ def test_streamed_paragraphs_equal_one_split(tmp_path_factory, text, block):
     path.write_bytes(text.encode())
     whole = path.read_text()  # universal newlines, as the file was read before
     want = [p for p in re.split(r"\n\s*\n", whole) if p.strip()]
-    old = sources.READ_BYTES
-    sources.READ_BYTES = block
+    old = readers.READ_BYTES
+    readers.READ_BYTES = block
     try:
         if want:
             assert list(load_corpus(str(path)).documents) == want
@@ -141,7 +146,7 @@ def test_streamed_paragraphs_equal_one_split(tmp_path_factory, text, block):
             with pytest.raises(InputError, match="is empty"):
                 load_corpus(str(path))
     finally:
-        sources.READ_BYTES = old
+        readers.READ_BYTES = old
 
 
 def test_windows_are_seeded_and_non_overlapping():
@@ -218,8 +223,8 @@ def test_bad_bytes_and_special_files_are_named(tmp_path):
     with pytest.raises(InputError, match=r"latin1.txt: not UTF-8 text: byte 3 \(line 1\)"):
         load_corpus(str(tmp_path / "latin1.txt"))
     # the bad byte in a later block, after a multi-byte character cut by the block boundary
-    (tmp_path / "late.txt").write_bytes(("a" + "\u00e9" * (sources.READ_BYTES // 2) + "\n\nab").encode() + b"\xff")
-    with pytest.raises(InputError, match=rf"late.txt: not UTF-8 text: byte {sources.READ_BYTES + 5} \(line 3\)"):
+    (tmp_path / "late.txt").write_bytes(("a" + "\u00e9" * (readers.READ_BYTES // 2) + "\n\nab").encode() + b"\xff")
+    with pytest.raises(InputError, match=rf"late.txt: not UTF-8 text: byte {readers.READ_BYTES + 5} \(line 3\)"):
         load_corpus(str(tmp_path / "late.txt")).documents
     (tmp_path / "bin.txt").write_bytes(b"text\nmore\x00\x01\x02")
     with pytest.raises(InputError, match=r"bin.txt: a NUL byte at byte 9 \(line 2\): binary data"):
@@ -238,17 +243,121 @@ def test_bad_bytes_and_special_files_are_named(tmp_path):
         load_corpus(str(tmp_path / "folder"))
 
 
+def _two_domains(path, paragraphs: int = 300) -> str:
+    """A .txt sorted by domain: `paragraphs` about alpha, then as many about omega; returns its text."""
+    text = "\n\n".join([f"alpha paragraph {i}: " + "the quick brown fox " * 6 for i in range(paragraphs)]
+                       + [f"omega paragraph {i}: " + "lorem ipsum dolor sit amet " * 5 for i in range(paragraphs)])
+    path.write_text(text)
+    return text
+
+
+def test_windows_are_drawn_across_the_whole_split_of_a_sorted_file(tmp_path, tiny_tok, monkeypatch):
+    """A file sorted by domain, far beyond the pool: windows come from both ends, each is the whole-text tokens at
+    its start, the draw is seeded, and chunk size cannot move it."""
+    monkeypatch.setattr(sources, "POOL_TOKENS", 2000)
+    monkeypatch.setattr(sources, "CHUNK_CHARS", 3000)
+    _two_domains(tmp_path / "sorted.txt")
+    corpus = load_corpus(str(tmp_path / "sorted.txt"))
+    whole = tokenize(tiny_tok, corpus.split("calibration"))
+    assert whole.numel() > 10 * sources.pool_tokens(16, 32)
+    drawn = draw_windows(corpus, tiny_tok, 16, 32, 0, "c")
+    assert drawn.windows.shape == (16, 32) and drawn.split_tokens == whole.numel()
+    for window, start in zip(drawn.windows, drawn.starts.tolist()):
+        assert torch.equal(window, whole[start : start + 32])
+    assert (drawn.starts[1:] - drawn.starts[:-1]).min() >= 32  # ascending, no overlap
+    assert drawn.starts.max() > whole.numel() // 2 > drawn.pool  # the second domain, past the pool, is reached
+    assert drawn.starts.min() < whole.numel() // 2
+    monkeypatch.setattr(sources, "CHUNK_CHARS", 7000)
+    again = draw_windows(corpus, tiny_tok, 16, 32, 0, "c")
+    assert torch.equal(again.windows, drawn.windows) and torch.equal(again.starts, drawn.starts)
+    assert not torch.equal(draw_windows(corpus, tiny_tok, 16, 32, 1, "c").starts, drawn.starts)
+    assert "16 windows of 32 tokens drawn across all" in drawn.describe("x") and "reservoir" in drawn.describe("x")
+
+
+def test_reservoir_is_uniform_over_slots_and_ignores_piece_sizes():
+    """200 seeds x 4 windows over 100 slots: each quarter of the stream gets a quarter of the windows (within 5
+    points); feeding the stream whole or in pieces of 7 tokens keeps exactly the same windows."""
+    stream, seq_len = torch.arange(1000), 10
+    counts = torch.zeros(4)
+    for seed in range(200):
+        whole, pieces = sources._Reservoir(4, seq_len, seed), sources._Reservoir(4, seq_len, seed)
+        whole.add(stream)
+        for piece in stream.split(7):
+            pieces.add(piece)
+        a, b = whole.result(0), pieces.result(0)
+        assert torch.equal(a.windows, b.windows) and torch.equal(a.starts, b.starts)
+        assert torch.equal(a.windows[:, 0], a.starts) and a.split_tokens == 1000
+        counts += torch.bincount(a.starts // 250, minlength=4)
+    assert ((counts / counts.sum() - 0.25).abs() < 0.05).all(), counts
+
+
 def test_context_and_activation_memory_are_checked_with_numbers():
     budget.check_context({"calibration.seq_len": 512, "evaluate.seq_len": 256}, 512)
     with pytest.raises(InputError, match="evaluate.seq_len 1024 exceeds the model's context length 512"):
         budget.check_context({"calibration.seq_len": 256, "evaluate.seq_len": 1024}, 512)
-    # 64 windows x 256 x 576 (SmolLM2-135M) fp32: 4 copies of 37.7 MB
-    assert budget.activation_bytes(64, 256, 576, 4) == 4 * 64 * 256 * 576 * 4 == 150_994_944
-    budget.check_activation_memory(64, 256, 576, 4, available=150_994_944)
-    with pytest.raises(InputError, match=r"calibration.windows 65 x seq_len 256 x hidden size 576 x 4 bytes x 4 "
+    # 64 windows x 256 x 576 (SmolLM2-135M) fp32: 3 copies (block inputs, outputs, a rerun's outputs) of 37.7 MB
+    assert budget.activation_bytes(64, 256, 576, 4) == 3 * 64 * 256 * 576 * 4 == 113_246_208
+    budget.check_activation_memory(64, 256, 576, 4, available=113_246_208)  # exactly fits: runs
+    with pytest.raises(InputError, match=r"calibration.windows 65 x seq_len 256 x hidden size 576 x 4 bytes x 3 "
                                          r"copies = 0.1 GiB of activations, but 0.1 GiB"):
-        budget.check_activation_memory(65, 256, 576, 4, available=150_994_944)
+        budget.check_activation_memory(65, 256, 576, 4, available=113_246_208)
     assert budget.available_bytes() > 2**20
+
+
+GIB = 2**30
+
+
+def _fake_root(tmp_path, meminfo_gib: float | None, membership: str, cgroups: dict[str, dict[str, str]]):
+    """A tree with proc/meminfo (MemAvailable), proc/self/cgroup and cgroup folders {relative folder: {file: text}}."""
+    (tmp_path / "proc/self").mkdir(parents=True)
+    if meminfo_gib is not None:
+        (tmp_path / "proc/meminfo").write_text(f"MemTotal: 99999999 kB\nMemAvailable: {int(meminfo_gib * 2**20)} kB\n")
+    (tmp_path / "proc/self/cgroup").write_text(membership)
+    for folder, files in cgroups.items():
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (tmp_path / folder / name).write_text(text)
+    return tmp_path
+
+
+def _v2(limit: str, current: float, inactive: float) -> dict[str, str]:
+    return {"memory.max": limit, "memory.current": str(int(current * GIB)),
+            "memory.stat": f"anon 1\nactive_file 7\ninactive_file {int(inactive * GIB)}\n"}
+
+
+def test_available_memory_counts_reclaimable_cache_in_cgroup_v2(tmp_path):
+    """8 GiB limit, 7.5 GiB used of which 3 GiB is inactive page cache (the safetensors just read): 3.5 GiB left,
+    not 0.5; a parent cgroup's tighter limit wins; no limit anywhere: MemAvailable."""
+    root = _fake_root(tmp_path / "a", 64, "0::/job/step\n", {
+        "sys/fs/cgroup": {"memory.stat": "inactive_file 0\n"},  # the root cgroup has no memory.max
+        "sys/fs/cgroup/job": _v2("max", 7.5, 3),
+        "sys/fs/cgroup/job/step": _v2(str(8 * GIB), 7.5, 3)})
+    assert budget.available_bytes(root) == int(3.5 * GIB)
+    # 3 copies of 1 GiB fit in the 3.5 GiB left; 4 copies (the former count) or 0.5 GiB (cache counted as used) did not
+    assert budget.activation_bytes(2**7, 2**10, 2**11, 4) == 3 * GIB
+    budget.check_activation_memory(2**7, 2**10, 2**11, 4, available=budget.available_bytes(root))
+    with pytest.raises(InputError, match="= 4.5 GiB of activations, but 3.5 GiB of memory is available"):
+        budget.check_activation_memory(3 * 2**6, 2**10, 2**11, 4, available=budget.available_bytes(root))
+    root = _fake_root(tmp_path / "b", 64, "0::/job/step\n", {
+        "sys/fs/cgroup/job": _v2(str(10 * GIB), 9.9, 0.4),
+        "sys/fs/cgroup/job/step": _v2(str(8 * GIB), 7.5, 3)})
+    assert budget.available_bytes(root) == int(0.5 * GIB)
+    root = _fake_root(tmp_path / "c", 12.25, "0::/\n", {"sys/fs/cgroup": _v2("max", 7.5, 3)})
+    assert budget.available_bytes(root) == int(12.25 * GIB)
+    root = _fake_root(tmp_path / "d", 2, "0::/\n", {"sys/fs/cgroup": _v2(str(8 * GIB), 1, 0)})
+    assert budget.available_bytes(root) == 2 * GIB  # MemAvailable below the cgroup's room
+
+
+def test_available_memory_reads_cgroup_v1_and_tolerates_missing_files(tmp_path):
+    v1 = {"memory.limit_in_bytes": str(6 * GIB), "memory.usage_in_bytes": str(5 * GIB),
+          "memory.stat": f"cache 9\ninactive_file 1\ntotal_inactive_file {2 * GIB}\n"}
+    root = _fake_root(tmp_path / "a", 64, "5:cpu,cpuacct:/x\n4:memory:/box\n0::/\n",
+                      {"sys/fs/cgroup/memory/box": v1})
+    assert budget.available_bytes(root) == 3 * GIB  # 6 - 5 + 2
+    assert budget.available_bytes(_fake_root(tmp_path / "b", 5, "", {})) == 5 * GIB
+    assert budget.available_bytes(_fake_root(tmp_path / "c", None, "0::/\n", {"sys/fs/cgroup": _v2(str(GIB), 0.25, 0)})) \
+        == int(0.75 * GIB)
+    assert budget.available_bytes(_fake_root(tmp_path / "d", None, "", {})) is None
 
 
 def test_run_calibrates_on_chat_rows_and_evaluates_an_extra_jsonl(tmp_path, tiny_llama):
@@ -278,5 +387,9 @@ def test_run_calibrates_on_chat_rows_and_evaluates_an_extra_jsonl(tmp_path, tiny
     res = CliRunner().invoke(cli, ["run", "-r", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "art")])
     assert res.exit_code == 0, res.output
     assert "chat.jsonl: field 'messages' holds chat messages, rendered with the tokenizer's chat template" in res.output
+    # the evaluate.extra text's chat rows are rendered too, and said so (once each)
+    assert res.output.count("other.jsonl: field 'messages' holds chat messages, rendered with the tokenizer's chat "
+                            "template") == 1
+    assert res.output.count("chat.jsonl: field 'messages' holds chat messages") == 1
     report = json.loads((tmp_path / "art" / "report.json").read_text())
     assert [q["text"] for q in report["quality"]] == ["chat.jsonl-heldout", "other.jsonl"]
