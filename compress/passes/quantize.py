@@ -44,7 +44,8 @@ def layer_importance(model: nn.Module, ctx: PassContext, mixed: MixedBits, modul
             total, count = total + t, count + c
         scores[i] = total / count
 
-    for_each_block(model, llama.blocks(model), ctx.calibration, visit, batch_size=ctx.batch_size, desc="lim: importance")
+    for_each_block(model, llama.blocks(model), ctx.calibration, visit, batch_size=ctx.batch_size,
+                   desc="lim: importance")
     return scores
 
 
@@ -88,7 +89,8 @@ class QuantizePass:
             report.summary["importance"] = {"method": cfg.bits.importance, "scores": [round(s, 6) for s in importance]}
         else:
             layer_bits = [cfg.bits] * n_layers
-        specs = {name: spec_for(name, lin.in_features, layer_bits[i], cfg, where) for name, (i, _, lin) in modules.items()}
+        specs = {name: spec_for(name, lin.in_features, layer_bits[i], cfg, where)
+                 for name, (i, _, lin) in modules.items()}
         check_fused_share(specs, modules, where)
 
         rows: dict[int, dict] = {}

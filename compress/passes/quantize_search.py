@@ -103,14 +103,15 @@ def searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modul
                 q = gptq_quantize(dense[name], 2.0 / s.n * s.xtx, spec)
                 rec = quant_record(q, spec, tuple(dense[name].shape))
                 notes = q.notes + ([q.fallback] if q.fallback else [])
-                db.put(name, b, _record_tensors(rec), {"bits": b, "group_size": spec.group_size, "sym": spec.sym,
-                                                        "shape": json.dumps(list(rec.shape)), "notes": json.dumps(notes),
-                                                        "fallback": q.fallback or ""})
+                meta = {"bits": b, "group_size": spec.group_size, "sym": spec.sym, "shape": json.dumps(list(rec.shape)),
+                        "notes": json.dumps(notes), "fallback": q.fallback or ""}
+                db.put(name, b, _record_tensors(rec), meta)
         # the next block is calibrated on this one at the reference width
         supernet.assemble({u: ref_of(units[u][0]) for u in units_of_layer[i]})
         return True
 
-    reused = all(db.has(n, b) for n in modules for b in widths_of(n))  # a rerun: nothing to quantize, no pass over blocks
+    # a rerun: nothing to quantize, no pass over blocks
+    reused = all(db.has(n, b) for n in modules for b in widths_of(n))
     with supernet:  # the model is dense again after the variants, the errors and the search
         if not reused:
             for_each_block(model, blocks, ctx.calibration, visit, watch, batch_size=ctx.batch_size, want_xtx=True,

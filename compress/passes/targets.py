@@ -130,8 +130,9 @@ def free_average(mixed: MixedBits, modules: Modules, pinned: dict[str, int], whe
     free = (mixed.average * total - sum(b * size[n] for n, b in pinned.items())) / (total - fixed)
     lo, hi = min(mixed.choices), max(mixed.choices)
     if not pinned and not lo <= free <= hi:  # overrides with bits that match no targeted module
-        raise InputError(f"{where}.bits.average: {mixed.average} cannot be met with choices {sorted(set(mixed.choices))}"
-                         f": it must lie in [{lo}, {hi}] (no override's bits matches a targeted module)")
+        raise InputError(f"{where}.bits.average: {mixed.average} cannot be met with choices "
+                         f"{sorted(set(mixed.choices))}: it must lie in [{lo}, {hi}] (no override's bits matches a "
+                         "targeted module)")
     if not lo - 1e-9 <= free <= hi + 1e-9:
         widths = "/".join(str(b) for b in sorted(set(pinned.values())))
         raise InputError(f"{where}.bits.average: {mixed.average} cannot be met: the overrides fix "

@@ -49,7 +49,8 @@ class ResumeError(InputError, ValueError):
     """A saved search state that does not belong to this search."""
 
 
-def _mutate(units: list[Unit], parent: list[int], budget: float, rng: random.Random, max_switches: int) -> list[int] | None:
+def _mutate(units: list[Unit], parent: list[int], budget: float, rng: random.Random,
+            max_switches: int) -> list[int] | None:
     """Raise 1..max_switches random units by one level, lower random others until the cost fits the budget, then
     raise untouched units (random order) while they still fit, so that candidates use the budget they are given."""
     child = list(parent)
