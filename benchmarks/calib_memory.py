@@ -6,7 +6,9 @@ Writes .txt files of the given sizes (paragraphs of the pydoc corpus, shuffled w
 size; `--one-line-mb`: the same with every newline a space) and a tiny random Llama (tests/tiny.py) into a temporary
 folder, and runs `compress run` on each text in its own process (FLAP 30%, `--windows` x 256 calibration tokens,
 evaluation 4 x 256 on the text's held-out split). The peak is the process's peak resident memory as report.json
-records it (ru_maxrss). Acceptance: every run's peak within 1.2x of the smallest text's. `--former` adds the former
+records it (ru_maxrss); `split tokens` is how many calibration-split tokens the windows were drawn across (all of
+them: one streaming pass with a seeded reservoir past the pool, as the run's log says). Acceptance: every run's
+peak within 1.2x of the smallest text's. `--former` adds the former
 way (the whole calibration split joined and tokenized in one call) for the sizes it names, measured alone in a
 process (tokenizing only, no model); it grows by about 150 bytes per character, so keep those sizes small. Writes
 docs/results/calib_memory.{json,md}.
@@ -67,8 +69,10 @@ def run_compress(model: Path, text: Path, work: Path, windows: int, threads: int
     if proc.returncode != 0:
         raise SystemExit(f"compress run on {text} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     report = json.loads((out / "report.json").read_text())
+    drawn = re.search(r"calibration: \d+ windows of \d+ tokens drawn across all ([\d,]+) tokens", proc.stdout)
     return {"peak MB": report["peak_memory_mb"], "run s": report["seconds"],
-            "held-out ppl": report["quality"][0]["dense ppl"]}
+            "held-out ppl": report["quality"][0]["dense ppl"],
+            "split tokens": int(drawn.group(1).replace(",", "")) if drawn else None}
 
 
 FORMER = """
@@ -116,7 +120,7 @@ def main() -> None:
             text = work / f"text-{size:g}mb.txt"
             nbytes = write_text(text, size)
             if size in args.sizes_mb:
-                rows.append({"text MB": size, "bytes": nbytes, "way": "compress run (streamed, chunked)",
+                rows.append({"text MB": size, "bytes": nbytes, "way": "compress run (streamed, whole split sampled)",
                              **run_compress(model, text, work, args.windows, args.threads)})
                 print(json.dumps(rows[-1]), flush=True)
             if size in args.former:
@@ -127,7 +131,8 @@ def main() -> None:
         for size in args.one_line_mb:
             text = work / f"line-{size:g}mb.txt"
             nbytes = write_text(text, size, one_line=True)
-            rows.append({"text MB": size, "bytes": nbytes, "way": "compress run (streamed, chunked), one line",
+            rows.append({"text MB": size, "bytes": nbytes,
+                         "way": "compress run (streamed, whole split sampled), one line",
                          **run_compress(model, text, work, args.windows, args.threads)})
             print(json.dumps(rows[-1]), flush=True)
             text.unlink()
@@ -138,6 +143,7 @@ def main() -> None:
         "recipe": f"FLAP 30%; calibration {args.windows} x 256 tokens, seed 0; evaluation 4 x 256 held-out tokens",
         "text": "pydoc paragraphs shuffled (seed 0) and repeated to size, one .txt",
         "peak MB": "peak resident memory of the whole `compress run` process (report.json peak_memory_mb, ru_maxrss)",
+        "split tokens": "tokens of the calibration split the windows were drawn across (the run's log line)",
         "former": "the code before this change, tokenizing only: the whole file read, its calibration split joined "
                   "and tokenized in one call; peak of that process and the part above its start (tokenizing MB)",
         "threads": args.threads,

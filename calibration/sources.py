@@ -29,7 +29,7 @@ SEAM_TRIES = 32  # cut candidates checked per chunk before cutting blindly (text
 # whole split gave. A longer split is sampled by a seeded reservoir over all of it (draw_windows).
 POOL_TOKENS = 1 << 20
 POOL_FACTOR = 2
-KEY_BLOCK = 1 << 12  # reservoir keys are drawn this many slots at a time, whatever the chunks, so chunking cannot move them
+KEY_BLOCK = 1 << 12  # reservoir keys are drawn this many slots at a time, whatever the chunks: chunks cannot move them
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,8 @@ class Corpus:
 
 
 def pool_tokens(windows: int, seq_len: int) -> int:
-    """How many tokens of the calibration split `windows` windows of `seq_len` are drawn from (see POOL_TOKENS)."""
+    """The longest calibration split (tokens) that draw_windows holds whole and samples by sample_windows for
+    `windows` windows of `seq_len`; a longer one is sampled by a reservoir (see POOL_TOKENS)."""
     return max(POOL_TOKENS, POOL_FACTOR * windows * seq_len)
 
 
