@@ -9,6 +9,7 @@ all its query heads and the per-layer query-to-key ratio, which the attention ke
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 import torch
 from torch import nn
@@ -37,7 +38,8 @@ def check_supported(config: object, where: str) -> None:
     supported = [a for a in archs if a in SUPPORTED_ARCHITECTURES]
     if not supported:
         raise InputError(
-            f"{where}: architecture {', '.join(archs)} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"{where}: architecture {', '.join(archs)} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     model_type = config.get("model_type")
     if model_type != MODEL_TYPES[supported[0]]:
@@ -82,18 +84,57 @@ class BlockShape:
         }
 
 
+class Attention(Protocol):
+    """What the adapter reads and writes on a block's attention module (transformers' LlamaAttention and kin)."""
+
+    head_dim: int
+    num_key_value_groups: int
+    q_proj: nn.Linear
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+    o_proj: nn.Linear
+
+
+class Mlp(Protocol):
+    """A block's gated MLP: gate and up (intermediate, hidden), down (hidden, intermediate)."""
+
+    gate_proj: nn.Linear
+    up_proj: nn.Linear
+    down_proj: nn.Linear
+
+
+class DecoderBlock(Protocol):
+    """One decoder layer of the Llama family, as the adapter sees it."""
+
+    self_attn: Attention
+    mlp: Mlp
+
+
+class _Backbone(Protocol):
+    layers: nn.ModuleList
+
+
+class _CausalLM(Protocol):
+    model: _Backbone
+
+
+def as_block(block: nn.Module) -> DecoderBlock:
+    """The typed view of a decoder layer (nn.Module's attribute access is untyped: Tensor | Module)."""
+    return cast(DecoderBlock, block)
+
+
 def blocks(model: nn.Module) -> nn.ModuleList:
-    return model.model.layers
+    return cast(_CausalLM, model).model.layers
 
 
 def linears(block: nn.Module) -> dict[str, nn.Linear]:
     """The seven projections of a block, by their short name."""
-    attn, mlp = block.self_attn, block.mlp
+    attn, mlp = as_block(block).self_attn, as_block(block).mlp
     return {**{n: getattr(attn, n) for n in ATTN}, **{n: getattr(mlp, n) for n in MLP}}
 
 
 def block_shape(block: nn.Module) -> BlockShape:
-    attn = block.self_attn
+    attn = as_block(block).self_attn
     hd = attn.head_dim
     n_heads = attn.q_proj.out_features // hd
     n_kv = attn.k_proj.out_features // hd
@@ -101,7 +142,7 @@ def block_shape(block: nn.Module) -> BlockShape:
         num_attention_heads=n_heads,
         num_key_value_heads=n_kv,
         head_dim=hd,
-        intermediate_size=block.mlp.up_proj.out_features,
+        intermediate_size=as_block(block).mlp.up_proj.out_features,
         bias=tuple(n for n, lin in linears(block).items() if lin.bias is not None),
     )
 
@@ -140,15 +181,18 @@ def set_linear(lin: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None =
     """Give a linear new weights of any shape (out, in), and a bias or none, in place (in the current dtype)."""
     dtype = lin.weight.dtype
     lin.weight = nn.Parameter(weight.to(dtype).contiguous(), requires_grad=False)
-    lin.bias = None if bias is None else nn.Parameter(bias.to(dtype).contiguous(), requires_grad=False)
+    # register_parameter is what `lin.bias = ...` calls; it also takes None, which nn.Linear's typed bias does not
+    lin.register_parameter("bias", None if bias is None else nn.Parameter(bias.to(dtype).contiguous(),
+                                                                          requires_grad=False))
     lin.out_features, lin.in_features = lin.weight.shape
 
 
 def sync_widths(block: nn.Module) -> None:
     """Set the width attributes some attention / MLP code reads from the block's current projections."""
-    block.self_attn.num_key_value_groups = block_shape(block).group_size
-    if hasattr(block.mlp, "intermediate_size"):
-        block.mlp.intermediate_size = block.mlp.up_proj.out_features
+    typed = as_block(block)
+    typed.self_attn.num_key_value_groups = block_shape(block).group_size
+    if hasattr(typed.mlp, "intermediate_size"):
+        typed.mlp.intermediate_size = typed.mlp.up_proj.out_features
 
 
 def add_output_bias(lin: nn.Linear, bias: torch.Tensor) -> None:
@@ -172,7 +216,7 @@ def group_dims(shape: BlockShape, groups: torch.Tensor) -> tuple[torch.Tensor, t
 
 def prune_attention_groups(block: nn.Module, keep_groups: torch.Tensor, o_bias: torch.Tensor | None = None) -> None:
     """Keep key-value groups `keep_groups` (sorted indices); add `o_bias` (hidden,) to o_proj if given."""
-    attn = block.self_attn
+    attn = as_block(block).self_attn
     shape = block_shape(block)
     if keep_groups.numel() < 1:
         raise ValueError("a block keeps at least one key-value group")
@@ -190,7 +234,7 @@ def prune_mlp_channels(block: nn.Module, keep: torch.Tensor, down_bias: torch.Te
     """Keep MLP channels `keep` (sorted indices); add `down_bias` (hidden,) to down_proj if given."""
     if keep.numel() < 1:
         raise ValueError("a block keeps at least one MLP channel")
-    mlp = block.mlp
+    mlp = as_block(block).mlp
     _slice_linear(mlp.gate_proj, rows=keep)
     _slice_linear(mlp.up_proj, rows=keep)
     _slice_linear(mlp.down_proj, cols=keep)
