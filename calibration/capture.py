@@ -5,9 +5,9 @@ so peak memory does not grow with depth."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -28,31 +28,37 @@ class LinearStats:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, in)
-        if self.total is None:
+        if self.total is None or self.total_sq is None:
             self.total = torch.zeros(x.shape[1], dtype=torch.float64)
             self.total_sq = torch.zeros(x.shape[1], dtype=torch.float64)
-            if self.want_xtx:
-                self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32)
         self.n += x.shape[0]
         self.total += x.sum(0)
         self.total_sq += (x * x).sum(0)
         if self.want_xtx:  # float32 matmul: fast, and its rounding is far below the damping GPTQ adds
+            if self.xtx is None:
+                self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32)
             x32 = x.float()
             self.xtx += x32.T @ x32
 
+    def _sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of x, sum of x^2), both (in,); refused before any input was added."""
+        if self.total is None or self.total_sq is None:
+            raise ValueError("LinearStats: no inputs were added")
+        return self.total, self.total_sq
+
     @property
     def mean(self) -> torch.Tensor:
-        return self.total / self.n
+        return self._sums()[0] / self.n
 
     @property
     def var(self) -> torch.Tensor:
         """Sample variance per input channel (the FLAP 'fluctuation')."""
-        return ((self.total_sq - self.n * self.mean**2) / max(self.n - 1, 1)).clamp_min(0)
+        return ((self._sums()[1] - self.n * self.mean**2) / max(self.n - 1, 1)).clamp_min(0)
 
     @property
     def sq_norm(self) -> torch.Tensor:
         """Squared L2 norm of each input channel over all tokens."""
-        return self.total_sq
+        return self._sums()[1]
 
 
 class _StopForward(Exception):
@@ -92,7 +98,7 @@ def _recording(layers: nn.ModuleList, captured: BlockInputs) -> Iterator[None]:
     try:
         yield
     finally:
-        for layer, forward in zip(layers, own):
+        for layer, forward in zip(layers, own, strict=True):
             if forward is None:
                 del layer.forward
             else:
@@ -100,7 +106,8 @@ def _recording(layers: nn.ModuleList, captured: BlockInputs) -> Iterator[None]:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, batch_size: int) -> BlockInputs:
+def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
+                         batch_size: int) -> BlockInputs:
     """For each batch of `input_ids` (N, T), run the model up to its blocks (embeddings, masks, rotary tables) without
     computing any block, and keep block 0's hidden states and the keyword arguments the model passes each block."""
     captured = BlockInputs(hidden=[], kwargs=[[] for _ in layers])

@@ -12,8 +12,8 @@ import json
 import re
 import reprlib
 import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from compress.errors import InputError
 

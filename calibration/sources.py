@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import torch
 
@@ -173,7 +174,8 @@ def load_corpus(source: str, field: str | None = None, chat: ChatRender | None =
         return _licenses_corpus()
     path = Path(source).expanduser()
     if not path.exists():
-        raise InputError(f"calibration source {source!r}: no such file or folder (packaged sources: {', '.join(PACKAGED)})")
+        raise InputError(f"calibration source {source!r}: no such file or folder "
+                         f"(packaged sources: {', '.join(PACKAGED)})")
     notes: list[str] = []
     read = reader(path, field, chat, notes)
     corpus = Corpus(str(path), lambda: (d for d in read() if d.strip()), notes)

@@ -92,9 +92,9 @@ class InspectResult:
     report: _ReportView
 
     def layer_rows(self) -> list[dict]:
-        return [{"layer": i, "q_heads": l.num_attention_heads, "kv_heads": l.num_key_value_heads,
-                 "mlp": l.intermediate_size, "bias": ",".join(b.removesuffix("_proj") for b in l.bias) or "-"}
-                for i, l in enumerate(self.manifest.architecture.layers)]
+        return [{"layer": i, "q_heads": layer.num_attention_heads, "kv_heads": layer.num_key_value_heads,
+                 "mlp": layer.intermediate_size, "bias": ",".join(b.removesuffix("_proj") for b in layer.bias) or "-"}
+                for i, layer in enumerate(self.manifest.architecture.layers)]
 
     def summary(self) -> dict:
         r = self.report
@@ -193,12 +193,14 @@ def eval(artifact: str | Path, max_windows: int | None = None, new_tokens: int =
     dense, tokenizer = load_model(source)
     sets = EvalSets.build(recipe, tokenizer)
     prompt = next(iter(sets.windows.values()))[:1, :PROMPT_TOKENS]  # (1, PROMPT_TOKENS)
-    rows = []
+    rows: list[dict[str, object]] = []
+    ppls: list[dict[str, float]] = []  # per model: perplexity by evaluation set, as the table shows it
     for label, model, path in (("dense", dense, source.path), ("compressed", compressed, artifact)):
-        row = {"model": label, **{f"ppl {k}": round(v, 3) for k, v in sets.perplexities(model, EVAL_BATCH).items()},
+        ppls.append({k: round(v, 3) for k, v in sets.perplexities(model, EVAL_BATCH).items()})
+        row = {"model": label, **{f"ppl {k}": v for k, v in ppls[-1].items()},
                "params": ev.count_parameters(model), "weights MB": round(weights_bytes(path) / 2**20, 1),
                "tokens/s": round(ev.generation_tokens_per_second(model, prompt, new_tokens), 1)}
         rows.append(row)
-    for key in [k for k in rows[0] if k.startswith("ppl ")]:
-        rows[1][f"recovery {key[4:]}"] = round(rows[0][key] / rows[1][key], 4)
+    for key in ppls[0]:
+        rows[1][f"recovery {key}"] = round(ppls[0][key] / ppls[1][key], 4)
     return EvalResult(artifact, rows, ev.PPL_PROTOCOL + "; recovery = dense / compressed perplexity")

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin
 
 PPL_PROTOCOL = "non-overlapping windows of seq_len from the start of the text; mean token NLL over all predicted tokens"
 
@@ -27,10 +31,11 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> 
 @torch.no_grad()
 def generation_tokens_per_second(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 32) -> float:
     """Greedy generation speed at batch 1 (new tokens / second), after a short warm-up."""
+    generate = cast("GenerationMixin", model).generate  # a transformers causal LM
     kwargs = dict(do_sample=False, pad_token_id=pad_token_id(model))
-    model.generate(prompt, max_new_tokens=4, min_new_tokens=4, **kwargs)
+    generate(prompt, max_new_tokens=4, min_new_tokens=4, **kwargs)
     t0 = time.perf_counter()
-    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+    out = generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
     return (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - t0)
 
 

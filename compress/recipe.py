@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import copy
+from itertools import pairwise
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compress.errors import RecipeError
 from compress.patterns import Pattern
+
 # re-exported: compress/passes/quantize.py imports pattern_search from here
 from compress.patterns import pattern_search as pattern_search  # noqa: F401
-
 
 # Bounds: generous, but finite, so that a typo (an extra zero, `.inf`, 2**70) is refused by name before any work.
 MAX_RECIPE_BYTES = 2**20  # a recipe is a few KB; read before parsing, so a huge file costs nothing
@@ -126,11 +127,11 @@ class EvolutionConfig(_Strict):
     max_switches: int = Field(3, ge=1, le=MAX_OFFSPRING, description="units raised per mutation")
 
     @model_validator(mode="after")
-    def _stages(self) -> "EvolutionConfig":
+    def _stages(self) -> EvolutionConfig:
         if len(self.stage_windows) != len(self.survivors) + 1:
             raise ValueError(f"stage_windows needs one entry per stage: {len(self.survivors) + 1} for survivors "
                              f"{self.survivors}, got {len(self.stage_windows)}")
-        if any(b < a for a, b in zip(self.stage_windows, self.stage_windows[1:])):
+        if any(b < a for a, b in pairwise(self.stage_windows)):
             raise ValueError("stage_windows must not shrink from one stage to the next")
         if any(k < 1 for k in self.survivors):
             raise ValueError("survivors must be >= 1")
@@ -140,8 +141,8 @@ class EvolutionConfig(_Strict):
 class TyrConfig(_Strict):
     """Tyr-the-Pruner-style search (Li et al., 2025): every block's attention (key-value groups) and MLP (channels)
     pruned locally at `levels` sparsities with a Hessian least-squares refit of o_proj / down_proj, later blocks
-    calibrated on the variants of earlier ones nearest the target; an evolutionary search over the assembled model's KL to
-    the dense one picks a level per unit under the global budget; each further round halves the level spacing
+    calibrated on the variants of earlier ones nearest the target; an evolutionary search over the assembled model's
+    KL to the dense one picks a level per unit under the global budget; each further round halves the level spacing
     around the best allocation so far."""
 
     pass_: Literal["tyr"] = Field("tyr", alias="pass")
@@ -194,7 +195,7 @@ class _QuantBase(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @model_validator(mode="after")
-    def _reachable(self) -> "_QuantBase":
+    def _reachable(self) -> _QuantBase:
         """An average outside the choices cannot be met, unless overrides pin some modules' widths (then the pass
         checks what is left for the others)."""
         if isinstance(self.bits, MixedBits) and not any(o.bits is not None for o in self.overrides):
@@ -228,8 +229,9 @@ class RtnConfig(_QuantBase):
     pass_: Literal["rtn"] = Field("rtn", alias="pass")
 
 
-PASS_CONFIGS = (FlapConfig, WandaSpConfig, CfspConfig, TyrConfig, GptqConfig, RtnConfig)
-PassConfig = Annotated[Union[PASS_CONFIGS], Field(discriminator="pass_")]
+PassConfig = Annotated[FlapConfig | WandaSpConfig | CfspConfig | TyrConfig | GptqConfig | RtnConfig,
+                       Field(discriminator="pass_")]
+PASS_CONFIGS = get_args(get_args(PassConfig)[0])  # the pass config classes, in the union's order
 
 
 class Recipe(_Strict):
@@ -243,7 +245,7 @@ class Recipe(_Strict):
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
-    def _remote_code_fits(self) -> "Recipe":
+    def _remote_code_fits(self) -> Recipe:
         if self.export.remote_code and any(isinstance(p, (GptqConfig, RtnConfig)) for p in self.passes):
             raise ValueError("export.remote_code: the shipped modeling code loads pruned models in the export dtype, "
                              "not quantized ones (quantized artifacts load with export.load, or stock transformers "
@@ -251,7 +253,7 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _order_fits(self) -> "Recipe":
+    def _order_fits(self) -> Recipe:
         quant = [i for i, p in enumerate(self.passes) if isinstance(p, (GptqConfig, RtnConfig))]
         for i, p in enumerate(self.passes):
             if quant and i > quant[0] and not isinstance(p, (GptqConfig, RtnConfig)):
@@ -263,7 +265,7 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _searches_fit(self) -> "Recipe":
+    def _searches_fit(self) -> Recipe:
         for i, p in enumerate(self.passes):
             if isinstance(p, TyrConfig) and max(p.evolution.stage_windows) > self.calibration.windows:
                 raise ValueError(f"passes.{i}.evolution.stage_windows: the search scores on "
@@ -282,7 +284,7 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _gptq_format_fits(self) -> "Recipe":
+    def _gptq_format_fits(self) -> Recipe:
         if self.export.quant_format != "gptq":
             return self
         quant = [(i, p) for i, p in enumerate(self.passes) if isinstance(p, (GptqConfig, RtnConfig))]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Protocol, cast
 
 import torch
 from pydantic import ValidationError
@@ -13,8 +14,18 @@ from safetensors import safe_open
 from torch import nn
 
 from export.format import (
-    DTYPES, ArtifactError, CONFIG, FORMAT_NAME, FORMAT_VERSION, MANIFEST, MAX_DETAIL, MAX_LISTED, MAX_QUOTED,
-    PRUNED_MODEL_TYPE, Manifest, manifest_errors,
+    CONFIG,
+    DTYPES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    MAX_DETAIL,
+    MAX_LISTED,
+    MAX_QUOTED,
+    PRUNED_MODEL_TYPE,
+    ArtifactError,
+    Manifest,
+    manifest_errors,
 )
 from export.interop import gptq_to_packed
 from export.qlinear import QuantLinear
@@ -23,6 +34,19 @@ from export.target import links_outside
 _ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 MAX_MANIFEST_BYTES = 256 * 2**20  # a 70B model's manifest is a few MB; json.loads needs ~10x the file in memory
+
+
+class _Backbone(Protocol):
+    embed_tokens: nn.Embedding
+    rotary_emb: nn.Module
+
+
+class _StockCausalLM(Protocol):
+    """The parts of the skeleton (a transformers Llama-family causal LM) that `load` rewires after loading."""
+
+    config: Any  # transformers' PretrainedConfig
+    model: _Backbone
+    lm_head: nn.Linear
 
 
 def read_manifest(path: Path) -> tuple[Manifest | None, list[str]]:
@@ -91,8 +115,8 @@ def _check(path: Path, manifest: Manifest, hashes: bool) -> list[str]:
         if (p.is_file() or p.is_symlink()) and rel != MANIFEST and rel not in files:
             problems.append(f"{rel}: not listed in the manifest")
     by_file: dict[str, dict] = {}
-    for name, meta in manifest.tensors.items():
-        by_file.setdefault(meta.file, {})[name] = meta
+    for name, record in manifest.tensors.items():
+        by_file.setdefault(record.file, {})[name] = record
     for fname, expected in by_file.items():
         if any(m.startswith(f"{fname}:") for m in problems):
             continue
@@ -215,10 +239,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if missing or result.unexpected_keys:
         raise ArtifactError(f"{path}: tensors missing: {_listed(missing) or 'none'}; unexpected: "
                             f"{_listed(result.unexpected_keys) or 'none'}")
+    stock = cast(_StockCausalLM, model)
     if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    rotary = model.model.rotary_emb  # non-persistent buffers (inv_freq) are computed, not stored
-    model.model.rotary_emb = type(rotary)(config=model.config)
+        stock.lm_head.weight = stock.model.embed_tokens.weight
+    rotary = stock.model.rotary_emb  # non-persistent buffers (inv_freq) are computed, not stored
+    stock.model.rotary_emb = type(rotary)(config=stock.config)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise ArtifactError(f"{path}: no values for {_listed(left)}")

@@ -14,6 +14,12 @@ class QuantLinear(nn.Module):
     """y = x W^T + b with W = scale * (code - zero) per group; buffers: weight_packed, weight_scale,
     weight_zero_point (asymmetric only), weight_shape, weight_g_idx (only when groups are not contiguous)."""
 
+    # buffers, registered in __init__ (declared here for the type checker: nn.Module's attributes are untyped)
+    weight_packed: torch.Tensor  # (out, ceil(in * bits / 32)) int32
+    weight_scale: torch.Tensor  # (out, n_groups)
+    weight_zero_point: torch.Tensor | None  # (ceil(out * bits / 32), n_groups) int32; None: symmetric
+    weight_g_idx: torch.Tensor | None  # (in,) int32
+
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, sym: bool, bias: bool,
                  g_idx: bool = False, device=None, dtype=torch.float32):
         super().__init__()
@@ -34,7 +40,8 @@ class QuantLinear(nn.Module):
             self.register_buffer("weight_g_idx", torch.empty(in_features, dtype=torch.int32, device=device))
         else:
             self.weight_g_idx = None
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
 
     def dequantized(self) -> torch.Tensor:
         return dequantize_packed(self.weight_packed, self.weight_scale, self.weight_zero_point,

@@ -68,7 +68,8 @@ def hf_snapshot_root(folder: Path) -> Path | None:
     link into `models--ORG--NAME/blobs/`), or None when `folder` is not laid out as one."""
     real = Path(os.path.realpath(folder))
     repo = real.parent.parent
-    if real.parent.name == "snapshots" and repo.name.startswith(("models--", "datasets--")) and (repo / "blobs").is_dir():
+    if (real.parent.name == "snapshots" and repo.name.startswith(("models--", "datasets--"))
+            and (repo / "blobs").is_dir()):
         return repo
     return None
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 
 from compress.errors import InputError
-from compress.models.default import DEFAULT_MODELS, packaged_model_path
 from compress.models.checks import check_checkpoint, check_dense_source, check_finite
+from compress.models.default import DEFAULT_MODELS, packaged_model_path
 from compress.models.llama import check_supported
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -44,7 +45,7 @@ def resolve_model(name: str) -> ModelSource:
     config = read_config(cfg_path)
     if isinstance(config, dict):
         check_dense_source(path, config, str(cfg_path))
-    check_supported(config, str(cfg_path))
+    config = check_supported(config, str(cfg_path))
     check_checkpoint(path, config)
     return ModelSource(name, path.resolve(), identity or str(config.get("_name_or_path") or path.resolve()))
 
@@ -74,14 +75,16 @@ def _local_folder(name: str) -> Path:
 def load_model(source: ModelSource, trust_remote_code: bool = False) -> tuple[torch.nn.Module, object]:
     """(model in fp32 eval mode, tokenizer) from a resolved source; safetensors only. Refuses keys transformers
     reports missing, unexpected or misshapen, and NaN or Inf in any weight, naming the tensor."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
     cfg_path = source.path / "config.json"
     check_supported(read_config(cfg_path), str(cfg_path))
-    model, info = AutoModelForCausalLM.from_pretrained(
+    loaded = AutoModelForCausalLM.from_pretrained(
         source.path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code,
         output_loading_info=True,
     )
+    # output_loading_info=True returns (model, {"missing_keys": [...], ...}); transformers types the model alone
+    model, info = cast(tuple[PreTrainedModel, dict[str, list]], loaded)
     wrong = {k: sorted(map(str, v)) for k, v in info.items() if v}
     if wrong:
         raise InputError(f"{source.path}: transformers reports {wrong} loading the checkpoint")

@@ -20,7 +20,13 @@ from torch import nn
 
 from compress.errors import InputError
 from export.format import (
-    DTYPES, FORMAT_NAME, MANIFEST, MAX_LISTED, PRUNED_MODEL_TYPE, SINGLE_WEIGHTS, WEIGHTS_INDEX,
+    DTYPES,
+    FORMAT_NAME,
+    MANIFEST,
+    MAX_LISTED,
+    PRUNED_MODEL_TYPE,
+    SINGLE_WEIGHTS,
+    WEIGHTS_INDEX,
 )
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header

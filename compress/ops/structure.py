@@ -50,8 +50,8 @@ def global_threshold(layers: list[LayerScores], target: float, round_to: int = 1
     budget = (1.0 - target) * sum(s.total for s in layers)
     n_forced = 2 * len(layers)
     cut = max(int((cum - budget).abs().argmin()), n_forced - 1)
-    keep = [LayerKeep(torch.zeros(s.groups.numel(), dtype=torch.bool), torch.zeros(s.channels.numel(), dtype=torch.bool))
-            for s in layers]
+    keep = [LayerKeep(torch.zeros(s.groups.numel(), dtype=torch.bool),
+                      torch.zeros(s.channels.numel(), dtype=torch.bool)) for s in layers]
     for k in order[: cut + 1].tolist():
         li, kind, j = owner[k]
         (keep[li].groups if kind == "g" else keep[li].channels)[j] = True
@@ -62,9 +62,9 @@ def _round_drops(keep: list[LayerKeep], layers: list[LayerScores], r: int) -> li
     """Round each layer's dropped channel count to a multiple of `r` (keeping at least one channel), up or down
     (largest remainders up first), so that the total dropped stays within r/2 channels of the threshold's; each layer
     keeps its best-scored channels."""
-    drops = [s.channels.numel() - int(k.channels.sum()) for k, s in zip(keep, layers)]
+    drops = [s.channels.numel() - int(k.channels.sum()) for k, s in zip(keep, layers, strict=True)]
     caps = [(s.channels.numel() - 1) // r * r for s in layers]
-    rounded = [min(d // r * r, cap) for d, cap in zip(drops, caps)]
+    rounded = [min(d // r * r, cap) for d, cap in zip(drops, caps, strict=True)]
     short = sum(drops) - sum(rounded)  # channels the threshold dropped that the rounding keeps
     for i in sorted(range(len(layers)), key=lambda i: (-(drops[i] - rounded[i]), i)):
         if 2 * short <= r:  # one more step would overshoot by more than it fixes
@@ -72,7 +72,8 @@ def _round_drops(keep: list[LayerKeep], layers: list[LayerScores], r: int) -> li
         if rounded[i] + r <= caps[i]:
             rounded[i] += r
             short -= r
-    return [LayerKeep(k.groups, _keep_top(s.channels, s.channels.numel() - d)) for k, s, d in zip(keep, layers, rounded)]
+    return [LayerKeep(k.groups, _keep_top(s.channels, s.channels.numel() - d))
+            for k, s, d in zip(keep, layers, rounded, strict=True)]
 
 
 def _keep_top(vals: torch.Tensor, n_keep: int) -> torch.Tensor:

@@ -44,7 +44,7 @@ class Allocation:
     cost: float
     budget: float
     method: str
-    error: float | None = None  # summed option errors (knapsack) or fitness (evolution)
+    error: float  # summed option errors (knapsack) or fitness (evolution)
     details: dict = field(default_factory=dict)  # how it was found: discretization, generations, evaluations, ...
 
     def levels(self, units: list[Unit]) -> dict[str, Any]:

@@ -59,7 +59,7 @@ def _mutate(units: list[Unit], parent: list[int], budget: float, rng: random.Ran
     if not raisable:
         return None
     raised = rng.sample(raisable, min(len(raisable), rng.randint(1, max_switches)))
-    cost = sum(u.options[o].cost for u, o in zip(units, child))
+    cost = sum(u.options[o].cost for u, o in zip(units, child, strict=True))
     for i in raised:
         cost += step(i, 1)
         child[i] += 1
@@ -98,13 +98,14 @@ def evolve(units: list[Unit], budget: float, fitness: Fitness, start: dict[str, 
     is refused with the keys that changed."""
     check_budget(units, budget)
     ordered = _sorted_options(units)
-    remap = [[ou.options.index(o) for o in u.options] for u, ou in zip(units, ordered)]  # original -> sorted
+    # remap[i][o]: the sorted position of unit i's original option o
+    remap = [[ou.options.index(o) for o in u.options] for u, ou in zip(units, ordered, strict=True)]
     back = [{s: k for k, s in enumerate(r)} for r in remap]
     parent = [remap[i][start[u.name]] for i, u in enumerate(units)]
     if total(units, start) > budget + 1e-9:
         raise ValueError("the starting allocation is over the budget")
     n_stages = len(settings.survivors) + 1
-    to_choice = lambda c: {u.name: back[i][o] for i, (u, o) in enumerate(zip(units, c))}  # noqa: E731
+    to_choice = lambda c: {u.name: back[i][o] for i, (u, o) in enumerate(zip(units, c, strict=True))}  # noqa: E731
     identity = {**(identity or {}), "settings": settings.__dict__ | {"survivors": list(settings.survivors)},
                 "budget": budget, "units": [u.name for u in units], "start": start}
     rng = random.Random(settings.seed)
@@ -136,7 +137,8 @@ def evolve(units: list[Unit], budget: float, fitness: Fitness, start: dict[str, 
     for gen in tqdm(range(gen0 + 1, settings.generations + 1), desc="evolution", unit="gen",
                     initial=gen0, total=settings.generations):
         t0 = time.perf_counter()
-        children, tries = [], 0
+        children: list[list[int]] = []
+        tries = 0
         while len(children) < settings.offspring and tries < 50 * settings.offspring:
             tries += 1
             child = _mutate(ordered, parent, budget, rng, settings.max_switches)
@@ -144,15 +146,15 @@ def evolve(units: list[Unit], budget: float, fitness: Fitness, start: dict[str, 
                 children.append(child)
         finalists = children
         for stage, keep in enumerate(settings.survivors):
-            scored = sorted(zip(score(finalists, stage), range(len(finalists))))
+            scored = sorted(zip(score(finalists, stage), range(len(finalists)), strict=True))
             evaluations += len(finalists)
             finalists = [finalists[k] for _, k in scored[:keep]]
-        final = list(zip(score(finalists, n_stages - 1), finalists))
+        final = list(zip(score(finalists, n_stages - 1), finalists, strict=True))
         evaluations += len(final)
         best_fit, best = min(final, key=lambda t: t[0], default=(float("inf"), None))
-        accepted = best is not None and best_fit < parent_fit
-        if accepted:
-            parent, parent_fit = best, best_fit
+        accepted = False
+        if best is not None and best_fit < parent_fit:
+            parent, parent_fit, accepted = best, best_fit, True
         history.append({"generation": gen, "fitness": parent_fit, "best_offspring": best_fit, "accepted": accepted,
                         "offspring": len(children), "seconds": round(time.perf_counter() - t0, 2)})
         log(f"evolution: generation {gen}: best offspring {best_fit:.6g}, parent {parent_fit:.6g}"

@@ -34,7 +34,7 @@ def _solve(weights: list[np.ndarray], errors: list[np.ndarray], capacity: int) -
     """min sum errors s.t. sum weights <= capacity; weights are non-negative integers. Returns (error, choice)."""
     best = np.zeros(capacity + 1)  # best[c]: least error of the units so far within capacity c
     picks = np.empty((len(weights), capacity + 1), dtype=np.int16)
-    for u, (w, e) in enumerate(zip(weights, errors)):
+    for u, (w, e) in enumerate(zip(weights, errors, strict=True)):
         new = np.full(capacity + 1, np.inf)
         pick = np.full(capacity + 1, -1, dtype=np.int16)
         for o in range(len(w)):
@@ -56,6 +56,11 @@ def _solve(weights: list[np.ndarray], errors: list[np.ndarray], capacity: int) -
     return float(best[capacity]), choice[::-1]
 
 
+def _cheapest(unit: Unit) -> int:
+    """Index of the unit's cheapest option (ties: the lower error, then the first)."""
+    return min(range(len(unit.options)), key=lambda o: (unit.options[o].cost, unit.options[o].error))
+
+
 def knapsack(units: list[Unit], budget: float, max_bins: int = MAX_BINS) -> Allocation:
     """The allocation with the least summed error whose total cost is <= budget (exact up to the reported
     discretization)."""
@@ -66,7 +71,7 @@ def knapsack(units: list[Unit], budget: float, max_bins: int = MAX_BINS) -> Allo
     if step is not None:
         weights = [np.array([int(o.cost) // step for o in u.options]) for u in units]
         err, choice = _solve(weights, errors, int(budget // step))
-        details = {"exact": True, "step": step, "bins": int(budget // step)}
+        details: dict[str, object] = {"exact": True, "step": step, "bins": int(budget // step)}
     else:
         step_f = Fraction(budget) / max_bins if budget > 0 else Fraction(1)
         up = [np.array([math.ceil(Fraction(o.cost) / step_f) for o in u.options]) for u in units]
@@ -75,11 +80,10 @@ def knapsack(units: list[Unit], budget: float, max_bins: int = MAX_BINS) -> Allo
         err, choice = _solve(up, errors, capacity)
         lower, _ = _solve(down, errors, capacity)
         if not choice:  # rounding up made the cheapest allocation overflow: the budget is tight at the minimum
-            choice = [min(range(len(u.options)), key=lambda o, u=u: (u.options[o].cost, u.options[o].error))
-                      for u in units]
-            err = float(sum(e[o] for e, o in zip(errors, choice)))
+            choice = [_cheapest(u) for u in units]
+            err = float(sum(e[o] for e, o in zip(errors, choice, strict=True)))
         details = {"exact": False, "step": float(step_f), "bins": capacity, "error_lower_bound": lower,
                    "discretization_loss": err - lower}
-    picked = {u.name: o for u, o in zip(units, choice)}
+    picked = {u.name: o for u, o in zip(units, choice, strict=True)}
     return Allocation(choice=picked, cost=total(units, picked), budget=budget, method="knapsack",
                       error=total(units, picked, "error"), details=details)

@@ -33,12 +33,12 @@ class TailKL:
         from calibration.capture import capture_block_inputs, run_block
         from compress.models import llama
 
-        self.model, self.layers = model, llama.blocks(model)
+        self.model, self.layers = llama.as_causal_lm(model), llama.blocks(model)
         first = capture_block_inputs(model, self.layers, windows, batch_size)
         self.kwargs = first.kwargs  # kwargs[i][b]: block i's own keyword arguments (its layer type's mask)
         self.inputs = [first.hidden]  # inputs[i]: what block i receives (dense), per batch
         hidden = first.hidden
-        for block, kwargs in zip(self.layers, self.kwargs):
+        for block, kwargs in zip(self.layers, self.kwargs, strict=True):
             hidden = run_block(block, hidden, kwargs)
             if any_start:
                 self.inputs.append(hidden)
@@ -46,7 +46,7 @@ class TailKL:
         self.ref = []  # per batch: (positions, vocab) reference log-probabilities, filled chunk by chunk in place
         for h in hidden:
             ref = torch.empty(h.shape[0] * h.shape[1], self.model.lm_head.out_features)
-            for c, r in zip(self._chunks(h), ref.split(self.chunk)):
+            for c, r in zip(self._chunks(h), ref.split(self.chunk), strict=True):
                 r.copy_(F.log_softmax(self._head(c), -1))
             self.ref.append(ref)
         self.tokens = int(windows.numel())
@@ -65,11 +65,11 @@ class TailKL:
         if start >= len(self.inputs):
             raise ValueError(f"kl_from({start}): this TailKL keeps only the first block's inputs (any_start=False)")
         hidden = self.inputs[start]
-        for block, kwargs in zip(self.layers[start:], self.kwargs[start:]):
+        for block, kwargs in zip(self.layers[start:], self.kwargs[start:], strict=True):
             hidden = run_block(block, hidden, kwargs)
         total = 0.0
-        for h, ref in zip(hidden, self.ref):
-            for c, r in zip(self._chunks(h), ref.split(self.chunk)):
+        for h, ref in zip(hidden, self.ref, strict=True):
+            for c, r in zip(self._chunks(h), ref.split(self.chunk), strict=True):
                 logp = F.log_softmax(self._head(c), -1)
                 total += float(F.kl_div(logp, r, reduction="sum", log_target=True))  # sum p_ref (log p_ref - log p)
         return total / self.tokens

@@ -11,6 +11,8 @@ with each block's projections resized to those widths; its forward is the stock 
 
 from __future__ import annotations
 
+from typing import Protocol, cast
+
 from torch import nn
 from transformers import AutoConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -19,10 +21,18 @@ ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 PER_LAYER_KEYS = ("base_model_type", "layers", "block_configs", "auto_map")  # ours, not the base config's
 
 
+class _Attention(Protocol):
+    """The width attributes a stock attention module's forward reads."""
+
+    head_dim: int
+    num_key_value_groups: int
+    scaling: float
+
+
 def resize_blocks(blocks: nn.ModuleList, layers: list[dict], hidden: int, device=None) -> None:
     """Give each block the projections its `layers` entry describes (head counts, head_dim, MLP width, biases).
     Also used by compress's own loader (export.loader), on the meta device."""
-    for spec, block in zip(layers, blocks):
+    for spec, block in zip(layers, blocks, strict=True):
         hd, heads, kv, inter = (spec["head_dim"], spec["num_attention_heads"], spec["num_key_value_heads"],
                                 spec["intermediate_size"])
         dims = {"q_proj": (hidden, heads * hd), "k_proj": (hidden, kv * hd), "v_proj": (hidden, kv * hd),
@@ -31,9 +41,10 @@ def resize_blocks(blocks: nn.ModuleList, layers: list[dict], hidden: int, device
         for name, (n_in, n_out) in dims.items():
             parent = block.self_attn if name in ATTN else block.mlp
             setattr(parent, name, nn.Linear(n_in, n_out, bias=name in spec["bias"], device=device))
-        block.self_attn.head_dim = hd
-        block.self_attn.num_key_value_groups = heads // kv
-        block.self_attn.scaling = hd**-0.5
+        attn = cast(_Attention, block.self_attn)
+        attn.head_dim = hd
+        attn.num_key_value_groups = heads // kv
+        attn.scaling = hd**-0.5
         if hasattr(block.mlp, "intermediate_size"):
             block.mlp.intermediate_size = inter
 
@@ -63,11 +74,13 @@ class CompressPrunedForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         base_config = config.base_config()
         base_config._attn_implementation = config._attn_implementation
-        self._base_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config)]
+        # a model class; transformers annotates every lazy auto mapping's values as the tokenizers' (slow, fast) pair
+        self._base_class = cast(type[PreTrainedModel], MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config)])
         full = self._base_class(base_config)
         self.model, self.lm_head = full.model, full.lm_head
         if len(config.layers) != len(self.model.layers):
-            raise ValueError(f"config describes {len(config.layers)} layers, the base config has {len(self.model.layers)}")
+            raise ValueError(f"config describes {len(config.layers)} layers, "
+                             f"the base config has {len(self.model.layers)}")
         resize_blocks(self.model.layers, config.layers, base_config.hidden_size)
         self.post_init()
 
