@@ -119,9 +119,18 @@ class Backbone(Protocol):
     norm: nn.Module
 
 
-class CausalLM(Protocol):
-    """A Llama-family causal LM (transformers' LlamaForCausalLM and kin): backbone and head (vocab, hidden)."""
+class ModelConfig(Protocol):
+    """The parts of a transformers config the toolkit reads (PretrainedConfig declares none of the sizes)."""
 
+    hidden_size: int
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class CausalLM(Protocol):
+    """A Llama-family causal LM (transformers' LlamaForCausalLM and kin): config, backbone, head (vocab, hidden)."""
+
+    config: ModelConfig
     model: Backbone
     lm_head: nn.Linear
 
@@ -134,6 +143,11 @@ def as_causal_lm(model: nn.Module) -> CausalLM:
 def as_block(block: nn.Module) -> DecoderBlock:
     """The typed view of a decoder layer (nn.Module's attribute access is untyped: Tensor | Module)."""
     return cast(DecoderBlock, block)
+
+
+def hidden_size(model: nn.Module) -> int:
+    """The model's residual width (config.hidden_size)."""
+    return as_causal_lm(model).config.hidden_size
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:
