@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import resource
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+import export
 from calibration.budget import check_fits
 from calibration.sources import chat_renderer, draw_windows, eval_windows, load_corpus
 from compress import evaluate as ev
@@ -19,17 +23,13 @@ from compress.models import ModelSource, llama, load_model, resolve_model
 from compress.models.checks import check_export_dtype
 from compress.models.default import runs_dir
 from compress.passes import PassContext, make_pass
-from compress.plan import Plan
 from compress.passes.quantize import check_before_passes
+from compress.plan import Plan, widths_of
 from compress.recipe import GptqConfig, Recipe, RtnConfig
+from compress.report import PassReport, RunResult, model_card
 from compress.search.variants import fingerprint
-from compress.tables import html_table, markdown_table, text_table
-from export.format import DTYPES
-from export.interop import (REMOTE_CODE_FILE, artifact_config, block_configs, gptq_tensors, quantized_tensors,
-                            remote_code_auto_map, remote_code_source)
-from export.loader import load as load_artifact
-from export.target import TargetError, check_apart, check_target, recover_leftovers
-from export.writer import ArtifactExistsError, ArtifactWriter, sha256_file, source_files
+from compress.tables import text_table
+from export import weights_bytes  # noqa: F401  (compress.api and benchmarks import it from here)
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 LOGIT_TOLERANCE = 1e-4  # reloaded vs in-memory, fp32
@@ -55,10 +55,6 @@ def source_dtype(path: Path) -> torch.dtype:
 def decoder_params(model) -> int:
     hidden = model.config.hidden_size
     return sum(llama.block_params(llama.block_shape(b), hidden) for b in llama.blocks(model))
-
-
-def weights_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
 @dataclass
@@ -89,167 +85,14 @@ class EvalSets:
         return {name: ev.perplexity(model, w, batch_size) for name, w in self.windows.items()}
 
 
-@dataclass
-class RunResult:
-    """What `compress run` produced: the artifact folder and its report."""
-
-    artifact: Path
-    report: dict
-
-    def quality_rows(self) -> list[dict]:
-        return self.report.get("quality", [])
-
-    def summary_rows(self) -> list[dict]:
-        r = self.report
-        return [
-            {"": "decoder params", "dense": r["decoder_params"]["dense"], "compressed": r["decoder_params"]["compressed"]},
-            {"": "all params", "dense": r["params"]["dense"], "compressed": r["params"]["compressed"]},
-            {"": "weights MB", "dense": round(r["weights_bytes"]["dense"] / 2**20, 1),
-             "compressed": round(r["weights_bytes"]["compressed"] / 2**20, 1)},
-        ] + ([{"": "bits per quantized weight", "dense": "", "compressed": r["bits_per_weight"]["stored"]}]
-             if r.get("bits_per_weight") else [])
-
-    def __str__(self) -> str:
-        r = self.report
-        parts = [f"artifact: {self.artifact}", text_table(self.summary_rows())]
-        if self.quality_rows():
-            parts.append(text_table(self.quality_rows()))
-        parts.append(f"reload max |logit diff| {r['verify']['max_abs_logit_diff']:.2e}; stock config: "
-                     f"{'yes' if r['stock_config'] else 'no (' + r['stock_config_reason'] + ')'}; "
-                     f"{r['seconds']:.0f} s; peak memory {r['peak_memory_mb']:.0f} MB")
-        return "\n\n".join(parts)
-
-    def _repr_html_(self) -> str:
-        return (f"<p>artifact: <code>{self.artifact}</code></p>" + html_table(self.summary_rows(), title="size")
-                + html_table(self.quality_rows(), title="held-out perplexity"))
-
-    def to_dict(self) -> dict:
-        return {"artifact": str(self.artifact), **self.report}
-
-
-def _card_passes(passes: list[dict]) -> list[str]:
-    """Per pass: its per-layer table (widths kept, bits chosen, errors) and any fallback it recorded."""
-    lines = []
-    for i, rep in enumerate(passes):
-        lines += [f"## passes[{i}]: {rep['name']} ({rep['seconds']:.0f} s)", ""]
-        if rep.get("rows"):
-            lines += [markdown_table(rep["rows"]), ""]
-        if rep.get("fallbacks"):
-            lines += ["Fallbacks:", "", *[f"- {f}" for f in rep["fallbacks"]], ""]
-    return lines
-
-
-def _model_card(recipe: Recipe, source: ModelSource, report: dict) -> str:
-    lines = [
-        f"# {recipe.name}",
-        "",
-        f"Compressed from **{source.identity}** with `compress` ({', '.join(p['name'] for p in report['passes'])}).",
-        "",
-        "## Results",
-        "",
-        markdown_table(report["quality"]) if report["quality"] else "(evaluation disabled)",
-        "",
-        f"Perplexity protocol: {ev.PPL_PROTOCOL}; seq_len {recipe.evaluate.seq_len}, "
-        f"at most {recipe.evaluate.max_windows} windows per text. Recovery = dense / compressed perplexity.",
-        "",
-        markdown_table(RunResult(Path("."), report).summary_rows()),
-        "",
-        *_card_passes(report["passes"]),
-        "## Loading",
-        "",
-        "```python",
-        "import export",
-        "model = export.load('PATH')  # our runtime; any structure",
-        "```",
-    ]
-    if report["stock_config"]:
-        lines += ["", "Stock transformers reads it too: `AutoModelForCausalLM.from_pretrained('PATH')`."]
-    else:
-        lines += ["", f"Not a stock transformers layout: {report['stock_config_reason']}."]
-    lines += ["", "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
-    return "\n".join(lines)
-
-
-def _state_for_export(model, layers: list[dict], dtype: torch.dtype, plan: Plan,
-                      quant_format: str) -> dict[str, torch.Tensor]:
-    """Model weights in the export dtype (quantized linears packed), with zero biases where the stock config implies
-    a bias we did not add."""
-    state = {k: v.to(dtype) for k, v in model.state_dict().items()}
-    for name, q in plan.quantized.items():
-        del state[f"{name}.weight"]
-        state.update(gptq_tensors(name, q) if quant_format == "gptq" else quantized_tensors(name, q, dtype))
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    for i, (block, spec) in enumerate(zip(llama.blocks(model), layers)):
-        for name, lin in llama.linears(block).items():
-            sub = "self_attn" if name in llama.ATTN else "mlp"
-            key = f"model.layers.{i}.{sub}.{name}.bias"
-            if name in spec["bias"] and key not in state:
-                state[key] = torch.zeros(lin.out_features, dtype=dtype)
-    return state
-
-
-def _round_to_export(model, plan: Plan, dtype: torch.dtype, scale_dtype: torch.dtype) -> None:
-    """Make the in-memory weights exactly what the artifact stores: parameters rounded to the export dtype, and each
-    quantized weight rebuilt from its codes with scales stored in that dtype (the dequantized product is rounded to
-    it too, as every runtime that reads the artifact computes it). Buffers (rotary frequencies) are
-    computed at load, not stored, and stay as they are."""
-    named = llama.named_linears(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.to(dtype))
-        for name, q in plan.quantized.items():
-            q.scale = q.scale.to(scale_dtype)
-            named[name][2].weight.copy_(q.dequantize())
-
-
-def quantized_bits(state: dict[str, torch.Tensor], plan: Plan) -> dict | None:
-    """Bits per quantized weight as stored (codes, scales, zero points, group index) and as theory predicts."""
-    if not plan.quantized:
-        return None
-    n = stored = theory = 0
-    for name, q in plan.quantized.items():
-        out_f, in_f = q.shape
-        n += out_f * in_f
-        parts = {k.removeprefix(f"{name}."): t for k, t in state.items()
-                 if k.startswith(f"{name}.") and not k.endswith((".bias", ".weight_shape"))}
-        stored += sum(t.numel() * t.element_size() * 8 for t in parts.values())
-        g = in_f if q.group_size == -1 else q.group_size
-        scale = parts.get("weight_scale", parts.get("scales"))
-        zeros_stored = "qzeros" in parts or not q.sym
-        g_idx_stored = "g_idx" in parts or not q.ordered_groups
-        theory += out_f * in_f * q.bits + out_f * (in_f // g) * (scale.element_size() * 8 + (q.bits if zeros_stored else 0))
-        theory += 32 * in_f if g_idx_stored else 0
-    return {"stored": round(stored / n, 4), "theory": round(theory / n, 4), "quantized_weights": n}
-
-
-def _check_output(out: Path, overwrite: bool, log) -> None:
-    """Repair what interrupted runs left beside `out` (saying so), then refuse an `out` that must not be written."""
-    for message in recover_leftovers(out):
-        log(f"note: {message}")
-    try:
-        check_target(out, overwrite)
-    except TargetError as err:
-        raise InputError(str(err)) from None
-
-
-def _check_source_apart(out: Path, source: ModelSource) -> None:
-    """The artifact never lands in, on or around the model it is made from, and copies nothing from outside it."""
-    try:
-        check_apart(out, source.path, "the source model folder")
-        source_files(source.path)
-    except TargetError as err:
-        raise InputError(str(err)) from None
-
-
 def _check_passes_fit(recipe: Recipe, model) -> None:
     """What only the model can tell, before any pass runs (so no pass runs only for a later one to refuse): a
     quantization's targets, pins and budget, and group sizes on the dense and the pruned widths."""
     quant = (GptqConfig, RtnConfig)
     for j, q in enumerate(recipe.passes):
         if isinstance(q, quant):
-            check_before_passes(model, q, f"passes[{j}]",
-                                [(p, f"passes[{i}]") for i, p in enumerate(recipe.passes[:j]) if not isinstance(p, quant)])
+            earlier = [(p, f"passes[{i}]") for i, p in enumerate(recipe.passes[:j]) if not isinstance(p, quant)]
+            check_before_passes(model, q, f"passes[{j}]", earlier)
 
 
 def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, log=print,
@@ -260,18 +103,64 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     model files or the calibration tokens differ from the interrupted run's."""
     t0 = time.perf_counter()
     out = Path(out) if out is not None else Path("artifacts") / recipe.name
-    _check_output(out, overwrite, log)  # before any work, so nothing is computed only to be refused
-    source = resolve_model(recipe.model)
-    _check_source_apart(out, source)
+    with _refused_as_input():
+        export.check_out(out, overwrite, log)  # before any work, so nothing is computed only to be refused
+        source = resolve_model(recipe.model)
+        export.check_source(out, source.path)
     model, tokenizer = load_model(source, recipe.trust_remote_code)
     check_export_dtype(model, recipe.export.dtype)  # before any pass, not at export
+    _check_passes_fit(recipe, model)  # before any text is read, so a bad recipe costs seconds
+    calib, eval_sets, corpus_name = _texts(recipe, model, tokenizer, log)
+    log(f"model {source.identity}: {len(llama.blocks(model))} blocks; calibration {tuple(calib.shape)} tokens "
+        f"from {corpus_name}")
+    source_sha = {p.name: export.sha256_file(p) for p in sorted(source.path.glob("*.safetensors"))}
+    journal_file = _start_journal(recipe, source, source_sha, out, calib, resume, log)
+    dense = _Measured.of(model, eval_sets)
+
+    plan = Plan.of(model)
+    reports = _run_passes(recipe, model, calib, plan, log)
+    _check_plan(plan, model)
+
+    settings = _export_settings(recipe, source)
+    _round_to_export(model, plan, settings)
+    report = _report(recipe, source, source_sha, reports, dense, _Measured.of(model, eval_sets))
+
+    def check(folder: Path) -> dict:  # on the written folder, before it is committed
+        return {"verify": _compare_reload(model, folder, calib[:2]), "seconds": round(time.perf_counter() - t0, 1),
+                "peak_memory_mb": round(peak_memory_mb(), 1)}
+
+    provenance = export.Provenance(folder=source.path, source=report["source"], config=model.config.to_dict(),
+                                   recipe=report["recipe"], recipe_yaml=recipe.to_yaml(), seed=recipe.seed)
+    try:
+        notes = export.write(out, _module_tensors(model), plan, report, provenance, settings, check=check,
+                             card=lambda rep: model_card(recipe, source.identity, rep), overwrite=overwrite)
+    except (export.ArtifactExistsError, export.UnwritableError) as err:
+        raise InputError(str(err)) from None
+    for message in notes:
+        log(f"note: {message}")
+    journal.finish(journal_file)
+    return RunResult(out, report)
+
+
+@contextmanager
+def _refused_as_input() -> Iterator[None]:
+    """An output folder or source folder that export refuses is bad input (exit 2), with export's message."""
+    try:
+        yield
+    except export.TargetError as err:
+        raise InputError(str(err)) from None
+
+
+def _texts(recipe: Recipe, model, tokenizer, log) -> tuple[torch.Tensor, EvalSets, str]:
+    """Calibration windows (N, T) drawn from the calibration split, the held-out evaluation sets, and the
+    calibration text's name, after checking that the windows fit in memory."""
     cal = recipe.calibration
-    check_fits(model, cal.windows, {"calibration.seq_len": cal.seq_len,
-                                    **({"evaluate.seq_len": recipe.evaluate.seq_len} if recipe.evaluate.enabled else {})})
+    seq_lens = {"calibration.seq_len": cal.seq_len,
+                **({"evaluate.seq_len": recipe.evaluate.seq_len} if recipe.evaluate.enabled else {})}
+    check_fits(model, cal.windows, seq_lens)
     corpus = load_corpus(cal.source, cal.field, chat_renderer(tokenizer))
     drawn = draw_windows(corpus, tokenizer, cal.windows, cal.seq_len, recipe.seed,
                          f"calibration source {corpus.name!r} (calibration split)")
-    calib = drawn.windows
     for note in corpus.notes:
         log(f"note: {note}")
     log(f"calibration: {drawn.describe(f'the calibration split of {corpus.name}')}")
@@ -279,121 +168,115 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     for note in eval_sets.notes:
         if note not in corpus.notes:  # said above
             log(f"note: {note}")
-    _check_passes_fit(recipe, model)
-    log(f"model {source.identity}: {len(llama.blocks(model))} blocks; calibration {tuple(calib.shape)} tokens "
-        f"from {corpus.name}")
-    source_sha = {p.name: sha256_file(p) for p in sorted(source.path.glob("*.safetensors"))}
+    return drawn.windows, eval_sets, corpus.name
+
+
+def _start_journal(recipe: Recipe, source: ModelSource, source_sha: dict[str, str], out: Path,
+                   calib: torch.Tensor, resume: bool, log) -> Path:
+    """Record (or, resuming, check) what this run is made of; returns the journal file."""
     journal_file = journal.journal_path(runs_dir(), out)
-    model_files = {**source_sha, "config.json": sha256_file(source.path / "config.json")}
+    model_files = {**source_sha, "config.json": export.sha256_file(source.path / "config.json")}
     note = journal.start(journal_file, out, {"recipe": recipe.to_dict(), "model files sha256": model_files,
                                              "calibration tokens sha256": fingerprint(calib)}, resume)
     if note:
         log(note)
-    dense_ppl = eval_sets.perplexities(model, EVAL_BATCH)
-    dense_params, dense_decoder = ev.count_parameters(model), decoder_params(model)
+    return journal_file
 
-    plan = Plan()
+
+def _run_passes(recipe: Recipe, model, calib: torch.Tensor, plan: Plan, log) -> list[PassReport]:
+    """Each pass of the recipe in order, recording its decisions in `plan`; logs each one's table."""
     # resumable state (variant databases) lives in the user cache, keyed by content, so reruns reuse it
-    ctx = PassContext(calibration=calib, plan=plan, batch_size=cal.batch_size, seed=recipe.seed,
+    ctx = PassContext(calibration=calib, plan=plan, batch_size=recipe.calibration.batch_size, seed=recipe.seed,
                       cache=runs_dir())
     reports = []
     for i, cfg in enumerate(recipe.passes):
-        p = make_pass(cfg)
         ctx.index = i
         plan.passes.append(cfg.pass_)
-        rep = p.run(model, ctx)
+        rep = make_pass(cfg).run(model, ctx)
         reports.append(rep)
         scalars = ", ".join(f"{k}={v}" for k, v in rep.summary.items() if not isinstance(v, (list, dict)))
         log(f"\npasses[{i}] {rep.name} ({rep.seconds:.0f} s): {scalars}\n{text_table(rep.rows)}")
+    return reports
 
-    dtype = source_dtype(source.path) if recipe.export.dtype == "auto" else DTYPES[recipe.export.dtype]
-    qformat = recipe.export.quant_format
-    _round_to_export(model, plan, dtype, torch.float16 if qformat == "gptq" else dtype)
-    comp_ppl = eval_sets.perplexities(model, EVAL_BATCH)
+
+def _check_plan(plan: Plan, model) -> None:
+    """The plan's widths are the model's: a pass that cut a block without recording it (or recorded something
+    else) stops the run here, not in a reader of the artifact."""
+    for i, (block, planned) in enumerate(zip(llama.blocks(model), plan.widths)):
+        actual = widths_of(llama.block_shape(block))
+        if actual != planned:
+            raise CompressError(f"layer {i}: the plan says {planned}, the model is {actual}; a pass did not record "
+                                "what it cut")
+
+
+def _export_settings(recipe: Recipe, source: ModelSource) -> export.ExportSettings:
+    e = recipe.export
+    dtype = source_dtype(source.path) if e.dtype == "auto" else export.DTYPES[e.dtype]
+    return export.ExportSettings(dtype=dtype, quant_format=e.quant_format,
+                                 shard_bytes=int(e.shard_size_mb * 2**20), remote_code=e.remote_code)
+
+
+def _round_to_export(model, plan: Plan, settings: export.ExportSettings) -> None:
+    """Make the in-memory weights exactly what the artifact stores: parameters rounded to the export dtype, and each
+    quantized weight rebuilt from its codes with scales stored as the artifact stores them (the dequantized product
+    is rounded to the export dtype too, as every runtime that reads the artifact computes it). Buffers (rotary
+    frequencies) are computed at load, not stored, and stay as they are."""
+    named = llama.named_linears(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(settings.dtype))
+        for name, q in plan.quantized.items():
+            q.scale = q.scale.to(settings.scale_dtype)
+            named[name][2].weight.copy_(q.dequantize())
+
+
+def _module_tensors(model) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """The model's stored tensors module by module, in state-dict order: (module name, {tensor name: tensor})."""
+    def module_of(item: tuple[str, torch.Tensor]) -> str:
+        return item[0].rpartition(".")[0]
+
+    for module, items in itertools.groupby(model.state_dict().items(), key=module_of):
+        yield module, dict(items)
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """What the report compares dense and compressed on: held-out perplexities, all and decoder parameters."""
+
+    ppl: dict[str, float]
+    params: int
+    decoder: int
+
+    @classmethod
+    def of(cls, model, eval_sets: EvalSets) -> _Measured:
+        return cls(eval_sets.perplexities(model, EVAL_BATCH), ev.count_parameters(model), decoder_params(model))
+
+
+def _report(recipe: Recipe, source: ModelSource, source_sha: dict[str, str], reports: list[PassReport],
+            dense: _Measured, comp: _Measured) -> dict:
+    """report.json as far as the pipeline knows it; export.write adds what it decides and the check's results."""
     quality = [
-        {"text": name, "dense ppl": round(dense_ppl[name], 3), "compressed ppl": round(comp_ppl[name], 3),
-         "recovery": round(dense_ppl[name] / comp_ppl[name], 4)}
-        for name in dense_ppl
+        {"text": name, "dense ppl": round(dense.ppl[name], 3), "compressed ppl": round(comp.ppl[name], 3),
+         "recovery": round(dense.ppl[name] / comp.ppl[name], 4)}
+        for name in dense.ppl
     ]
-    layers = [llama.block_shape(b).to_dict() for b in llama.blocks(model)]
-    schemes = {n: {**q.scheme(), "format": qformat} for n, q in plan.quantized.items()}
-    config, layers, why_not_stock = artifact_config(model.config.to_dict(), layers, schemes, qformat)
-    if qformat == "gptq" and why_not_stock:
-        raise InputError(f"export.quant_format: gptq cannot store this model: {why_not_stock}")
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    views = _non_uniform_views(config, layers, why_not_stock, recipe.export.remote_code)
-    state = _state_for_export(model, layers, dtype, plan, qformat)
-    bits = quantized_bits(state, plan)
-    report = {
+    return {
         "recipe": recipe.to_dict(),
-        "source": {"name": source.name, "identity": source.identity, "path": str(source.path),
-                   "sha256": source_sha},
+        "source": {"name": source.name, "identity": source.identity, "path": str(source.path), "sha256": source_sha},
         "passes": [r.to_dict() for r in reports],
         "quality": quality,
         "perplexity_protocol": ev.PPL_PROTOCOL,
-        "params": {"dense": dense_params, "compressed": ev.count_parameters(model)},
-        "decoder_params": {"dense": dense_decoder, "compressed": decoder_params(model),
-                           "removed": round(1 - decoder_params(model) / dense_decoder, 4)},
-        "stock_config": why_not_stock is None,
-        "stock_config_reason": why_not_stock or "",
-        **views,
+        "params": {"dense": dense.params, "compressed": comp.params},
+        "decoder_params": {"dense": dense.decoder, "compressed": comp.decoder,
+                           "removed": round(1 - comp.decoder / dense.decoder, 4)},
         "fallbacks": [f for r in reports for f in r.fallbacks],
-        "export_dtype": str(dtype).removeprefix("torch."),
-        "bits_per_weight": bits,
     }
-    try:
-        with ArtifactWriter(out, overwrite=overwrite) as w:
-            w.write_json("config.json", config)
-            if views.get("remote_code"):
-                w.write_text(REMOTE_CODE_FILE, remote_code_source())
-            w.write_weights(state, int(recipe.export.shard_size_mb * 2**20))
-            w.copy_tokenizer(source.path)
-            w.write_text("recipe.yaml", recipe.to_yaml())
-            w.write_json("plan.json", plan.to_dict())
-            manifest_fields = dict(
-                source=report["source"], architecture={"base_model_type": model.config.model_type, "layers": layers},
-                quantization=schemes,
-                recipe=recipe.to_dict(), seed=recipe.seed,
-            )
-            w.write_manifest(**manifest_fields)
-            report["verify"] = _compare_reload(model, w.tmp, calib[:2])
-            report["weights_bytes"] = {"dense": weights_bytes(source.path), "compressed": weights_bytes(w.tmp)}
-            report["seconds"] = round(time.perf_counter() - t0, 1)
-            report["peak_memory_mb"] = round(peak_memory_mb(), 1)
-            w.write_json("report.json", report)
-            w.write_text("README.md", _model_card(recipe, source, report))
-            w.write_manifest()
-            w.commit()
-        for message in w.notes:
-            log(f"note: {message}")
-    except ArtifactExistsError as err:
-        raise InputError(str(err)) from None
-    journal.finish(journal_file)
-    return RunResult(out, report)
-
-
-def _non_uniform_views(config: dict, layers: list[dict], why_not_stock: str | None, remote_code: bool) -> dict:
-    """For a per-layer (non-stock) config, add in place the nemotron-nas `block_configs` view when the structure is
-    expressible in it, and the remote-code `auto_map` when asked; return what the report says about both."""
-    if why_not_stock is None:
-        return {"block_configs": "not needed: stock config", "remote_code": False}
-    views = {}
-    blocks, why = block_configs(config, layers)
-    if blocks is not None:
-        config["block_configs"] = blocks
-        views["block_configs"] = "written (nemotron-nas / DeciLM per-block view in config.json)"
-    else:
-        views["block_configs"] = f"not written: {why}"
-    if remote_code:
-        config["auto_map"] = remote_code_auto_map()
-    views["remote_code"] = remote_code
-    return views
 
 
 @torch.no_grad()
 def _compare_reload(model, folder: Path, ids: torch.Tensor) -> dict:
     """Reload the written folder with the runtime loader and compare logits with the in-memory model (fp32)."""
-    reloaded = load_artifact(folder, dtype=torch.float32)
+    reloaded = export.load(folder, dtype=torch.float32)
     want = model(input_ids=ids, use_cache=False).logits
     got = reloaded(input_ids=ids, use_cache=False).logits
     diff = float((want - got).abs().max())

@@ -1,4 +1,11 @@
-"""Plan: the single record of what each pass decided per module; passes write it, the exporter reads it."""
+"""Plan: the single record of what each pass decided, per block and per module; passes write it, export reads it
+(through export.write's ArtifactPlan: each block's widths, each quantized linear's record), and nothing downstream
+infers a decision again from module shapes or tensor names.
+
+Per block: its widths as the passes left them, and what each pruning pass kept (key-value groups, MLP channels,
+indices into the widths before that pass). Per module (full name, `model.layers.3.mlp.up_proj`): its quantization
+record, and a slot for a low-rank correction. Per model: a slot for drafter heads. The two slots stay empty until
+the passes that fill them exist."""
 
 from __future__ import annotations
 
@@ -6,69 +13,119 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
+
+from compress.models import llama
+from export.records import BlockWidths, QuantRecord
+
+
+def widths_of(shape: llama.BlockShape) -> BlockWidths:
+    """The adapter's block shape as the plan's widths."""
+    return BlockWidths(shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim, shape.intermediate_size,
+                       shape.bias)
 
 
 @dataclass
-class PassReport:
-    """What a pass did: one row per layer for the table, a summary, and any fallback it had to take."""
+class Structure:
+    """What one pruning pass kept of one block: sorted indices into the block's key-value groups and MLP channels
+    before that pass (None: that part left whole), whether removed parts were compensated by a bias, and how the
+    kept weights were refit (None: kept as they were)."""
 
-    name: str
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    summary: dict[str, Any] = field(default_factory=dict)
-    fallbacks: list[str] = field(default_factory=list)
-    seconds: float = 0.0
+    kept_kv_groups: list[int] | None = None
+    kept_mlp_channels: list[int] | None = None
+    compensated: bool = False
+    refit: str | None = None
 
-    def to_dict(self) -> dict:
-        return {"name": self.name, "summary": self.summary, "fallbacks": self.fallbacks,
-                "seconds": round(self.seconds, 2), "rows": self.rows}
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.kept_kv_groups is not None:
+            out["kept_kv_groups"] = self.kept_kv_groups
+        if self.kept_mlp_channels is not None:
+            out["kept_mlp_channels"] = self.kept_mlp_channels
+        out["compensated"] = self.compensated
+        if self.refit is not None:
+            out["refit"] = self.refit
+        return out
 
 
 @dataclass
-class QuantRecord:
-    """A quantized linear as the artifact stores it (compressed-tensors pack-quantized layout).
+class LowRank:
+    """A low-rank correction of one linear, y += B @ (A @ x): A (rank, in), B (out, rank). Empty slot for now."""
 
-    packed (out, ceil(in * bits / 32)) int32: unsigned codes as one little-endian bit stream per row;
-    scale (out, G) float32; zero (out, G) int32 unsigned codes (w = scale * (code - zero)); g_idx (in,) int32."""
+    A: torch.Tensor
+    B: torch.Tensor
 
-    bits: int
-    group_size: int
-    sym: bool
-    shape: tuple[int, int]
-    packed: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
-    g_idx: torch.Tensor
 
-    def dequantize(self) -> torch.Tensor:
-        """The weight (out, in) float32 this record stands for."""
-        from export.kernels.reference import dequantize_packed
-        from export.packing import pack
+@dataclass
+class DrafterHeads:
+    """Drafter heads over the final hidden states: per head, its tensors by name. Empty slot for now."""
 
-        zero = None if self.sym else pack(self.zero, self.bits, dim=0)
-        return dequantize_packed(self.packed, self.scale, zero, self.shape, self.bits,
-                                 None if self.ordered_groups else self.g_idx).float()
+    heads: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
-    def scheme(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym, "ordered": self.ordered_groups,
-                "shape": list(self.shape)}
 
-    @property
-    def ordered_groups(self) -> bool:
-        """Whether every group is a contiguous run of columns (no gather needed)."""
-        g = self.shape[1] if self.group_size == -1 else self.group_size
-        return bool(torch.equal(self.g_idx, (torch.arange(self.shape[1]) // g).to(self.g_idx.dtype)))
+@dataclass
+class ModulePlan:
+    """What the passes decided for one linear."""
+
+    quant: QuantRecord | None = None
+    adapter: LowRank | None = None
+
+
+@dataclass
+class BlockPlan:
+    """One decoder block: its widths now, and what each pruning pass kept, in pass order."""
+
+    widths: BlockWidths
+    pruned: list[Structure] = field(default_factory=list)
 
 
 @dataclass
 class Plan:
-    """Per-layer decisions, keyed by block index then by what was decided (e.g. kept groups, kept channels)."""
+    """Every decision of a run: per block (widths, structure), per module (quantization, correction), drafter
+    heads, and the passes in order."""
 
-    layers: dict[int, dict[str, Any]] = field(default_factory=dict)
+    blocks: dict[int, BlockPlan] = field(default_factory=dict)
+    modules: dict[str, ModulePlan] = field(default_factory=dict)  # full module name -> decisions, in record order
+    heads: DrafterHeads | None = None
     passes: list[str] = field(default_factory=list)
-    quantized: dict[str, QuantRecord] = field(default_factory=dict)  # full module name -> packed weight
 
-    def record(self, layer: int, **decisions: Any) -> None:
-        self.layers.setdefault(layer, {}).update(decisions)
+    @classmethod
+    def of(cls, model: nn.Module) -> Plan:
+        """A plan that starts from the model's widths as loaded."""
+        return cls(blocks={i: BlockPlan(widths_of(llama.block_shape(b))) for i, b in enumerate(llama.blocks(model))})
+
+    def prune(self, layer: int, before: BlockWidths, structure: Structure, biased: tuple[str, ...] = ()) -> BlockWidths:
+        """Record what a pruning pass kept of block `layer` (whose widths it found to be `before`) and the
+        projections it gave a bias (`biased`); returns the block's widths after."""
+        block = self.blocks.setdefault(layer, BlockPlan(before))
+        if block.widths != before:
+            raise ValueError(f"plan: block {layer} is {block.widths} in the plan, but the pass found {before}")
+        kv = before.num_key_value_heads if structure.kept_kv_groups is None else len(structure.kept_kv_groups)
+        inter = before.intermediate_size if structure.kept_mlp_channels is None else len(structure.kept_mlp_channels)
+        block.widths = BlockWidths(kv * before.group_size, kv, before.head_dim, inter, before.bias).with_bias(*biased)
+        block.pruned.append(structure)
+        return block.widths
+
+    def quantize(self, name: str, record: QuantRecord) -> None:
+        """Record the quantization of linear `name` (full module name)."""
+        self.modules.setdefault(name, ModulePlan()).quant = record
+
+    @property
+    def quantized(self) -> dict[str, QuantRecord]:
+        """Quantized linears by full module name, in the order they were recorded."""
+        return {n: m.quant for n, m in self.modules.items() if m.quant is not None}
+
+    @property
+    def widths(self) -> list[BlockWidths]:
+        """Every block's widths, in block order."""
+        if sorted(self.blocks) != list(range(len(self.blocks))):
+            raise ValueError(f"plan: blocks {sorted(self.blocks)} are not every block from 0")
+        return [self.blocks[i].widths for i in range(len(self.blocks))]
 
     def to_dict(self) -> dict:
-        return {"passes": self.passes, "layers": {str(k): v for k, v in sorted(self.layers.items())}}
+        """plan.json: the passes, and per pruned block what its pruning passes kept (a later pass's keys win)."""
+        layers = {}
+        for i, block in sorted(self.blocks.items()):
+            if block.pruned:
+                layers[str(i)] = {k: v for s in block.pruned for k, v in s.to_dict().items()}
+        return {"passes": self.passes, "layers": layers}

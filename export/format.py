@@ -12,6 +12,7 @@ An artifact folder holds:
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 import torch
@@ -70,9 +71,10 @@ MAX_DETAIL = 300  # characters of a library's own error text (json, pydantic, tr
 
 
 # ---- the manifest, typed -----------------------------------------------------------------------------------------
-# What the writer puts in manifest.json, checked when it is read: every problem is refused naming the field, before
-# verify, inspect or load touch a file. The on-disk form is the writer's JSON; these classes only read it, and keep
-# unknown keys (extra="allow") so that `model_dump()` gives back what was read.
+# What manifest.json holds: the writer builds a Manifest and dumps it (Manifest.dumps), the loader reads one
+# (Manifest.model_validate), so both sides check the same rules; every problem is refused naming the field, before
+# verify, inspect or load touch a file. Unknown keys are kept (extra="allow") so that `model_dump()` gives back what
+# was read.
 
 
 def _inside(rel: str) -> str:
@@ -190,6 +192,10 @@ class Manifest(_Record):
                     raise ValueError(f"architecture.layers.{i}: {name} is {list(want)} (out, in) by these widths, "
                                      f"but its tensor is {list(got)}")
         return self
+
+    def dumps(self) -> str:
+        """manifest.json's text: the fields in declaration order, indented by 2, newline-terminated."""
+        return json.dumps(self.model_dump(), indent=2, default=str) + "\n"
 
 
 def manifest_errors(err: ValidationError, limit: int = MAX_LISTED) -> list[str]:

@@ -23,6 +23,7 @@ from export.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST,
+    Manifest,
     SINGLE_WEIGHTS,
     TOKENIZER_FILES,
     WEIGHTS_INDEX,
@@ -188,7 +189,7 @@ class ArtifactWriter:
             "tensors": self.tensors,
             "files": files,
         }
-        self.write_json(MANIFEST, manifest)
+        self.write_text(MANIFEST, Manifest.model_validate(manifest).dumps())
         return manifest
 
     def _sync(self) -> None:

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
-from compress.plan import PassReport, Plan
+from compress.plan import Plan
+from compress.report import PassReport
 
 
 @dataclass

@@ -18,8 +18,9 @@ from compress.errors import CompressError, InputError
 from compress.models import llama
 from compress.ops.importance import angular_distance, cfsp_channel_scores, cfsp_keep_ratios, compensation_bias
 from compress.passes.base import PassContext
-from compress.plan import PassReport
+from compress.plan import Structure, widths_of
 from compress.recipe import CfspConfig
+from compress.report import PassReport
 
 
 class CfspPass:
@@ -75,7 +76,8 @@ class CfspPass:
             after = llama.block_shape(block)
             kept = llama.block_params(after, hidden)
             kept_total += kept
-            ctx.plan.record(i, kept_mlp_channels=keep.tolist(), compensated=cfg.compensate)
+            ctx.plan.prune(i, widths_of(shape), Structure(kept_mlp_channels=keep.tolist(), compensated=cfg.compensate),
+                           biased=("down_proj",) if down_bias is not None else ())
             report.rows.append({"layer": i, "angular distance": round(distance[i], 5),
                                 "mlp keep (coarse)": round(float(ratios[i]), 4),
                                 "mlp": f"{after.intermediate_size}/{C}",

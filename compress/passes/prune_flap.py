@@ -6,8 +6,8 @@ from torch import nn
 
 from compress.passes.base import PassContext
 from compress.passes.structured import structured_prune
-from compress.plan import PassReport
 from compress.recipe import FlapConfig
+from compress.report import PassReport
 
 
 class FlapPass:

@@ -26,8 +26,9 @@ from compress.errors import InputError
 from compress.models import llama
 from compress.ops.refit import augment, damped, refit, removal_order, structure_columns
 from compress.passes.base import PassContext, check_finite
-from compress.plan import PassReport
+from compress.plan import Structure, widths_of
 from compress.recipe import TyrConfig
+from compress.report import PassReport
 from compress.search.base import Option, Unit, cost_range, total
 from compress.search.evolution import EvolutionSettings, evolve_saved
 from compress.search.scoring import StagedKL, supernet_fitness
@@ -141,9 +142,11 @@ class TyrPass:
             before, after = shapes[i], llama.block_shape(block)
             kept = llama.block_params(after, model.config.hidden_size)
             kept_total += kept
-            groups, channels = (swap.kept[u.name] for u in units if u.layer == i)
-            ctx.plan.record(i, kept_kv_groups=groups.tolist(), kept_mlp_channels=channels.tolist(),
-                            compensated=cfg.bias, refit="least squares")
+            mine = [u for u in units if u.layer == i]
+            groups, channels = (swap.kept[u.name] for u in mine)
+            biased = tuple(OUT_PROJ[u.kind] for u in mine if cfg.bias and len(swap.kept[u.name]) < u.width)
+            ctx.plan.prune(i, widths_of(before), Structure(groups.tolist(), channels.tolist(), cfg.bias,
+                                                           "least squares"), biased)
             report.rows.append({"layer": i, "q_heads": f"{after.num_attention_heads}/{before.num_attention_heads}",
                                 "kv_heads": f"{after.num_key_value_heads}/{before.num_key_value_heads}",
                                 "mlp": f"{after.intermediate_size}/{before.intermediate_size}",

@@ -19,8 +19,8 @@ from compress.passes.base import PassContext, check_finite
 from compress.passes.quantize_search import searched_quantize
 from compress.passes.targets import (Modules, check_before_passes, check_fused_share, free_average, layer_average, pins,
                                      quant_record, select_modules, shared_input_name, spec_for)
-from compress.plan import PassReport
 from compress.recipe import GptqConfig, MixedBits, RtnConfig
+from compress.report import PassReport
 from compress.search.ranking import assign_by_rank
 
 __all__ = ["QuantizePass", "check_before_passes", "layer_importance", "select_modules"]
@@ -109,7 +109,7 @@ class QuantizePass:
             Wq = q.dequantize().to(W.dtype)
             err = _relative_error(W, Wq, xtx)
             lin.weight.data = Wq
-            ctx.plan.quantized[name] = quant_record(q, spec, tuple(W.shape))
+            ctx.plan.quantize(name, quant_record(q, spec, tuple(W.shape)))
             row = rows.setdefault(i, {"layer": i, "bits": spec.bits, "modules": 0, "rel err mean": 0.0,
                                       "rel err max": 0.0, "notes": ""})
             if str(spec.bits) not in str(row["bits"]).split("/"):  # a pinned module beside allocated ones

@@ -17,14 +17,15 @@ from compress.ops.gptq import gptq_quantize
 from compress.passes.base import PassContext, check_finite
 from compress.passes.targets import (Modules, check_fused_share, free_average, layer_average, pins, quant_record,
                                      shared_input_name, spec_for)
-from compress.plan import PassReport, QuantRecord
 from compress.recipe import GptqConfig, MixedBits
+from compress.report import PassReport
 from compress.search.base import Allocation, Option, Unit
 from compress.search.evolution import EvolutionSettings, evolve_saved
 from compress.search.knapsack import knapsack
 from compress.search.scoring import StagedKL, TailKL, supernet_fitness
 from compress.search.supernet import CODE_VERSION, Assembler, LoadCache, VariantDB, WeightSwap
 from compress.search.variants import fingerprint, model_parts
+from export.records import QuantRecord
 
 UNIT_LABEL = {"q_proj": "qkv", "o_proj": "o", "up_proj": "gate_up", "down_proj": "down"}  # by shared input
 
@@ -160,7 +161,7 @@ def searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modul
         row["unit kl"] += ("/" if row["unit kl"] else "") + f"{errors[f'{u}@{b}']:.2e}"
         for name in members:
             tensors, meta = db.get(name, b)
-            ctx.plan.quantized[name] = _record_from(tensors, meta)
+            ctx.plan.quantize(name, _record_from(tensors, meta))
             for note in json.loads(meta.get("notes", "[]")):
                 row["notes"] = (row["notes"] + "; " if row["notes"] else "") + f"{name.split('.')[-1]}: {note}"
             if meta.get("fallback"):

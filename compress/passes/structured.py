@@ -15,7 +15,8 @@ from compress.models import llama
 from compress.ops.importance import Metric, channel_scores, compensation_bias, group_scores, standardize
 from compress.ops.structure import LayerKeep, LayerScores, global_threshold, uniform
 from compress.passes.base import PassContext
-from compress.plan import PassReport
+from compress.plan import Structure, widths_of
+from compress.report import PassReport
 
 StandardizeAt = Literal["head", "group"] | None
 
@@ -89,8 +90,8 @@ def structured_prune(model: nn.Module, ctx: PassContext, *, name: str, metric: M
         kept = llama.block_params(after, hidden)
         dense_total += dense
         kept_total += kept
-        ctx.plan.record(i, kept_kv_groups=kept_groups.tolist(), kept_mlp_channels=kept_channels.tolist(),
-                        compensated=compensate)
+        ctx.plan.prune(i, widths_of(before), Structure(kept_groups.tolist(), kept_channels.tolist(), compensate),
+                       biased=tuple(n for n, b in (("o_proj", o_bias), ("down_proj", down_bias)) if b is not None))
         report.rows.append({
             "layer": i,
             "q_heads": f"{after.num_attention_heads}/{before.num_attention_heads}",

@@ -11,8 +11,8 @@ from compress.errors import InputError
 from compress.models import llama
 from compress.ops.gptq import Quantized
 from compress.ops.quant import QuantSpec, pack
-from compress.plan import QuantRecord
 from compress.recipe import GptqConfig, MixedBits, RtnConfig, pattern_search
+from export.records import QuantRecord
 
 # module name -> (layer index, short name such as "q_proj", the module)
 Modules = dict[str, tuple[int, str, nn.Linear]]
