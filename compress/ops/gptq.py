@@ -3,6 +3,8 @@ over the columns not yet quantized with the inverse Hessian of the layer's input
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -38,8 +40,26 @@ def hessian(X: torch.Tensor) -> torch.Tensor:
     return 2.0 / X.shape[0] * (X.T @ X)
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """LAPACK's Cholesky routines give other last bits on another number of threads (and MKL may change that number
+    with the machine's load), which flips GPTQ codes downstream: run them on one thread, so the result depends on
+    the inputs alone. The matrices are (in, in): milliseconds either way."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float] | None:
     """Upper Cholesky factor of (H + lambda I)^-1, escalating lambda from damp * mean(diag H); None if all fail."""
+    with _one_thread():
+        return _inverse_cholesky_escalating(H, damp)
+
+
+def _inverse_cholesky_escalating(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float] | None:
     mean_diag = float(torch.diag(H).mean())
     eye = torch.eye(H.shape[0], dtype=H.dtype)
     for mult in DAMP_ESCALATION:

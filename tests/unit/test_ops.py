@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from compress.ops.gptq import gptq_quantize, hessian
 from compress.ops.importance import channel_scores, compensation_bias, group_scores, standardize
+from compress.ops.quant import QuantSpec
 from compress.ops.structure import LayerScores, global_threshold, uniform
 
 
@@ -128,3 +130,24 @@ def test_cfsp_channel_scores_follow_activation_and_weight():
     up2 = up.clone()
     up2[1] *= 10  # a heavier up_proj row scores higher
     assert cfsp_channel_scores(down, up2, gate, act)[1] > base[1]
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, group_size=64, sym=True),
+                                  QuantSpec(bits=3, group_size=32, sym=False, act_order=True)])
+def test_gptq_result_does_not_depend_on_the_thread_count(spec):
+    """LAPACK's Cholesky inverse differs in its last bits between 1 and 2 threads (it flipped scales here before the
+    inversion was pinned to one thread); the result must depend on W and H alone."""
+    g = torch.Generator().manual_seed(0)
+    X, W = torch.randn(4096, 384, generator=g), torch.randn(256, 384, generator=g)
+    H = hessian(X)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(gptq_quantize(W, H, spec))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0].codes, results[1].codes)
+    assert torch.equal(results[0].scale, results[1].scale) and torch.equal(results[0].zero, results[1].zero)
+    assert torch.get_num_threads() == before
