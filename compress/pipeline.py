@@ -53,7 +53,7 @@ def source_dtype(path: Path) -> torch.dtype:
 
 
 def decoder_params(model) -> int:
-    hidden = model.config.hidden_size
+    hidden = llama.hidden_size(model)
     return sum(llama.block_params(llama.block_shape(b), hidden) for b in llama.blocks(model))
 
 
@@ -65,7 +65,7 @@ class EvalSets:
     notes: list[str] = field(default_factory=list)  # each once, in the order the texts were read
 
     @classmethod
-    def build(cls, recipe: Recipe, tokenizer) -> "EvalSets":
+    def build(cls, recipe: Recipe, tokenizer) -> EvalSets:
         """The first evaluate.max_windows windows of the calibration source's held-out split and of each
         evaluate.extra text (whose rows are read by calibration.field); only those tokens are read."""
         e, c = recipe.evaluate, recipe.calibration
@@ -129,8 +129,9 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
         return {"verify": _compare_reload(model, folder, calib[:2]), "seconds": round(time.perf_counter() - t0, 1),
                 "peak_memory_mb": round(peak_memory_mb(), 1)}
 
-    provenance = export.Provenance(folder=source.path, source=report["source"], config=model.config.to_dict(),
-                                   recipe=report["recipe"], recipe_yaml=recipe.to_yaml(), seed=recipe.seed)
+    provenance = export.Provenance(folder=source.path, source=report["source"],
+                                   config=llama.as_causal_lm(model).config.to_dict(), recipe=report["recipe"],
+                                   recipe_yaml=recipe.to_yaml(), seed=recipe.seed)
     try:
         notes = export.write(out, _module_tensors(model), plan, report, provenance, settings, check=check,
                              card=lambda rep: model_card(recipe, source.identity, rep), overwrite=overwrite)
@@ -202,7 +203,7 @@ def _run_passes(recipe: Recipe, model, calib: torch.Tensor, plan: Plan, log) -> 
 def _check_plan(plan: Plan, model) -> None:
     """The plan's widths are the model's: a pass that cut a block without recording it (or recorded something
     else) stops the run here, not in a reader of the artifact."""
-    for i, (block, planned) in enumerate(zip(llama.blocks(model), plan.widths)):
+    for i, (block, planned) in enumerate(zip(llama.blocks(model), plan.widths, strict=True)):
         actual = widths_of(llama.block_shape(block))
         if actual != planned:
             raise CompressError(f"layer {i}: the plan says {planned}, the model is {actual}; a pass did not record "

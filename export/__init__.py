@@ -6,8 +6,7 @@ from export.format import DTYPES
 from export.loader import load, verify
 from export.records import BlockWidths, QuantRecord
 from export.target import TargetError
-from export.write import (ExportSettings, Provenance, UnwritableError, check_out, check_source, weights_bytes,
-                          write)
+from export.write import ExportSettings, Provenance, UnwritableError, check_out, check_source, weights_bytes, write
 from export.writer import ArtifactExistsError, sha256_file
 
 __all__ = ["DTYPES", "ArtifactExistsError", "BlockWidths", "ExportSettings", "Provenance", "QuantRecord",

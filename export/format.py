@@ -115,7 +115,7 @@ class LayerRecord(_Record):
     bias: list[Literal[ATTN + MLP]]  # type: ignore[valid-type]
 
     @model_validator(mode="after")
-    def _groups(self) -> "LayerRecord":
+    def _groups(self) -> LayerRecord:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads}")
@@ -144,7 +144,7 @@ class QuantScheme(_Record):
     format: Literal["compressed-tensors", "gptq"] = "compressed-tensors"
 
     @model_validator(mode="after")
-    def _groups(self) -> "QuantScheme":
+    def _groups(self) -> QuantScheme:
         if self.group_size != -1 and (self.group_size < 1 or self.shape[1] % self.group_size):
             raise ValueError(f"group_size {self.group_size} does not divide the {self.shape[1]} input columns "
                              "(a positive divisor, or -1)")
@@ -176,7 +176,7 @@ class Manifest(_Record):
     files: dict[ArtifactPath, FileRecord]
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Manifest":
+    def _consistent(self) -> Manifest:
         for name, t in self.tensors.items():
             if t.file not in self.files:
                 raise ValueError(f"tensors.{name}.file: {t.file} is not listed in files (every file is hashed)")

@@ -131,8 +131,9 @@ def artifact_config(base: dict, layers: list[dict], quant: dict[str, dict] | Non
     for key in ("quantization_config", "auto_map", "_name_or_path", "transformers_version"):
         config.pop(key, None)
     model_type = config["model_type"]
-    widths = {(l["num_attention_heads"], l["num_key_value_heads"], l["head_dim"], l["intermediate_size"]) for l in layers}
-    needed = set().union(*(set(l["bias"]) for l in layers))
+    widths = {(layer["num_attention_heads"], layer["num_key_value_heads"], layer["head_dim"],
+               layer["intermediate_size"]) for layer in layers}
+    needed = set().union(*(set(layer["bias"]) for layer in layers))
     flags = _bias_flags(model_type, needed)
     why = None
     if len(widths) > 1:
@@ -147,7 +148,7 @@ def artifact_config(base: dict, layers: list[dict], quant: dict[str, dict] | Non
         qconfig, qwhy = compressed_tensors_config(quant)
     if why is None and qwhy is not None:
         why = qwhy
-    if why is None:
+    if why is None and flags is not None:  # flags is None only with a reason in `why`
         (heads, kv, head_dim, inter), = widths
         stock = {**config, "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim,
                  "intermediate_size": inter, **flags}
@@ -156,7 +157,7 @@ def artifact_config(base: dict, layers: list[dict], quant: dict[str, dict] | Non
             bias = list(stock_bias(model_type, stock))
             if qconfig is not None:
                 stock["quantization_config"] = qconfig
-            return stock, [{**l, "bias": bias} for l in layers], None
+            return stock, [{**layer, "bias": bias} for layer in layers], None
     config["base_model_type"] = model_type
     config["model_type"] = PRUNED_MODEL_TYPE
     config["architectures"] = [PRUNED_ARCHITECTURE]
@@ -183,20 +184,20 @@ def block_configs(base: dict, layers: list[dict]) -> tuple[list[dict] | None, st
     head_dim = base.get("head_dim") or base["hidden_size"] // heads
     hidden = base["hidden_size"]
     out = []
-    for i, l in enumerate(layers):
-        if l["bias"]:
-            return None, f"layer {i} has biases on {l['bias']} (bias compensation); nemotron-nas has none"
-        if l["num_attention_heads"] != heads or l["head_dim"] != head_dim:
-            return None, (f"layer {i} has {l['num_attention_heads']} query heads; nemotron-nas keeps {heads} in every "
-                          "block (prune MLP channels only, e.g. CFSP, to get this view)")
-        if heads % l["num_key_value_heads"]:
-            return None, f"layer {i}: {l['num_key_value_heads']} kv heads do not divide {heads} query heads"
-        ffn_mult = round(1.5 * l["intermediate_size"] / hidden, 6)
-        if _decilm_intermediate(ffn_mult, hidden) != l["intermediate_size"]:
-            return None, (f"layer {i} MLP width {l['intermediate_size']} is not a multiple of 256 (nemotron-nas "
+    for i, layer in enumerate(layers):
+        if layer["bias"]:
+            return None, f"layer {i} has biases on {layer['bias']} (bias compensation); nemotron-nas has none"
+        if layer["num_attention_heads"] != heads or layer["head_dim"] != head_dim:
+            return None, (f"layer {i} has {layer['num_attention_heads']} query heads; nemotron-nas keeps {heads} in "
+                          "every block (prune MLP channels only, e.g. CFSP, to get this view)")
+        if heads % layer["num_key_value_heads"]:
+            return None, f"layer {i}: {layer['num_key_value_heads']} kv heads do not divide {heads} query heads"
+        ffn_mult = round(1.5 * layer["intermediate_size"] / hidden, 6)
+        if _decilm_intermediate(ffn_mult, hidden) != layer["intermediate_size"]:
+            return None, (f"layer {i} MLP width {layer['intermediate_size']} is not a multiple of 256 (nemotron-nas "
                           "widths are; use round_to: 256)")
         out.append({"attention": {"no_op": False, "replace_with_linear": False, "sparsify": None,
-                                  "n_heads_in_group": heads // l["num_key_value_heads"]},
+                                  "n_heads_in_group": heads // layer["num_key_value_heads"]},
                     "ffn": {"no_op": False, "replace_with_linear": False, "sparsify": None, "ffn_mult": ffn_mult}})
     return out, None
 

@@ -13,8 +13,15 @@ from typing import Literal, Protocol
 import torch
 
 from export.format import ATTN
-from export.interop import (REMOTE_CODE_FILE, artifact_config, block_configs, gptq_tensors, quantized_tensors,
-                            remote_code_auto_map, remote_code_source)
+from export.interop import (
+    REMOTE_CODE_FILE,
+    artifact_config,
+    block_configs,
+    gptq_tensors,
+    quantized_tensors,
+    remote_code_auto_map,
+    remote_code_source,
+)
 from export.records import BlockWidths, QuantRecord
 from export.target import check_apart, check_target, recover_leftovers
 from export.writer import ArtifactWriter, source_files
@@ -156,7 +163,7 @@ def _stored_tensors(tensors: Iterable[tuple[str, dict[str, torch.Tensor]]], plan
     if config.get("tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     hidden = config["hidden_size"]
-    for i, (widths, layer) in enumerate(zip(plan.widths, layers)):
+    for i, (widths, layer) in enumerate(zip(plan.widths, layers, strict=True)):
         for name, out_features in widths.out_features(hidden).items():
             key = f"model.layers.{i}.{'self_attn' if name in ATTN else 'mlp'}.{name}.bias"
             if key in state and name not in widths.bias:

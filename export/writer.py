@@ -17,18 +17,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from export.target import TargetError, check_target, exchange, hold, links_outside, old_name, tmp_prefix
 from export.format import (
     CONFIG,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST,
-    Manifest,
     SINGLE_WEIGHTS,
     TOKENIZER_FILES,
     WEIGHTS_INDEX,
+    Manifest,
     shard_name,
 )
+from export.target import TargetError, check_target, exchange, hold, links_outside, old_name, tmp_prefix
 
 VERSIONED_PACKAGES = ("compress-llm", "torch", "transformers", "safetensors")
 
@@ -130,7 +130,7 @@ class ArtifactWriter:
         self.tensors: dict[str, dict] = {}
         self.manifest_extra: dict = {}
 
-    def __enter__(self) -> "ArtifactWriter":
+    def __enter__(self) -> ArtifactWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -146,7 +146,7 @@ class ArtifactWriter:
         shards = _shards(state, shard_bytes)
         names = [SINGLE_WEIGHTS] if len(shards) == 1 else [shard_name(i, len(shards)) for i in range(len(shards))]
         weight_map = {}
-        for fname, shard in zip(names, shards):
+        for fname, shard in zip(names, shards, strict=True):
             save_file(shard, self.tmp / fname, metadata={"format": "pt"})
             step(f"wrote {fname}")
             for k, t in shard.items():
@@ -183,7 +183,7 @@ class ArtifactWriter:
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "versions": package_versions(),
             **self.manifest_extra,
             "tensors": self.tensors,

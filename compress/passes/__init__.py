@@ -10,8 +10,8 @@ from compress.passes.prune_wanda import WandaSpPass
 from compress.passes.quantize import QuantizePass
 from compress.recipe import CfspConfig, FlapConfig, GptqConfig, RtnConfig, TyrConfig, WandaSpConfig
 
-PASSES: dict[type, type[Pass]] = {FlapConfig: FlapPass, WandaSpConfig: WandaSpPass, CfspConfig: CfspPass, TyrConfig: TyrPass,
-                                  GptqConfig: QuantizePass, RtnConfig: QuantizePass}
+PASSES: dict[type, type[Pass]] = {FlapConfig: FlapPass, WandaSpConfig: WandaSpPass, CfspConfig: CfspPass,
+                                  TyrConfig: TyrPass, GptqConfig: QuantizePass, RtnConfig: QuantizePass}
 
 
 def make_pass(config) -> Pass:

@@ -31,7 +31,7 @@ class CfspPass:
         t0 = time.perf_counter()
         cfg, where = self.config, f"passes[{ctx.index}]"
         layers = llama.blocks(model)
-        hidden = model.config.hidden_size
+        hidden = llama.hidden_size(model)
         shapes = [llama.block_shape(b) for b in layers]
         dense_total = sum(llama.block_params(s, hidden) for s in shapes)
         mlp_total = sum(s.intermediate_size * llama.channel_params(hidden) for s in shapes)
@@ -47,7 +47,7 @@ class CfspPass:
 
         def visit(i, _block, inputs, outputs, s):
             total = count = 0
-            for x_in, x_out in zip(inputs, outputs):
+            for x_in, x_out in zip(inputs, outputs, strict=True):
                 t, c = angular_distance(x_in, x_out)
                 total, count = total + t, count + c
             distance.append(total / count)
@@ -59,7 +59,7 @@ class CfspPass:
         ratios = cfsp_keep_ratios(torch.tensor(distance), 1.0 - mlp_target, cfg.temperature, cfg.max_keep)
         report = PassReport(name="cfsp")
         kept_total = 0
-        for i, (block, shape, s) in enumerate(zip(layers, shapes, stats)):
+        for i, (block, shape, s) in enumerate(zip(layers, shapes, stats, strict=True)):
             lin = llama.linears(block)
             C = shape.intermediate_size
             n_keep = int(round(float(ratios[i]) * C / cfg.round_to)) * cfg.round_to

@@ -16,5 +16,5 @@ class FlapPass:
 
     def run(self, model: nn.Module, ctx: PassContext) -> PassReport:
         c = self.config
-        return structured_prune(model, ctx, name="flap", metric=c.metric, standardize_at=c.standardize, structure=c.structure,
-                                target=c.target, round_to=c.round_to, compensate=c.compensate)
+        return structured_prune(model, ctx, name="flap", metric=c.metric, standardize_at=c.standardize,
+                                structure=c.structure, target=c.target, round_to=c.round_to, compensate=c.compensate)

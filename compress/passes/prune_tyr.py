@@ -52,8 +52,12 @@ class PruneUnit:
     cost: int
 
 
+# layer -> projection -> (weight (out, in), bias (out,) or None): the dense model's, restored between variants
+DenseWeights = dict[int, dict[str, tuple[torch.Tensor, torch.Tensor | None]]]
+
+
 def _units(model: nn.Module) -> list[PruneUnit]:
-    hidden = model.config.hidden_size
+    hidden = llama.hidden_size(model)
     out = []
     for i, block in enumerate(llama.blocks(model)):
         s = llama.block_shape(block)
@@ -87,8 +91,9 @@ class TyrPass:
         units = _units(model)
         dense_total = sum(u.width * u.cost for u in units)
         budget = (1.0 - cfg.target) * dense_total
-        dense = {i: {n: (lin.weight.data.clone(), None if lin.bias is None else lin.bias.data.clone())
-                     for n, lin in llama.linears(b).items()} for i, b in enumerate(blocks)}
+        dense: DenseWeights = {
+            i: {n: (lin.weight.data.clone(), None if lin.bias is None else lin.bias.data.clone())
+                for n, lin in llama.linears(b).items()} for i, b in enumerate(blocks)}
         shapes = [llama.block_shape(b) for b in blocks]
         key0 = fingerprint(CODE_VERSION, *model_parts(model),
                            cfg.model_dump(mode="json", exclude={"evolution", "rounds"}), ctx.calibration)
@@ -108,7 +113,8 @@ class TyrPass:
         swap = _StructureSwap(blocks, dense, units)
         supernet = Assembler(swap)
         score = StagedKL(model, ctx.calibration, cfg.evolution.stage_windows, ctx.batch_size)  # on the dense model
-        rounds, choice = [], None
+        rounds = []
+        choice: dict[str, int] = {}  # the best allocation so far: none before the first round
         try:
             for r in range(cfg.rounds):
                 if r:  # halve the spacing around the best allocation so far
@@ -140,7 +146,7 @@ class TyrPass:
         kept_total = 0
         for i, block in enumerate(blocks):
             before, after = shapes[i], llama.block_shape(block)
-            kept = llama.block_params(after, model.config.hidden_size)
+            kept = llama.block_params(after, llama.hidden_size(model))
             kept_total += kept
             mine = [u for u in units if u.layer == i]
             groups, channels = (swap.kept[u.name] for u in mine)
@@ -150,7 +156,7 @@ class TyrPass:
             report.rows.append({"layer": i, "q_heads": f"{after.num_attention_heads}/{before.num_attention_heads}",
                                 "kv_heads": f"{after.num_key_value_heads}/{before.num_key_value_heads}",
                                 "mlp": f"{after.intermediate_size}/{before.intermediate_size}",
-                                "kept": round(kept / llama.block_params(before, model.config.hidden_size), 4)})
+                                "kept": round(kept / llama.block_params(before, llama.hidden_size(model)), 4)})
         report.summary = {"target": cfg.target, "removed": round(1 - kept_total / dense_total, 4),
                           "decoder_params_before": dense_total, "decoder_params_after": kept_total,
                           "levels": cfg.levels, "rounds": rounds, "bias": cfg.bias, "damp": cfg.damp,
@@ -240,7 +246,7 @@ class _StructureSwap:
     refitted o_proj / down_proj from the round's variant database (`use`); the full width is the dense unit.
     `kept[unit]` is the kept key-value groups or channels the unit holds now."""
 
-    def __init__(self, blocks: nn.ModuleList, dense: dict, units: list[PruneUnit]):
+    def __init__(self, blocks: nn.ModuleList, dense: DenseWeights, units: list[PruneUnit]):
         self.blocks, self.dense = blocks, dense
         self.units = {u.name: u for u in units}
         self.kept: dict[str, torch.Tensor] = {}

@@ -17,8 +17,18 @@ from compress.ops.importance import lim_score, zd_score
 from compress.ops.quant import rtn
 from compress.passes.base import PassContext, check_finite
 from compress.passes.quantize_search import searched_quantize
-from compress.passes.targets import (Modules, check_before_passes, check_fused_share, free_average, layer_average, pins,
-                                     quant_record, select_modules, shared_input_name, spec_for)
+from compress.passes.targets import (
+    Modules,
+    check_before_passes,
+    check_fused_share,
+    free_average,
+    layer_average,
+    pins,
+    quant_record,
+    select_modules,
+    shared_input_name,
+    spec_for,
+)
 from compress.recipe import GptqConfig, MixedBits, RtnConfig
 from compress.report import PassReport
 from compress.search.ranking import assign_by_rank
@@ -39,7 +49,7 @@ def layer_importance(model: nn.Module, ctx: PassContext, mixed: MixedBits, modul
 
     def visit(i, _block, inputs, outputs, _stats):
         total, count = 0.0, 0
-        for x_in, x_out in zip(inputs, outputs):
+        for x_in, x_out in zip(inputs, outputs, strict=True):
             t, c = lim_score(x_in, x_out)
             total, count = total + t, count + c
         scores[i] = total / count
@@ -109,7 +119,7 @@ class QuantizePass:
             Wq = q.dequantize().to(W.dtype)
             err = _relative_error(W, Wq, xtx)
             lin.weight.data = Wq
-            ctx.plan.quantize(name, quant_record(q, spec, tuple(W.shape)))
+            ctx.plan.quantize(name, quant_record(q, spec, (W.shape[0], W.shape[1])))
             row = rows.setdefault(i, {"layer": i, "bits": spec.bits, "modules": 0, "rel err mean": 0.0,
                                       "rel err max": 0.0, "notes": ""})
             if str(spec.bits) not in str(row["bits"]).split("/"):  # a pinned module beside allocated ones

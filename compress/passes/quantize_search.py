@@ -15,8 +15,16 @@ from compress.errors import CompressError, InputError
 from compress.models import llama
 from compress.ops.gptq import gptq_quantize
 from compress.passes.base import PassContext, check_finite
-from compress.passes.targets import (Modules, check_fused_share, free_average, layer_average, pins, quant_record,
-                                     shared_input_name, spec_for)
+from compress.passes.targets import (
+    Modules,
+    check_fused_share,
+    free_average,
+    layer_average,
+    pins,
+    quant_record,
+    shared_input_name,
+    spec_for,
+)
 from compress.recipe import GptqConfig, MixedBits
 from compress.report import PassReport
 from compress.search.base import Allocation, Option, Unit

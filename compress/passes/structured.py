@@ -29,8 +29,8 @@ def _layer_scores(block: nn.Module, o: LinearStats, down: LinearStats, metric: M
     then average them per key-value group), or "group" (average per group first, then standardize the groups)."""
     shape = llama.block_shape(block)
     lin = llama.linears(block)
-    attn_ch = channel_scores(metric, lin["o_proj"].weight, o.total_sq / o.n, o.var)  # (heads * head_dim,)
-    mlp_ch = channel_scores(metric, lin["down_proj"].weight, down.total_sq / down.n, down.var)  # (intermediate,)
+    attn_ch = channel_scores(metric, lin["o_proj"].weight, o.sq_norm / o.n, o.var)  # (heads * head_dim,)
+    mlp_ch = channel_scores(metric, lin["down_proj"].weight, down.sq_norm / down.n, down.var)  # (intermediate,)
     heads = group_scores(attn_ch, shape.num_attention_heads)  # (heads,) mean over each head's channels
     if standardize_at == "head":
         groups = group_scores(standardize(heads), shape.num_key_value_heads)
@@ -51,7 +51,7 @@ def structured_prune(model: nn.Module, ctx: PassContext, *, name: str, metric: M
     """Score, decide and physically remove key-value groups and MLP channels; returns the per-layer table."""
     t0 = time.perf_counter()
     layers = llama.blocks(model)
-    hidden = model.config.hidden_size
+    hidden = llama.hidden_size(model)
     stats: list[tuple[LinearStats, LinearStats]] = []
 
     def watch(_i, block):
@@ -64,14 +64,15 @@ def structured_prune(model: nn.Module, ctx: PassContext, *, name: str, metric: M
     for_each_block(model, layers, ctx.calibration, visit, watch, batch_size=ctx.batch_size, desc=f"{name}: statistics")
     for i, (o, down) in enumerate(stats):
         for what, s in (("o_proj", o), ("down_proj", down)):
-            if not (torch.isfinite(s.total).all() and torch.isfinite(s.total_sq).all()):
+            if not (torch.isfinite(s.mean).all() and torch.isfinite(s.sq_norm).all()):
                 raise CompressError(f"layer {i} {what}: non-finite calibration activations; stopping")
-    scores = [_layer_scores(b, o, d, metric, hidden, standardize_at) for b, (o, d) in zip(layers, stats)]
-    keeps: list[LayerKeep] = global_threshold(scores, target, round_to) if structure == "adaptive" else uniform(scores, target, round_to)
+    scores = [_layer_scores(b, o, d, metric, hidden, standardize_at) for b, (o, d) in zip(layers, stats, strict=True)]
+    keeps: list[LayerKeep] = (global_threshold(scores, target, round_to) if structure == "adaptive"
+                              else uniform(scores, target, round_to))
 
     report = PassReport(name=name)
     dense_total = kept_total = 0
-    for i, (block, keep, (o, down)) in enumerate(zip(layers, keeps, stats)):
+    for i, (block, keep, (o, down)) in enumerate(zip(layers, keeps, stats, strict=True)):
         before = llama.block_shape(block)
         dense = llama.block_params(before, hidden)
         lin = llama.linears(block)
@@ -83,7 +84,8 @@ def structured_prune(model: nn.Module, ctx: PassContext, *, name: str, metric: M
             removed_dims = (~keep.groups).repeat_interleave(ch_per_group).nonzero().flatten()
             o_bias = compensation_bias(lin["o_proj"].weight, o.mean, removed_dims) if removed_dims.numel() else None
             removed_ch = (~keep.channels).nonzero().flatten()
-            down_bias = compensation_bias(lin["down_proj"].weight, down.mean, removed_ch) if removed_ch.numel() else None
+            down_bias = (compensation_bias(lin["down_proj"].weight, down.mean, removed_ch) if removed_ch.numel()
+                         else None)
         llama.prune_attention_groups(block, kept_groups, o_bias)
         llama.prune_mlp_channels(block, kept_channels, down_bias)
         after = llama.block_shape(block)

@@ -4,6 +4,8 @@ check that runs before any pass."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -11,8 +13,19 @@ from compress.errors import InputError
 from compress.models import llama
 from compress.ops.gptq import Quantized
 from compress.ops.quant import QuantSpec, pack
-from compress.recipe import GptqConfig, MixedBits, RtnConfig, pattern_search
+from compress.recipe import (
+    CfspConfig,
+    FlapConfig,
+    GptqConfig,
+    MixedBits,
+    RtnConfig,
+    TyrConfig,
+    WandaSpConfig,
+    pattern_search,
+)
 from export.records import QuantRecord
+
+PruneConfig = FlapConfig | WandaSpConfig | CfspConfig | TyrConfig  # the passes that change widths
 
 # module name -> (layer index, short name such as "q_proj", the module)
 Modules = dict[str, tuple[int, str, nn.Linear]]
@@ -61,14 +74,14 @@ def spec_for(name: str, in_features: int, bits: int, cfg: GptqConfig | RtnConfig
         raise InputError(f"{where}.{_group_field(name, cfg)}: {group} does not divide {name}'s {in_features} input "
                          f"columns; "
                          f"pick one of {divisors or [in_features]} or -1{hint}")
-    kw = {}
     if isinstance(cfg, GptqConfig):
-        kw = dict(act_order=cfg.act_order, static_groups=cfg.static_groups, damp=cfg.damp, block_size=cfg.block_size)
-    return QuantSpec(bits=bits, group_size=group, sym=sym, **kw)
+        return QuantSpec(bits=bits, group_size=group, sym=sym, act_order=cfg.act_order,
+                         static_groups=cfg.static_groups, damp=cfg.damp, block_size=cfg.block_size)
+    return QuantSpec(bits=bits, group_size=group, sym=sym)
 
 
 def check_before_passes(model: nn.Module, quant: GptqConfig | RtnConfig, where_q: str,
-                        pruning: list[tuple[object, str]]) -> None:
+                        pruning: Sequence[tuple[PruneConfig, str]]) -> None:
     """Before any pass runs, what the quantize pass would refuse only after the passes before it (a Tyr search takes
     minutes): targets, pins and the budget left, group sizes on the dense widths, and on the widths the pruning
     passes before it leave. MLP widths change `round_to` channels at a time (down_proj's input); key-value groups

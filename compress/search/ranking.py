@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 
-def assign_by_rank(importance: list[float], sizes: list[int], average: float, choices: list[int]) -> list[int]:
+
+def assign_by_rank(importance: list[float], sizes: list[int], average: float, choices: Sequence[int]) -> list[int]:
     """Bits per layer meeting `average` (weighted by `sizes`) with the two choices that bracket it: layers in
     order of importance take the higher width while the weighted average stays within the budget.
 
