@@ -46,7 +46,7 @@ class CfspPass:
             return {"down_proj": llama.linears(block)["down_proj"]}
 
         def visit(i, _block, inputs, outputs, s):
-            total = count = 0
+            total, count = 0.0, 0  # summed angular distance, tokens
             for x_in, x_out in zip(inputs, outputs, strict=True):
                 t, c = angular_distance(x_in, x_out)
                 total, count = total + t, count + c

@@ -110,7 +110,7 @@ def searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modul
                 check_finite(name, dense[name], s.xtx)
                 spec = specs[(name, b)]
                 q = gptq_quantize(dense[name], 2.0 / s.n * s.xtx, spec)
-                rec = quant_record(q, spec, tuple(dense[name].shape))
+                rec = quant_record(q, spec, (dense[name].shape[0], dense[name].shape[1]))
                 notes = q.notes + ([q.fallback] if q.fallback else [])
                 meta = {"bits": b, "group_size": spec.group_size, "sym": spec.sym, "shape": json.dumps(list(rec.shape)),
                         "notes": json.dumps(notes), "fallback": q.fallback or ""}
