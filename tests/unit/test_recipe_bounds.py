@@ -4,7 +4,6 @@ safely (same answers as `re` on sane patterns, a named refusal on a backtracking
 from __future__ import annotations
 
 import re
-import time
 import typing
 
 import annotated_types
@@ -71,13 +70,12 @@ def test_pattern_search_still_imports_from_recipe():
 
 
 def test_backtracking_pattern_is_fast_or_refused_by_name():
-    t0 = time.perf_counter()  # with re: ~2 s on one name and doubling per character; regex guards it
+    # with re: ~2 s on one name and doubling per character; regex guards it (a search that ran into the time limit
+    # would raise RecipeError here, so finishing is the assertion; no wall-clock bound is asserted)
     assert not any(P.pattern_search(r"^([\w.]+\.?)*\d$", n + "_and_longer", "f") for n in NAMES)
-    assert time.perf_counter() - t0 < 1.0
-    t0 = time.perf_counter()  # one regex does not guard: the time limit stops it and names the field
+    # one regex does not guard: the time limit stops it and names the field
     with pytest.raises(RecipeError, match=r"passes.0.targets: pattern '\(a\|aa\)\+\$' took over 1.0 s on module"):
         P.pattern_search(r"(a|aa)+$", "a" * 60 + "b", "passes.0.targets")
-    assert time.perf_counter() - t0 < 1.0 + 2.0
 
 
 def test_recipe_file_size_read_before_parsing(tmp_path):
@@ -90,9 +88,7 @@ def test_recipe_file_size_read_before_parsing(tmp_path):
 
 
 def test_counted_repeats_are_bounded_so_compiling_stays_fast():
-    t0 = time.perf_counter()
     assert P.check_pattern("(?:(?:a{4}){16}){16}")  # at the bound: 4 * 16 * 16 = 1024
-    assert time.perf_counter() - t0 < 0.5
     with pytest.raises(ValueError, match="counted repeats multiply to 1025; at most 1024"):
         P.check_pattern("(?:a{25}){41}")
 
