@@ -23,9 +23,8 @@ from compress.models import ModelSource, llama, load_model, resolve_model
 from compress.models.checks import check_export_dtype
 from compress.models.default import runs_dir
 from compress.passes import PassContext, make_pass
-from compress.passes.quantize import check_before_passes
 from compress.plan import Plan, widths_of
-from compress.recipe import GptqConfig, Recipe, RtnConfig
+from compress.recipe import Recipe
 from compress.report import PassReport, RunResult, model_card
 from compress.search.variants import fingerprint
 from compress.tables import text_table
@@ -86,13 +85,10 @@ class EvalSets:
 
 
 def _check_passes_fit(recipe: Recipe, model) -> None:
-    """What only the model can tell, before any pass runs (so no pass runs only for a later one to refuse): a
-    quantization's targets, pins and budget, and group sizes on the dense and the pruned widths."""
-    quant = (GptqConfig, RtnConfig)
-    for j, q in enumerate(recipe.passes):
-        if isinstance(q, quant):
-            earlier = [(p, f"passes[{i}]") for i, p in enumerate(recipe.passes[:j]) if not isinstance(p, quant)]
-            check_before_passes(model, q, f"passes[{j}]", earlier)
+    """What only the model can tell, before any pass runs (so no pass runs only for a later one to refuse): each
+    pass checks itself against the model and the passes before it."""
+    for j, cfg in enumerate(recipe.passes):
+        make_pass(cfg).check(model, [(p, f"passes.{i}") for i, p in enumerate(recipe.passes[:j])], f"passes.{j}")
 
 
 def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, log=print,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, Protocol, get_args, runtime_checkable
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -38,6 +39,62 @@ MAX_ROUNDS = 16  # Tyr coarse-to-fine rounds: each halves the level spacing, so 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# What a pass does to the model, in the order a recipe runs them: structure changes (prune), then one quantization,
+# then corrections of the error of the passes before them (correct), then drafter heads trained on the final model
+# (draft). Every pass config declares its role as a class constant; the ordering rules below read only the roles.
+Role = Literal["prune", "quantize", "correct", "draft"]
+ROLES: tuple[Role, ...] = get_args(Role)
+# the structures a pass of role prune removes: whole key-value groups of attention (o_proj loses the input columns
+# of a group's query heads), MLP channels (down_proj loses input columns)
+Structure = Literal["kv_groups", "mlp_channels"]
+
+
+class HasRole(Protocol):
+    """What the ordering rules read of a pass config."""
+
+    role: ClassVar[Role]
+
+    @property
+    def pass_(self) -> str: ...
+
+
+@runtime_checkable
+class Prunes(Protocol):
+    """What a pass of role prune declares to the passes after it: the structures it removes, and the step of kept
+    MLP widths (down_proj's input columns change `round_to` at a time)."""
+
+    role: ClassVar[Role]
+    removes: ClassVar[frozenset[Structure]]
+
+    @property
+    def round_to(self) -> int: ...
+
+
+def check_order(passes: Sequence[HasRole]) -> None:
+    """Refuses (ValueError naming both positions, `passes.i: ... passes.j ...`) a pass whose role comes before the
+    role of an earlier pass (prune < quantize < correct < draft: a later pass would change what the earlier one
+    quantized, corrected or trained heads on), a second quantization, and a correction with no earlier pruning or
+    quantization whose error it could correct."""
+    rank = {role: k for k, role in enumerate(ROLES)}
+    why = {"quantize": "prunes weights that {j} already quantized; put the pruning passes first",
+           "correct": "changes the weights that {j} fitted its correction to; put corrections after the passes "
+                      "whose error they correct",
+           "draft": "changes the model that {j} trained drafter heads on; put drafter heads after every pass that "
+                    "changes the model"}
+    for i, p in enumerate(passes):
+        later = [j for j in range(i) if rank[passes[j].role] > rank[p.role]]
+        if later:
+            j = later[0]
+            raise ValueError(f"passes.{i}: {p.pass_} " + why[passes[j].role].format(j=f"passes.{j}"))
+        if p.role == "correct" and not any(q.role in ("prune", "quantize") for q in passes[:i]):
+            raise ValueError(f"passes.{i}: {p.pass_} corrects the error of an earlier pruning or quantization pass, "
+                             "and no such pass comes before it")
+    quant = [i for i, p in enumerate(passes) if p.role == "quantize"]
+    if len(quant) > 1:
+        raise ValueError(f"passes.{quant[1]}: the model is already quantized by passes.{quant[0]}; one "
+                         "quantization pass per recipe (use its targets and overrides for different settings)")
 
 
 class CalibrationConfig(_Strict):
@@ -73,6 +130,8 @@ class ExportConfig(_Strict):
 
 
 class _PruneBase(_Strict):
+    role: ClassVar[Role] = "prune"
+    removes: ClassVar[frozenset[Structure]] = frozenset({"kv_groups", "mlp_channels"})
     target: float = Field(..., gt=0.0, lt=1.0, description="share of decoder-block projection parameters removed")
     structure: Literal["adaptive", "uniform"] = "adaptive"
     round_to: int = Field(8, ge=1, le=MAX_WIDTH, description="MLP channels are removed in multiples of this (kept "
@@ -102,6 +161,9 @@ class WandaSpConfig(_PruneBase):
 class CfspConfig(_Strict):
     """CFSP (Wang et al., 2024): per-block MLP budgets from the angular distance of block inputs and outputs, MLP
     channels scored by weights and activations. Prunes MLP channels only (attention stays whole)."""
+
+    role: ClassVar[Role] = "prune"
+    removes: ClassVar[frozenset[Structure]] = frozenset({"mlp_channels"})
 
     pass_: Literal["cfsp"] = Field("cfsp", alias="pass")
     target: float = Field(..., gt=0.0, lt=1.0, description="share of decoder-block projection parameters removed")
@@ -145,6 +207,8 @@ class TyrConfig(_Strict):
     KL to the dense one picks a level per unit under the global budget; each further round halves the level spacing
     around the best allocation so far."""
 
+    role: ClassVar[Role] = "prune"
+    removes: ClassVar[frozenset[Structure]] = frozenset({"kv_groups", "mlp_channels"})
     pass_: Literal["tyr"] = Field("tyr", alias="pass")
     target: float = Field(..., gt=0.0, lt=1.0, description="share of decoder-block projection parameters removed")
     levels: int = Field(9, ge=2, le=MAX_LEVELS, description="sparsity levels per unit in each round")
@@ -184,6 +248,7 @@ class QuantOverride(_Strict):
 
 
 class _QuantBase(_Strict):
+    role: ClassVar[Role] = "quantize"
     bits: Literal[2, 3, 4, 8] | MixedBits = 4
     group_size: int = Field(128, le=MAX_WIDTH,
                             description="input columns per scale; -1 for one scale per output row")
@@ -246,7 +311,7 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _remote_code_fits(self) -> Recipe:
-        if self.export.remote_code and any(isinstance(p, (GptqConfig, RtnConfig)) for p in self.passes):
+        if self.export.remote_code and any(p.role == "quantize" for p in self.passes):
             raise ValueError("export.remote_code: the shipped modeling code loads pruned models in the export dtype, "
                              "not quantized ones (quantized artifacts load with export.load, or stock transformers "
                              "when uniform)")
@@ -254,14 +319,7 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _order_fits(self) -> Recipe:
-        quant = [i for i, p in enumerate(self.passes) if isinstance(p, (GptqConfig, RtnConfig))]
-        for i, p in enumerate(self.passes):
-            if quant and i > quant[0] and not isinstance(p, (GptqConfig, RtnConfig)):
-                raise ValueError(f"passes.{i}: {p.pass_} prunes weights that passes.{quant[0]} already quantized; "
-                                 "put the pruning passes first")
-        if len(quant) > 1:
-            raise ValueError(f"passes.{quant[1]}: the model is already quantized by passes.{quant[0]}; one "
-                             "quantization pass per recipe (use its targets and overrides for different settings)")
+        check_order(self.passes)
         return self
 
     @model_validator(mode="after")
@@ -287,7 +345,7 @@ class Recipe(_Strict):
     def _gptq_format_fits(self) -> Recipe:
         if self.export.quant_format != "gptq":
             return self
-        quant = [(i, p) for i, p in enumerate(self.passes) if isinstance(p, (GptqConfig, RtnConfig))]
+        quant = [(i, p) for i, p in enumerate(self.passes) if isinstance(p, _QuantBase)]
         if not quant:
             raise ValueError("export.quant_format: gptq needs a gptq or rtn pass")
         for i, p in quant:

@@ -1,4 +1,5 @@
-"""Passes: `run(model, ctx) -> PassReport`. The registry maps each config class to its pass class."""
+"""Passes: `check(model, earlier, where)` before any pass runs, then `run(model, ctx) -> PassReport`. The registry
+maps each config class to its pass class; a new pass is a config class (with its role), a pass class and an entry."""
 
 from __future__ import annotations
 

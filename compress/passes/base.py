@@ -1,7 +1,8 @@
-"""What every pass receives and returns."""
+"""What every pass receives and returns, and the pre-flight check every pass makes against the model."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -11,6 +12,7 @@ from torch import nn
 
 from compress.errors import CompressError
 from compress.plan import Plan
+from compress.recipe import HasRole
 from compress.report import PassReport
 
 
@@ -26,8 +28,17 @@ class PassContext:
     index: int = 0  # position of the running pass in recipe.passes, for error messages
 
 
+# the passes before the one checking itself: each config with its recipe path (passes.0)
+Earlier = Sequence[tuple[HasRole, str]]
+
+
 class Pass(Protocol):
     def __init__(self, config) -> None: ...
+
+    def check(self, model: nn.Module, earlier: Earlier, where: str) -> None:
+        """Refuse (InputError naming `where` and the earlier pass's path) what this pass would refuse only after the
+        passes before it ran; called for every pass before any text is tokenized or any pass runs."""
+        ...
 
     def run(self, model: nn.Module, ctx: PassContext) -> PassReport: ...
 

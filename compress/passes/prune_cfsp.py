@@ -17,28 +17,44 @@ from calibration.capture import LinearStats, for_each_block
 from compress.errors import CompressError, InputError
 from compress.models import llama
 from compress.ops.importance import angular_distance, cfsp_channel_scores, cfsp_keep_ratios, compensation_bias
-from compress.passes.base import PassContext
+from compress.passes.base import Earlier, PassContext
 from compress.plan import Structure, widths_of
 from compress.recipe import CfspConfig
 from compress.report import PassReport
+
+
+def _mlp_target(model: nn.Module, target: float, where: str) -> float:
+    """The share of MLP parameters to remove so that `target` of the decoder-block parameters go; refuses a target
+    that the MLPs alone cannot meet."""
+    hidden = llama.hidden_size(model)
+    shapes = [llama.block_shape(b) for b in llama.blocks(model)]
+    dense_total = sum(llama.block_params(s, hidden) for s in shapes)
+    mlp_total = sum(s.intermediate_size * llama.channel_params(hidden) for s in shapes)
+    mlp_target = target * dense_total / mlp_total
+    if mlp_target >= 1.0:
+        raise InputError(f"{where}.target: CFSP removes MLP channels only; {target:.0%} of the decoder "
+                         f"parameters is {mlp_target:.0%} of the MLP parameters")
+    return mlp_target
 
 
 class CfspPass:
     def __init__(self, config: CfspConfig):
         self.config = config
 
+    def check(self, model: nn.Module, earlier: Earlier, where: str) -> None:
+        """A target the MLPs alone cannot meet, on the dense widths (after an earlier pruning pass, run checks it on
+        the widths that pass leaves)."""
+        if not any(p.role == "prune" for p, _ in earlier):
+            _mlp_target(model, self.config.target, where)
+
     def run(self, model: nn.Module, ctx: PassContext) -> PassReport:
         t0 = time.perf_counter()
-        cfg, where = self.config, f"passes[{ctx.index}]"
+        cfg, where = self.config, f"passes.{ctx.index}"
         layers = llama.blocks(model)
         hidden = llama.hidden_size(model)
         shapes = [llama.block_shape(b) for b in layers]
         dense_total = sum(llama.block_params(s, hidden) for s in shapes)
-        mlp_total = sum(s.intermediate_size * llama.channel_params(hidden) for s in shapes)
-        mlp_target = cfg.target * dense_total / mlp_total
-        if mlp_target >= 1.0:
-            raise InputError(f"{where}.target: CFSP removes MLP channels only; {cfg.target:.0%} of the decoder "
-                             f"parameters is {mlp_target:.0%} of the MLP parameters")
+        mlp_target = _mlp_target(model, cfg.target, where)
         distance: list[float] = []
         stats: list[LinearStats] = []
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from compress.passes.base import PassContext
+from compress.passes.base import Earlier, PassContext
 from compress.passes.structured import structured_prune
 from compress.recipe import FlapConfig
 from compress.report import PassReport
@@ -13,6 +13,9 @@ from compress.report import PassReport
 class FlapPass:
     def __init__(self, config: FlapConfig):
         self.config = config
+
+    def check(self, model: nn.Module, earlier: Earlier, where: str) -> None:
+        """No model-dependent refusal: what each block keeps is decided from calibration statistics in run."""
 
     def run(self, model: nn.Module, ctx: PassContext) -> PassReport:
         c = self.config

@@ -25,7 +25,7 @@ from calibration.capture import for_each_block
 from compress.errors import InputError
 from compress.models import llama
 from compress.ops.refit import augment, damped, refit, removal_order, structure_columns
-from compress.passes.base import PassContext, check_finite
+from compress.passes.base import Earlier, PassContext, check_finite
 from compress.plan import Structure, widths_of
 from compress.recipe import TyrConfig
 from compress.report import PassReport
@@ -84,9 +84,13 @@ class TyrPass:
     def __init__(self, config: TyrConfig):
         self.config = config
 
+    def check(self, model: nn.Module, earlier: Earlier, where: str) -> None:
+        """Nothing to check before the passes run: the levels' coverage of the target is checked on the widths the
+        earlier passes leave, at the start of the run."""
+
     def run(self, model: nn.Module, ctx: PassContext) -> PassReport:
         t0 = time.perf_counter()
-        cfg, where = self.config, f"passes[{ctx.index}]"
+        cfg, where = self.config, f"passes.{ctx.index}"
         blocks = llama.blocks(model)
         units = _units(model)
         dense_total = sum(u.width * u.cost for u in units)

@@ -15,7 +15,7 @@ from compress.models import llama
 from compress.ops.gptq import Quantized, gptq_quantize
 from compress.ops.importance import lim_score, zd_score
 from compress.ops.quant import rtn
-from compress.passes.base import PassContext, check_finite
+from compress.passes.base import Earlier, PassContext, check_finite
 from compress.passes.quantize_search import searched_quantize
 from compress.passes.targets import (
     Modules,
@@ -29,11 +29,11 @@ from compress.passes.targets import (
     shared_input_name,
     spec_for,
 )
-from compress.recipe import GptqConfig, MixedBits, RtnConfig
+from compress.recipe import GptqConfig, MixedBits, Prunes, RtnConfig
 from compress.report import PassReport
 from compress.search.ranking import assign_by_rank
 
-__all__ = ["QuantizePass", "check_before_passes", "layer_importance", "select_modules"]
+__all__ = ["QuantizePass", "layer_importance", "select_modules"]
 
 
 def layer_importance(model: nn.Module, ctx: PassContext, mixed: MixedBits, modules: Modules) -> list[float]:
@@ -73,9 +73,14 @@ class QuantizePass:
         self.config = config
         self.method = "gptq" if isinstance(config, GptqConfig) else "rtn"
 
+    def check(self, model: nn.Module, earlier: Earlier, where: str) -> None:
+        """Targets, pins and budget, group sizes and fused groups on the dense widths and on the widths that the
+        earlier passes of role prune leave."""
+        check_before_passes(model, self.config, where, [(p, w) for p, w in earlier if isinstance(p, Prunes)])
+
     def run(self, model: nn.Module, ctx: PassContext) -> PassReport:
         t0 = time.perf_counter()
-        cfg, where = self.config, f"passes[{ctx.index}]"
+        cfg, where = self.config, f"passes.{ctx.index}"
         if getattr(model.config, "quantization_config", None) is not None or ctx.plan.quantized:
             raise InputError(f"{where}: the model is already quantized; quantize the dense source instead")
         modules = select_modules(model, cfg.targets, cfg.ignore, where)

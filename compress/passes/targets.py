@@ -13,19 +13,8 @@ from compress.errors import InputError
 from compress.models import llama
 from compress.ops.gptq import Quantized
 from compress.ops.quant import QuantSpec, pack
-from compress.recipe import (
-    CfspConfig,
-    FlapConfig,
-    GptqConfig,
-    MixedBits,
-    RtnConfig,
-    TyrConfig,
-    WandaSpConfig,
-    pattern_search,
-)
+from compress.recipe import GptqConfig, MixedBits, Prunes, RtnConfig, pattern_search
 from export.records import QuantRecord
-
-PruneConfig = FlapConfig | WandaSpConfig | CfspConfig | TyrConfig  # the passes that change widths
 
 # module name -> (layer index, short name such as "q_proj", the module)
 Modules = dict[str, tuple[int, str, nn.Linear]]
@@ -81,17 +70,22 @@ def spec_for(name: str, in_features: int, bits: int, cfg: GptqConfig | RtnConfig
 
 
 def check_before_passes(model: nn.Module, quant: GptqConfig | RtnConfig, where_q: str,
-                        pruning: Sequence[tuple[PruneConfig, str]]) -> None:
+                        pruning: Sequence[tuple[Prunes, str]]) -> None:
     """Before any pass runs, what the quantize pass would refuse only after the passes before it (a Tyr search takes
-    minutes): targets, pins and the budget left, group sizes on the dense widths, and on the widths the pruning
-    passes before it leave. MLP widths change `round_to` channels at a time (down_proj's input); key-value groups
-    (every pruning pass but CFSP) take o_proj's input columns a group at a time. The pass checks again on the
-    pruned model."""
+    minutes): targets, pins and the budget left, group sizes on the dense widths, overrides that split a fused group,
+    and group sizes on the widths the pruning passes before it leave. MLP widths change `round_to` channels at a time
+    (down_proj's input); a pass that removes key-value groups takes o_proj's input columns a group at a time. The
+    pass checks again on the pruned model."""
     modules = select_modules(model, quant.targets, quant.ignore, where_q)
     if isinstance(quant.bits, MixedBits):
         free_average(quant.bits, modules, pins(quant, modules, where_q), where_q)
-    for name, (i, short, lin) in modules.items():
-        g = spec_for(name, lin.in_features, 4, quant, where_q).group_size  # checks the dense widths
+    # a mixed width is allocated per layer (the same for a whole fused group), so any one width stands for it here
+    bits = quant.bits if isinstance(quant.bits, int) else min(quant.bits.choices)
+    specs = {name: spec_for(name, lin.in_features, bits, quant, where_q)  # checks the dense widths
+             for name, (_, _, lin) in modules.items()}
+    check_fused_share(specs, modules, where_q)
+    for name, (i, short, _lin) in modules.items():
+        g = specs[name].group_size
         if g == -1:
             continue
         field = f"{where_q}.{_group_field(name, quant)}"
@@ -100,7 +94,7 @@ def check_before_passes(model: nn.Module, quant: GptqConfig | RtnConfig, where_q
                 raise InputError(f"{where_p}.round_to: {prune.round_to} changes MLP widths in steps that {field} {g} "
                                  f"does not divide ({name} reads the MLP width); set {where_p}.round_to to a "
                                  f"multiple of {g}")
-            if short != "o_proj" or prune.pass_ == "cfsp":  # CFSP keeps attention whole
+            if short != "o_proj" or "kv_groups" not in prune.removes:
                 continue
             shape = llama.block_shape(llama.blocks(model)[i])
             step = shape.group_size * shape.head_dim  # o_proj input columns of one key-value group

@@ -100,6 +100,6 @@ CASES = [
               passes=[{**_RTN[0], "overrides": [{"pattern": "[", "bits": 8}]}]),
     _validate("pattern-repeats", "passes.0.overrides.0.pattern: '(?:a{65535}){65535}': its counted repeats multiply to "
               "4294836225; at most 1024", passes=[{**_RTN[0], "overrides": [{"pattern": "(?:a{65535}){65535}"}]}]),
-    _run("targets-backtrack", f"passes[0].targets [{_BACKTRACKS!r}] (ignore []) matched no module",
+    _run("targets-backtrack", f"passes.0.targets [{_BACKTRACKS!r}] (ignore []) matched no module",
          passes=[{**_RTN[0], "targets": [_BACKTRACKS]}]),
 ]

@@ -208,30 +208,30 @@ def test_prune_then_quantize_is_stock(tiny_q, tmp_path):
     # an override's bits pin modules outside the allocation: the rest must still be able to meet the average
     ([{"pass": "gptq", "group_size": 32, "bits": {"average": 3.0, "choices": [3, 4]},
        "overrides": [{"pattern": r"\.mlp\.", "bits": 2}]}],
-     "passes[0].bits.average: 3.0 cannot be met: the overrides fix 71% of the quantized weights at 2 bits, which "
+     "passes.0.bits.average: 3.0 cannot be met: the overrides fix 71% of the quantized weights at 2 bits, which "
      "leaves 5.400 bits per weight for the rest, outside the choices [3, 4]"),
     ([{"pass": "gptq", "group_size": 32, "bits": {"average": 3.0, "choices": [3, 4], "allocator": "knapsack"},
        "overrides": [{"pattern": "q_proj", "bits": 8}]}],
-     "passes[0].overrides pin model.layers.0.self_attn.q_proj to 8 bits but leave model.layers.0.self_attn.k_proj to "
+     "passes.0.overrides pin model.layers.0.self_attn.q_proj to 8 bits but leave model.layers.0.self_attn.k_proj to "
      "the allocation; fused groups (q/k/v, gate/up) share one scheme"),
     ([{"pass": "gptq", "group_size": 32, "bits": {"average": 3.0, "choices": [3, 4]},
        "overrides": [{"pattern": "proj", "bits": 8}]}], "fix the width of every targeted module"),
     # pruned widths a later quantization cannot group: refused before any pass runs (a Tyr search is minutes)
     ([{"pass": "flap", "target": 0.3}, {"pass": "gptq", "group_size": 32}],
-     "passes[0].round_to: 8 changes MLP widths in steps that passes[1].group_size 32 does not divide "
-     "(model.layers.0.mlp.down_proj reads the MLP width); set passes[0].round_to to a multiple of 32"),
-    ([{"pass": "cfsp", "target": 0.3}, {"pass": "rtn", "group_size": 64}], "set passes[0].round_to to a multiple of 64"),
+     "passes.0.round_to: 8 changes MLP widths in steps that passes.1.group_size 32 does not divide "
+     "(model.layers.0.mlp.down_proj reads the MLP width); set passes.0.round_to to a multiple of 32"),
+    ([{"pass": "cfsp", "target": 0.3}, {"pass": "rtn", "group_size": 64}], "set passes.0.round_to to a multiple of 64"),
     ([{"pass": "flap", "target": 0.3}, {"pass": "gptq", "group_size": 64, "overrides": [{"pattern": "mlp", "group_size": 32}]}],
-     "passes[0].round_to: 8 changes MLP widths in steps that passes[1].overrides.0.group_size 32 does not divide"),
+     "passes.0.round_to: 8 changes MLP widths in steps that passes.1.overrides.0.group_size 32 does not divide"),
     ([{"pass": "flap", "target": 0.3, "round_to": 32},
       {"pass": "gptq", "group_size": 32, "bits": {"average": 3.0, "choices": [3, 4]}, "overrides": [{"pattern": "up_proj", "bits": 8}]}],
-     "passes[1].overrides leave model.layers.0.mlp.gate_proj to the allocation but pin model.layers.0.mlp.up_proj "
+     "passes.1.overrides leave model.layers.0.mlp.gate_proj to the allocation but pin model.layers.0.mlp.up_proj "
      "to 8 bits"),
     ([{"pass": "gptq", "group_size": 32, "bits": {"average": 5.0, "choices": [3, 4]}, "overrides": [{"pattern": "nothing", "bits": 8}]}],
-     "passes[0].bits.average: 5.0 cannot be met with choices [3, 4]: it must lie in [3, 4] (no override's bits"),
+     "passes.0.bits.average: 5.0 cannot be met with choices [3, 4]: it must lie in [3, 4] (no override's bits"),
     ([{"pass": "tyr", "target": 0.3, "round_to": 128}, {"pass": "gptq", "group_size": 128}],
-     "passes[1].group_size: 128 does not divide the 64 input columns of model.layers.0.self_attn.o_proj that "
-     "passes[0] removes with each key-value group"),
+     "passes.1.group_size: 128 does not divide the 64 input columns of model.layers.0.self_attn.o_proj that "
+     "passes.0 removes with each key-value group"),
 ])
 def test_bad_quantization_input(tiny_q, tmp_path, passes, expected):
     recipe = tmp_path / "r.yaml"

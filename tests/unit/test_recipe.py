@@ -1,11 +1,23 @@
 """Recipes: every shipped recipe validates; overrides; errors name the field."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from compress.errors import RecipeError
-from compress.recipe import FlapConfig, load_recipe
+from compress.recipe import (
+    PASS_CONFIGS,
+    ROLES,
+    CfspConfig,
+    FlapConfig,
+    GptqConfig,
+    Prunes,
+    Role,
+    TyrConfig,
+    check_order,
+    load_recipe,
+)
 
 RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
 
@@ -48,3 +60,60 @@ def test_duplicate_yaml_key_is_refused(tmp_path):
     p.write_text("name: a\nseed: 1\nseed: 2\npasses: [{pass: flap, target: 0.3}]\n")
     with pytest.raises(RecipeError, match="duplicate key 'seed' at line 3"):
         load_recipe(p)
+
+
+# ---- pass roles -----------------------------------------------------------------------------------------------------
+
+
+def test_every_pass_config_declares_its_role():
+    """A role per config class; the configs of role prune declare what they remove and the MLP width step (what a
+    later quantization checks its group sizes against)."""
+    for cls in PASS_CONFIGS:
+        assert cls.role in ROLES, cls
+        prunes = cls.role == "prune"
+        assert prunes == ("round_to" in cls.model_fields), cls
+        assert prunes == bool(getattr(cls, "removes", frozenset())), cls
+    assert CfspConfig.removes == {"mlp_channels"} and TyrConfig.removes == {"kv_groups", "mlp_channels"}
+    assert isinstance(CfspConfig(target=0.3), Prunes) and not isinstance(GptqConfig(), Prunes)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """A stand-in pass config for the ordering rules: only role and pass_ are read (no correct or draft pass exists
+    yet, and registering one would change the recipe's schema)."""
+
+    role: Role
+    pass_: str
+
+
+_P, _Q, _C, _D = (_Step("prune", "flap"), _Step("quantize", "gptq"), _Step("correct", "lora"), _Step("draft", "heads"))
+
+
+@pytest.mark.parametrize("passes", [[_P], [_Q], [_P, _P, _Q], [_Q, _C], [_P, _C, _C], [_P, _Q, _C, _D], [_D], [_D, _D]])
+def test_role_orders_accepted(passes):
+    check_order(passes)
+
+
+@pytest.mark.parametrize("passes, message", [
+    ([_Q, _P], "passes.1: flap prunes weights that passes.0 already quantized; put the pruning passes first"),
+    ([_P, _Q, _P], "passes.2: flap prunes weights that passes.1 already quantized"),
+    ([_P, _C, _Q], "passes.2: gptq changes the weights that passes.1 fitted its correction to"),
+    ([_Q, _C, _P], "passes.2: flap prunes weights that passes.0 already quantized"),  # the first pass it undoes
+    ([_P, _D, _C], "passes.2: lora changes the model that passes.1 trained drafter heads on"),
+    ([_D, _P], "passes.1: flap changes the model that passes.0 trained drafter heads on"),
+    ([_C, _Q], "passes.0: lora corrects the error of an earlier pruning or quantization pass, and no such pass"),
+    ([_D, _C], "passes.1: lora changes the model that passes.0 trained drafter heads on"),
+    ([_Q, _Q], "passes.1: the model is already quantized by passes.0; one quantization pass per recipe"),
+])
+def test_role_orders_refused_naming_both_passes(passes, message):
+    with pytest.raises(ValueError) as err:
+        check_order(passes)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_recipe_order_comes_from_roles():
+    flap, gptq = {"pass": "flap", "target": 0.3}, {"pass": "gptq", "group_size": 32}
+    assert [p.role for p in load_recipe({"name": "x", "passes": [flap, flap, gptq]}).passes] == [
+        "prune", "prune", "quantize"]
+    with pytest.raises(RecipeError, match=r"passes\.2: flap prunes weights that passes\.1 already quantized"):
+        load_recipe({"name": "x", "passes": [flap, gptq, flap]})
