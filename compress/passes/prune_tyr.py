@@ -85,8 +85,26 @@ class TyrPass:
         self.config = config
 
     def check(self, model: nn.Module, earlier: Earlier, where: str) -> None:
-        """Nothing to check before the passes run: the levels' coverage of the target is checked on the widths the
-        earlier passes leave, at the start of the run."""
+        """Levels that cannot reach the target, on the dense widths (after an earlier pruning pass, run checks them on
+        the widths that pass leaves)."""
+        if not any(p.role == "prune" for p, _ in earlier):
+            units = _units(model)
+            self._first_levels(units, sum(u.width * u.cost for u in units), where)
+
+    def _first_levels(self, units: list[PruneUnit], dense_total: int, where: str) -> tuple[float, dict[str, list[int]]]:
+        """Round 1: the spacing of the sparsity levels and each unit's kept widths at them; refuses levels whose
+        sparsest allocation keeps more than the target allows."""
+        cfg = self.config
+        top = min(2 * cfg.target, cfg.max_sparsity)
+        spacing = top / (cfg.levels - 1)
+        levels = {u.name: _widths(u, [k * spacing for k in range(cfg.levels)], cfg.max_sparsity, cfg.round_to)
+                  for u in units}
+        lo = cost_range(self._search_units(units, levels))[0]
+        if lo > (1.0 - cfg.target) * dense_total:
+            raise InputError(f"{where}.target: the levels do not cover {cfg.target:.0%}: with every unit at its "
+                             f"sparsest level ({top:.0%} of its width, max_sparsity {cfg.max_sparsity}) the blocks "
+                             f"keep {lo / dense_total:.1%}; raise max_sparsity or lower the target")
+        return spacing, levels
 
     def run(self, model: nn.Module, ctx: PassContext) -> PassReport:
         t0 = time.perf_counter()
@@ -103,15 +121,7 @@ class TyrPass:
                            cfg.model_dump(mode="json", exclude={"evolution", "rounds"}), ctx.calibration)
 
         # round 1 levels; the evolution starts from the level nearest the target in every unit
-        top = min(2 * cfg.target, cfg.max_sparsity)
-        spacing = top / (cfg.levels - 1)
-        levels = {u.name: _widths(u, [k * spacing for k in range(cfg.levels)], cfg.max_sparsity, cfg.round_to)
-                  for u in units}
-        lo = cost_range(self._search_units(units, levels))[0]
-        if lo > budget:
-            raise InputError(f"{where}.target: the levels do not cover {cfg.target:.0%}: with every unit at its "
-                             f"sparsest level ({top:.0%} of its width, max_sparsity {cfg.max_sparsity}) the blocks "
-                             f"keep {lo / dense_total:.1%}; raise max_sparsity or lower the target")
+        spacing, levels = self._first_levels(units, dense_total, where)
         upstream = {u.name: min(levels[u.name], key=lambda k: (abs(k / u.width - (1 - cfg.target)), -k)) for u in units}
 
         swap = _StructureSwap(blocks, dense, units)

@@ -43,6 +43,18 @@ CASES = {
         ("passes.0.overrides give", "different settings; fused groups"),
         None,  # holds since issue 12: the quantize pass's pre-flight check compares the fused group's settings
     ),
+    # tiny llama: its MLPs hold 57% of the decoder-block parameters, so CFSP (MLP channels only) cannot remove 60%
+    "cfsp_target": (
+        {"pass": "cfsp", "target": 0.6},
+        ("passes.0.target: CFSP removes MLP channels only; 60% of the decoder parameters is 105% of the MLP",),
+        None,  # CFSP's pre-flight check (issue 12)
+    ),
+    # levels spaced up to max_sparsity 50% cannot remove 60%: refused before the variants (minutes) are built
+    "tyr_levels": (
+        {"pass": "tyr", "target": 0.6, "max_sparsity": 0.5, "evolution": {"stage_windows": [2, 4]}},
+        ("passes.0.target: the levels do not cover 60%",),
+        None,  # Tyr's pre-flight check (issue 12)
+    ),
 }
 
 
