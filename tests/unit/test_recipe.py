@@ -77,6 +77,14 @@ def test_every_pass_config_declares_its_role():
     assert isinstance(CfspConfig(target=0.3), Prunes) and not isinstance(GptqConfig(), Prunes)
 
 
+def test_every_pass_config_has_a_pass():
+    """The recipe's union of pass configs and the pass registry name the same configs (a config added to one and not
+    the other fails here, not in a run)."""
+    from compress.passes import PASSES
+
+    assert set(PASSES) == set(PASS_CONFIGS) and len(PASS_CONFIGS) == 6
+
+
 @dataclass(frozen=True)
 class _Step:
     """A stand-in pass config for the ordering rules: only role and pass_ are read (no correct or draft pass exists
