@@ -14,6 +14,7 @@ import errno
 import json
 import time
 import os
+import shutil
 import signal
 import sys
 import traceback
@@ -113,8 +114,6 @@ def scenario(root: Path, recipe: Path, name: str, with_old: bool, exchange_works
     start = steps.index("synced") + 1 if name == "two-renames" else 1  # before the commit it is the exchange case
     for k in range(start, len(steps) + 1):
         if not with_old and out.exists():
-            import shutil
-
             shutil.rmtree(out)  # the fresh case starts from nothing each time
         held = _state(out).get("target")
         target = TARGETS[1] if held == TARGETS[0] else TARGETS[0]

@@ -30,13 +30,18 @@ def _codes(shape: tuple[int, int], bits: int, seed: int) -> torch.Tensor:
     return codes
 
 
+def every_case(test):
+    """Run `test` for every width, odd shape and packed dimension."""
+    for name, values in (("dim", [1, 0]), ("shape", SHAPES), ("bits", BITS)):
+        test = pytest.mark.parametrize(name, values)(test)
+    return test
+
+
 def _signed(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (codes - 2 ** (bits - 1)).to(torch.int8)
 
 
-@pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dim", [1, 0])
+@every_case
 def test_pack_is_compressed_tensors_pack_to_int32(bits, shape, dim):
     codes = _codes(shape, bits, seed=bits * 1000 + shape[0])
     ours = pack(codes, bits, dim=dim)
@@ -47,9 +52,7 @@ def test_pack_is_compressed_tensors_pack_to_int32(bits, shape, dim):
     assert torch.equal(ours, theirs), f"{int((ours != theirs).sum())} of {ours.numel()} words differ"
 
 
-@pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dim", [1, 0])
+@every_case
 def test_unpack_inverts_pack_and_reads_compressed_tensors_words(bits, shape, dim):
     codes = _codes(shape, bits, seed=bits * 1000 + shape[1])
     words = pack(codes, bits, dim=dim)
