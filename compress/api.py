@@ -4,33 +4,72 @@ show as tables in a notebook (`_repr_html_`) and as text in a terminal (`str`)."
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from pydantic import BaseModel, ConfigDict
+with warnings.catch_warnings():
+    # tqdm.auto, which our passes and transformers import, warns "IProgress not found" on its first import in a
+    # notebook without ipywidgets, then draws text bars, which work there; import it first, quietly (the filter is
+    # scoped: other warnings, and this one from any later import, are untouched)
+    warnings.filterwarnings("ignore", message="IProgress not found")
+    import tqdm.auto  # noqa: F401
 
-from compress.errors import ArtifactError, InputError
-from compress.pipeline import RunResult
-from compress.recipe import Recipe, RecipeError, load_recipe
-from compress.tables import html_table, text_table
-from export.format import MAX_DETAIL, Manifest
+import torch  # noqa: E402
+from pydantic import BaseModel, ConfigDict  # noqa: E402
+
+from calibration.readers import reader  # noqa: E402
+from calibration.sources import PACKAGED  # noqa: E402
+from compress.errors import ArtifactError, InputError  # noqa: E402
+from compress.models import local_folder  # noqa: E402
+from compress.models.default import DEFAULT_MODELS  # noqa: E402
+from compress.pipeline import RunResult  # noqa: E402
+from compress.recipe import Recipe, RecipeError, load_recipe  # noqa: E402
+from compress.tables import html_table, text_table  # noqa: E402
+from export.format import MAX_DETAIL, Manifest  # noqa: E402
 
 PROMPT_TOKENS = 16  # tokens of the prompt `eval` measures generation speed from (batch 1): a short user turn
 
 
+def check_paths(recipe: Recipe) -> None:
+    """Refuse a recipe whose local paths cannot work, naming the field: the model folder (exists, holds config.json
+    and .safetensors weights) and each text source (exists; a regular file of a known type, with calibration.field
+    for rows, or a folder of .txt/.md files). Reads no weights and no text, so a typo costs no model fetch or load;
+    what only reading can tell (an unsupported architecture, an empty text) is refused by the run. InputError."""
+    if recipe.model not in DEFAULT_MODELS:
+        local_folder(recipe.model)
+    texts = [("calibration.source", recipe.calibration.source)]
+    if recipe.evaluate.enabled:
+        texts += [(f"evaluate.extra.{i}", name) for i, name in enumerate(recipe.evaluate.extra)]
+    for where, name in texts:
+        if name in PACKAGED:
+            continue
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise InputError(f"{where}: {name!r}: no such file or folder (packaged sources: {', '.join(PACKAGED)})")
+        try:
+            reader(path, recipe.calibration.field, None, [])  # checks kinds, types and the field; reads nothing
+        except InputError as err:
+            raise InputError(f"{where}: {err}") from None
+
+
 def validate(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Load and check a recipe (and `--set` overrides) without reading any model."""
-    return load_recipe(recipe, overrides)
+    """Load and check a recipe (and `--set` overrides) and its local paths (check_paths), without reading any model
+    weights or text."""
+    checked = load_recipe(recipe, overrides)
+    check_paths(checked)
+    return checked
 
 
 def run(recipe: str | Path | dict | Recipe, out: str | Path | None = None, overwrite: bool = False,
         overrides: list[str] | tuple[str, ...] = (), log=print, resume: bool = False) -> RunResult:
     """Run a recipe end to end; writes the artifact to `out` (default artifacts/<recipe name>/). `resume=True`
-    continues an interrupted run of the same `out`, refusing (with what changed) if its inputs changed."""
+    continues an interrupted run of the same `out`, refusing (with what changed) if its inputs changed. Local
+    paths are checked (check_paths) before the model is fetched or loaded."""
     from compress import pipeline
 
-    return pipeline.run(load_recipe(recipe, overrides), out=out, overwrite=overwrite, log=log, resume=resume)
+    checked = validate(recipe, overrides)
+    return pipeline.run(checked, out=out, overwrite=overwrite, log=log, resume=resume)
 
 
 @dataclass
@@ -46,6 +85,12 @@ class VerifyResult:
         if self.ok:
             return f"{self.artifact}: OK (every file and tensor matches the manifest)"
         return f"{self.artifact}: {len(self.problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+    def _repr_html_(self) -> str:
+        if self.ok:
+            return html_table([{"artifact": str(self.artifact), "ok": True, "checked": "every file and tensor"}])
+        return html_table([{"problem": p} for p in self.problems],
+                          title=f"{self.artifact}: {len(self.problems)} problem(s)")
 
     def to_dict(self) -> dict:
         return {"artifact": str(self.artifact), "ok": self.ok, "problems": self.problems}

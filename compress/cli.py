@@ -36,6 +36,23 @@ def _emit(result, as_json: bool) -> None:
         click.echo(str(result))
 
 
+def _recipe(fn):
+    """RECIPE as the argument or as --recipe/-r, the same for every command that reads a recipe: `compress run R`
+    and `compress validate --recipe R` both work."""
+    fn = click.option("--recipe", "-r", "recipe_option", default=None, metavar="RECIPE",
+                      help="Recipe YAML file (or give it as the argument).")(fn)
+    return click.argument("recipe", required=False, default=None)(fn)
+
+
+def _one_recipe(argument: str | None, option: str | None) -> str:
+    """The recipe given either way; a usage error (exit 2) for none, or for two different ones."""
+    if argument and option and argument != option:
+        raise click.UsageError(f"two recipes given, {argument} and --recipe {option}: give one")
+    if not (argument or option):
+        raise click.UsageError("missing the recipe: give it as RECIPE or --recipe RECIPE")
+    return str(argument or option)
+
+
 _set = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                     help="Override a recipe field, e.g. --set passes.0.target=0.2 (repeatable).")
 _json = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
@@ -48,7 +65,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--recipe", "-r", required=True, help="Recipe YAML file.")
+@_recipe
 @click.option("--out", "-o", default=None, help="Artifact folder (default: artifacts/<recipe name>/).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact folder (atomically).")
 @click.option("--resume", is_flag=True,
@@ -56,20 +73,22 @@ def cli() -> None:
 @_set
 @_json
 @_errors
-def run(recipe, out, overwrite, resume, overrides, as_json) -> None:
+def run(recipe, recipe_option, out, overwrite, resume, overrides, as_json) -> None:
     """Run a recipe: load, calibrate, apply passes, evaluate, export, reload and compare."""
+    recipe = _one_recipe(recipe, recipe_option)
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
     result = api.run(recipe, out=out, overwrite=overwrite, overrides=overrides, log=log, resume=resume)
     _emit(result, as_json)
 
 
 @cli.command()
-@click.argument("recipe")
+@_recipe
 @_set
 @_json
 @_errors
-def validate(recipe, overrides, as_json) -> None:
-    """Check a recipe without reading any model."""
+def validate(recipe, recipe_option, overrides, as_json) -> None:
+    """Check a recipe and its local paths without reading any weights or text."""
+    recipe = _one_recipe(recipe, recipe_option)
     r = api.validate(recipe, overrides=overrides)
     click.echo(json.dumps(r.to_dict(), indent=2) if as_json else f"{recipe}: OK\n{r.to_yaml()}")
 

@@ -364,6 +364,21 @@ class Recipe(_Strict):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def _repr_html_(self) -> str:
+        """A notebook shows the recipe as tables, as it shows results: its inputs, then one row per pass with the
+        settings that differ from the defaults (`to_yaml()` has every field)."""
+        from compress.tables import html_table
+
+        c = self.calibration
+        head = {"model": self.model, "calibration": f"{c.source}: {c.windows} x {c.seq_len} tokens",
+                "evaluate": ", ".join([f"{c.source} held out", *self.evaluate.extra]) if self.evaluate.enabled
+                else "off", "seed": self.seed}
+        passes = [{"": f"passes.{i}", "pass": p.pass_, "role": p.role,
+                   "settings": yaml.safe_dump(p.model_dump(mode="json", exclude_defaults=True, exclude={"pass_"}),
+                                              default_flow_style=True, sort_keys=False, width=MAX_PATH).strip()[1:-1]
+                   or "defaults"} for i, p in enumerate(self.passes)]
+        return html_table([head], title=f"recipe {self.name}") + html_table(passes, title="passes")
+
 
 # ---- YAML loading -------------------------------------------------------------------------------------------------
 

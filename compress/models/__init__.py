@@ -40,7 +40,7 @@ def resolve_model(name: str) -> ModelSource:
     if name in DEFAULT_MODELS:
         path, identity = packaged_model_path(name), DEFAULT_MODELS[name]["identity"]
     else:
-        path, identity = _local_folder(name), None
+        path, identity = local_folder(name), None
     cfg_path = path / "config.json"
     config = read_config(cfg_path)
     if isinstance(config, dict):
@@ -50,7 +50,9 @@ def resolve_model(name: str) -> ModelSource:
     return ModelSource(name, path.resolve(), identity or str(config.get("_name_or_path") or path.resolve()))
 
 
-def _local_folder(name: str) -> Path:
+def local_folder(name: str) -> Path:
+    """The local model folder `name`, checked by kind only (a folder with config.json and .safetensors weights,
+    no pickle-only checkpoint); reads no file. InputError naming the model."""
     path = Path(name).expanduser()
     if not path.is_dir():
         raise InputError(
