@@ -38,3 +38,9 @@ def fresh_run_state(tmp_path_factory):
         os.environ.pop("COMPRESS_RUNS", None)
     else:
         os.environ["COMPRESS_RUNS"] = before
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The integration tier (the packaged default model, minutes) runs last, whatever folders hold the tests, so a
+    failure in the fast tiers shows before it starts; the order within each tier is kept (the sort is stable)."""
+    items.sort(key=lambda item: item.get_closest_marker("integration") is not None)
