@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from compress.device import CPU, move, to_device
 from compress.errors import CompressError
 
 
@@ -29,16 +30,22 @@ class LinearStats:
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, in)
         if self.total is None or self.total_sq is None:
-            self.total = torch.zeros(x.shape[1], dtype=torch.float64)
-            self.total_sq = torch.zeros(x.shape[1], dtype=torch.float64)
+            self.total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+            self.total_sq = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
         self.n += x.shape[0]
         self.total += x.sum(0)
         self.total_sq += (x * x).sum(0)
         if self.want_xtx:  # float32 matmul: fast, and its rounding is far below the damping GPTQ adds
             if self.xtx is None:
-                self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32)
+                self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
             x32 = x.float()
             self.xtx += x32.T @ x32
+
+    def to_(self, device: torch.device) -> LinearStats:
+        """Move the sums to `device` in place (what a pass keeps after the block it was collected on); returns self."""
+        self.total, self.total_sq, self.xtx = (None if t is None else t.to(device)
+                                               for t in (self.total, self.total_sq, self.xtx))
+        return self
 
     def _sums(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of x, sum of x^2), both (in,); refused before any input was added."""
@@ -148,25 +155,47 @@ def for_each_block(
     batch_size: int = 8,
     want_xtx: bool = False,
     desc: str = "blocks",
+    device: torch.device = CPU,
 ) -> None:
     """For each block i: collect input stats of the linears `watch(i, block)` names while running the block, then call
     `visit(i, block, inputs, outputs, stats)`. If visit returns True it changed the block, and the block is run again
-    so the next block sees the changed outputs (sequential calibration); otherwise the outputs are passed on."""
+    so the next block sees the changed outputs (sequential calibration); otherwise the outputs are passed on.
+
+    device: where the block under work computes (compress.device). The model stays where it is (the CPU) and block 0's
+    inputs are captured there; the hidden states then live on `device`, each block is moved there for its turn (with
+    its keyword arguments) and back to the CPU after `visit`, and the stats visit received are moved to the CPU then
+    too, so whatever a pass keeps from a block is on the CPU."""
     inputs = capture_block_inputs(model, layers, input_ids, batch_size)
+    inputs.hidden = to_device(inputs.hidden, device)
     for i in tqdm(range(len(layers)), desc=desc, unit="block"):
         block = layers[i]
-        watched = watch(i, block) if watch else {}
-        stats = {name: LinearStats(want_xtx=want_xtx) for name in watched}
-        handles = [
-            lin.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
-            for name, lin in watched.items()
-        ]
+        move(block, device)
         try:
-            outputs = run_block(block, inputs.hidden, inputs.kwargs[i])
+            _visit_block(i, block, inputs, visit, watch, want_xtx, device)
         finally:
-            for h in handles:
-                h.remove()
-        changed = visit(i, block, inputs.hidden, outputs, stats)
-        if changed:
-            outputs = run_block(block, inputs.hidden, inputs.kwargs[i])
-        inputs.hidden = outputs
+            move(block, CPU)
+    del inputs
+
+
+def _visit_block(i: int, block: nn.Module, inputs: BlockInputs, visit: Visit, watch: Watch | None, want_xtx: bool,
+                 device: torch.device) -> None:
+    """One step of for_each_block, with the block on `device`: run it watching its linears, visit, pass on."""
+    kwargs = to_device(inputs.kwargs[i], device)
+    watched = watch(i, block) if watch else {}
+    stats = {name: LinearStats(want_xtx=want_xtx) for name in watched}
+    handles = [
+        lin.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
+        for name, lin in watched.items()
+    ]
+    try:
+        outputs = run_block(block, inputs.hidden, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    changed = visit(i, block, inputs.hidden, outputs, stats)
+    for s in stats.values():
+        s.to_(CPU)
+    if changed:
+        move(block, device)  # visit may have put new tensors in the block (on the CPU)
+        outputs = run_block(block, inputs.hidden, kwargs)
+    inputs.hidden = outputs

@@ -18,10 +18,12 @@ PPL_PROTOCOL = "non-overlapping windows of seq_len from the start of the text; m
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
-    """exp(mean next-token NLL) over every window (N, T); each window is scored on its own (no context carried)."""
+    """exp(mean next-token NLL) over every window (N, T); each window is scored on its own (no context carried).
+    Computed where the model is (its first parameter's device)."""
     nll, count = 0.0, 0
+    device = next(model.parameters()).device
     for start in range(0, windows.shape[0], batch_size):
-        ids = windows[start : start + batch_size]
+        ids = windows[start : start + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits.float()  # (B, T, V)
         nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
         count += ids[:, 1:].numel()

@@ -18,6 +18,8 @@ from calibration.budget import check_fits
 from calibration.sources import chat_renderer, draw_windows, eval_windows, load_corpus
 from compress import evaluate as ev
 from compress import journal
+from compress.device import CPU, describe, on_device
+from compress.device import resolve as resolve_device
 from compress.errors import CompressError, InputError
 from compress.models import ModelSource, llama, load_model, resolve_model
 from compress.models.checks import check_export_dtype
@@ -80,8 +82,10 @@ class EvalSets:
         sets.notes = list(dict.fromkeys(note for text in texts for note in text.notes))
         return sets
 
-    def perplexities(self, model, batch_size: int) -> dict[str, float]:
-        return {name: ev.perplexity(model, w, batch_size) for name, w in self.windows.items()}
+    def perplexities(self, model, batch_size: int, device: torch.device = CPU) -> dict[str, float]:
+        """Perplexity per text, computed on `device` (the model is moved there for it and back)."""
+        with on_device(model, device):
+            return {name: ev.perplexity(model, w, batch_size) for name, w in self.windows.items()}
 
 
 def _check_passes_fit(recipe: Recipe, model) -> None:
@@ -99,6 +103,7 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     model files or the calibration tokens differ from the interrupted run's."""
     t0 = time.perf_counter()
     out = Path(out) if out is not None else Path("artifacts") / recipe.name
+    device = resolve_device(recipe.device)
     with _refused_as_input():
         export.check_out(out, overwrite, log)  # before any work, so nothing is computed only to be refused
         source = resolve_model(recipe.model)
@@ -108,18 +113,18 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     _check_passes_fit(recipe, model)  # before any text is read, so a bad recipe costs seconds
     calib, eval_sets, corpus_name = _texts(recipe, model, tokenizer, log)
     log(f"model {source.identity}: {len(llama.blocks(model))} blocks; calibration {tuple(calib.shape)} tokens "
-        f"from {corpus_name}")
+        f"from {corpus_name}; computing on {describe(device)}")
     source_sha = {p.name: export.sha256_file(p) for p in sorted(source.path.glob("*.safetensors"))}
     journal_file = _start_journal(recipe, source, source_sha, out, calib, resume, log)
-    dense = _Measured.of(model, eval_sets)
+    dense = _Measured.of(model, eval_sets, device)
 
     plan = Plan.of(model)
-    reports = _run_passes(recipe, model, calib, plan, log)
+    reports = _run_passes(recipe, model, calib, plan, device, log)
     _check_plan(plan, model)
 
     settings = _export_settings(recipe, source)
     _round_to_export(model, plan, settings)
-    report = _report(recipe, source, source_sha, reports, dense, _Measured.of(model, eval_sets))
+    report = _report(recipe, source, source_sha, reports, dense, _Measured.of(model, eval_sets, device), device)
 
     def check(folder: Path) -> dict:  # on the written folder, before it is committed
         return {"verify": _compare_reload(model, folder, calib[:2]), "seconds": round(time.perf_counter() - t0, 1),
@@ -180,11 +185,12 @@ def _start_journal(recipe: Recipe, source: ModelSource, source_sha: dict[str, st
     return journal_file
 
 
-def _run_passes(recipe: Recipe, model, calib: torch.Tensor, plan: Plan, log) -> list[PassReport]:
+def _run_passes(recipe: Recipe, model, calib: torch.Tensor, plan: Plan, device: torch.device,
+                log) -> list[PassReport]:
     """Each pass of the recipe in order, recording its decisions in `plan`; logs each one's table."""
     # resumable state (variant databases) lives in the user cache, keyed by content, so reruns reuse it
     ctx = PassContext(calibration=calib, plan=plan, batch_size=recipe.calibration.batch_size, seed=recipe.seed,
-                      cache=runs_dir())
+                      cache=runs_dir(), device=device)
     reports = []
     for i, cfg in enumerate(recipe.passes):
         ctx.index = i
@@ -245,12 +251,13 @@ class _Measured:
     decoder: int
 
     @classmethod
-    def of(cls, model, eval_sets: EvalSets) -> _Measured:
-        return cls(eval_sets.perplexities(model, EVAL_BATCH), ev.count_parameters(model), decoder_params(model))
+    def of(cls, model, eval_sets: EvalSets, device: torch.device) -> _Measured:
+        return cls(eval_sets.perplexities(model, EVAL_BATCH, device), ev.count_parameters(model),
+                   decoder_params(model))
 
 
 def _report(recipe: Recipe, source: ModelSource, source_sha: dict[str, str], reports: list[PassReport],
-            dense: _Measured, comp: _Measured) -> dict:
+            dense: _Measured, comp: _Measured, device: torch.device) -> dict:
     """report.json as far as the pipeline knows it; export.write adds what it decides and the check's results."""
     quality = [
         {"text": name, "dense ppl": round(dense.ppl[name], 3), "compressed ppl": round(comp.ppl[name], 3),
@@ -263,6 +270,7 @@ def _report(recipe: Recipe, source: ModelSource, source_sha: dict[str, str], rep
         "passes": [r.to_dict() for r in reports],
         "quality": quality,
         "perplexity_protocol": ev.PPL_PROTOCOL,
+        "device": describe(device),
         "params": {"dense": dense.params, "compressed": comp.params},
         "decoder_params": {"dense": dense.decoder, "compressed": comp.decoder,
                            "removed": round(1 - comp.decoder / dense.decoder, 4)},

@@ -37,6 +37,9 @@ MAX_LEVELS = 64  # Tyr sparsity levels per unit and round: each level builds and
 MAX_ROUNDS = 16  # Tyr coarse-to-fine rounds: each halves the level spacing, so the 16th works at 2**-15 of the first
 
 
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]{1,2})?)$"  # compress.device resolves it
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -303,6 +306,8 @@ class Recipe(_Strict):
     name: str = Field(..., max_length=MAX_NAME, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     model: str = Field("smollm2-135m", max_length=MAX_PATH)
     seed: int = Field(0, ge=0, le=MAX_SEED)
+    # where the block under work computes: auto = the first GPU torch sees, else the CPU (compress.device)
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
     calibration: CalibrationConfig = CalibrationConfig()
     passes: list[PassConfig] = Field(..., min_length=1, max_length=MAX_PASSES)
     export: ExportConfig = ExportConfig()

@@ -205,12 +205,15 @@ def _slice_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.
 
 
 def set_linear(lin: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-    """Give a linear new weights of any shape (out, in), and a bias or none, in place (in the current dtype)."""
-    dtype = lin.weight.dtype
-    lin.weight = nn.Parameter(weight.to(dtype).contiguous(), requires_grad=False)
+    """Give a linear new weights of any shape (out, in), and a bias or none, in place (in the current dtype, on the
+    current device)."""
+    def param(t: torch.Tensor) -> nn.Parameter:
+        return nn.Parameter(t.to(device=lin.weight.device, dtype=lin.weight.dtype).contiguous(), requires_grad=False)
+
+    new_weight = param(weight)
     # register_parameter is what `lin.bias = ...` calls; it also takes None, which nn.Linear's typed bias does not
-    lin.register_parameter("bias", None if bias is None else nn.Parameter(bias.to(dtype).contiguous(),
-                                                                          requires_grad=False))
+    lin.register_parameter("bias", None if bias is None else param(bias))
+    lin.weight = new_weight
     lin.out_features, lin.in_features = lin.weight.shape
 
 

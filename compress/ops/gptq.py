@@ -61,7 +61,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
 
 def _inverse_cholesky_escalating(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float] | None:
     mean_diag = float(torch.diag(H).mean())
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for mult in DAMP_ESCALATION:
         lam = damp * mult * mean_diag
         L, info = torch.linalg.cholesky_ex(H + lam * eye)
@@ -74,7 +74,8 @@ def _inverse_cholesky_escalating(H: torch.Tensor, damp: float) -> tuple[torch.Te
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> Quantized:
-    """Quantize W (out, in) given H (in, in) from the layer's calibration inputs."""
+    """Quantize W (out, in) given H (in, in) from the layer's calibration inputs; computed on W's device (H must
+    be there too), and the result is there."""
     W = W.detach().clone().float()
     H = H.detach().clone().float()
     out_f, in_f = W.shape
@@ -91,21 +92,22 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> Quantize
     if spec.act_order and spec.static_groups:  # group grids from the original column order, fixed up front
         static = [grid(W[:, s : s + g], spec.bits, spec.sym) for s in range(0, in_f, g)]
 
-    perm = torch.argsort(torch.diag(H), descending=True) if spec.act_order else torch.arange(in_f)
+    perm = torch.argsort(torch.diag(H), descending=True) if spec.act_order else torch.arange(in_f, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
 
     chol = _inverse_cholesky(H, spec.damp)
     if chol is None:  # last resort: round to nearest, recorded
         codes, scale, zero = rtn(W[:, torch.argsort(perm)], spec)
-        return Quantized(codes, scale, zero, (torch.arange(in_f) // g).to(torch.int32),
+        return Quantized(codes, scale, zero, (torch.arange(in_f, device=W.device) // g).to(torch.int32),
                          dead_columns=int(dead.sum()), fallback="rtn: Cholesky failed at every damping", notes=notes)
     Hinv, damp_used = chol
 
-    codes = torch.zeros(out_f, in_f, dtype=torch.int32)
-    scale = torch.zeros(out_f, n_groups)
-    zero = torch.zeros(out_f, n_groups)
-    g_idx = torch.zeros(in_f, dtype=torch.int32)  # in permuted order for now
-    cur_s = cur_z = torch.empty(out_f, 0)  # the current group's grid (out, 1); set at column 0, where a group starts
+    on = W.device  # computed where its inputs are (compress.device)
+    codes = torch.zeros(out_f, in_f, dtype=torch.int32, device=on)
+    scale = torch.zeros(out_f, n_groups, device=on)
+    zero = torch.zeros(out_f, n_groups, device=on)
+    g_idx = torch.zeros(in_f, dtype=torch.int32, device=on)  # in permuted order for now
+    cur_s = cur_z = torch.empty(out_f, 0, device=on)  # the current group's grid (out, 1); set where a group starts
     for i1 in range(0, in_f, spec.block_size):
         i2 = min(i1 + spec.block_size, in_f)
         W1 = W[:, i1:i2].clone()

@@ -70,7 +70,7 @@ def rtn(W: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, t
     """Round-to-nearest per group: (codes (out, in) int32, scale (out, G), zero (out, G))."""
     out_f, in_f = W.shape
     g = in_f if spec.group_size == -1 else spec.group_size
-    codes = torch.empty(out_f, in_f, dtype=torch.int32)
+    codes = torch.empty(out_f, in_f, dtype=torch.int32, device=W.device)
     scales, zeros = [], []
     for start in range(0, in_f, g):
         s, z = grid(W[:, start : start + g], spec.bits, spec.sym)

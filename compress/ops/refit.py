@@ -34,7 +34,7 @@ def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
 def augment(xtx: torch.Tensor, total: torch.Tensor, n: int) -> torch.Tensor:
     """[X 1]^T [X 1] from X^T X, the column sums and the token count: (in + 1, in + 1) float64."""
     d = xtx.shape[0]
-    H = torch.empty(d + 1, d + 1, dtype=torch.float64)
+    H = torch.empty(d + 1, d + 1, dtype=torch.float64, device=xtx.device)
     H[:d, :d] = xtx.to(torch.float64)
     H[:d, d] = H[d, :d] = total.to(torch.float64)
     H[d, d] = float(n)
@@ -53,13 +53,13 @@ def removal_order(W: torch.Tensor, H: torch.Tensor, size: int, n_remove: int, n_
     if n_remove > n_struct - 1:
         raise ValueError(f"cannot remove {n_remove} of {n_struct} structures (at least one stays)")
     Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H.to(torch.float64)))
-    alive = torch.ones(n_struct, dtype=torch.bool)
+    alive = torch.ones(n_struct, dtype=torch.bool, device=W.device)
     order: list[int] = []
     while len(order) < n_remove:
         if size == 1:
             cost = W[:, :n_struct].pow(2).sum(0) / torch.diagonal(Hinv)[:n_struct]
         else:
-            cost = torch.full((n_struct,), float("inf"), dtype=torch.float64)
+            cost = torch.full((n_struct,), float("inf"), dtype=torch.float64, device=W.device)
             for s in alive.nonzero().flatten().tolist():
                 sl = slice(s * size, (s + 1) * size)
                 cost[s] = torch.einsum("oi,ij,oj->", W[:, sl], torch.linalg.inv(Hinv[sl, sl]), W[:, sl])
@@ -89,7 +89,7 @@ def refit(W: torch.Tensor, H: torch.Tensor, keep_cols: torch.Tensor) -> torch.Te
 
 def structure_columns(structures: torch.Tensor, size: int) -> torch.Tensor:
     """Column indices of structures (sorted): (k,) -> (k * size,)."""
-    return (structures[:, None] * size + torch.arange(size)).reshape(-1)
+    return (structures[:, None] * size + torch.arange(size, device=structures.device)).reshape(-1)
 
 
 def output_error(W: torch.Tensor, H: torch.Tensor, keep_cols: torch.Tensor, W_kept: torch.Tensor) -> float:

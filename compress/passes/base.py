@@ -10,6 +10,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from compress.device import CPU
 from compress.errors import CompressError
 from compress.plan import Plan
 from compress.recipe import HasRole
@@ -18,7 +19,8 @@ from compress.report import PassReport
 
 @dataclass
 class PassContext:
-    """Calibration windows (N, T) int64, the plan to record decisions in, and run settings."""
+    """Calibration windows (N, T) int64, the plan to record decisions in, and run settings. `device` is where the
+    block under work computes (compress.device; the model itself stays on the CPU)."""
 
     calibration: torch.Tensor
     plan: Plan
@@ -26,6 +28,7 @@ class PassContext:
     seed: int
     cache: Path | None = None
     index: int = 0  # position of the running pass in recipe.passes, for error messages
+    device: torch.device = CPU
 
 
 # the passes before the one checking itself: each config with its recipe path (passes.0)

@@ -71,7 +71,8 @@ class CfspPass:
                 raise CompressError(f"layer {i} down_proj: non-finite calibration activations; stopping")
             stats.append(s["down_proj"])
 
-        for_each_block(model, layers, ctx.calibration, visit, watch, batch_size=ctx.batch_size, desc="cfsp: statistics")
+        for_each_block(model, layers, ctx.calibration, visit, watch, batch_size=ctx.batch_size, device=ctx.device,
+                       desc="cfsp: statistics")
         ratios = cfsp_keep_ratios(torch.tensor(distance), 1.0 - mlp_target, cfg.temperature, cfg.max_keep)
         report = PassReport(name="cfsp")
         kept_total = 0

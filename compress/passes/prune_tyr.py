@@ -126,7 +126,8 @@ class TyrPass:
 
         swap = _StructureSwap(blocks, dense, units)
         supernet = Assembler(swap)
-        score = StagedKL(model, ctx.calibration, cfg.evolution.stage_windows, ctx.batch_size)  # on the dense model
+        # on the dense model
+        score = StagedKL(model, ctx.calibration, cfg.evolution.stage_windows, ctx.batch_size, ctx.device)
         rounds = []
         choice: dict[str, int] = {}  # the best allocation so far: none before the first round
         try:
@@ -204,7 +205,10 @@ class TyrPass:
                 if not missing:
                     continue
                 s = stats[OUT_PROJ[u.kind]]
-                W, b = dense[i][OUT_PROJ[u.kind]]
+                assert s.xtx is not None
+                dev = s.xtx.device  # the block's device (compress.device): the refits run there
+                W, b = (None if t is None else t.to(dev) for t in dense[i][OUT_PROJ[u.kind]])
+                assert W is not None
                 check_finite(f"model.layers.{i}.{OUT_PROJ[u.kind]}", W, s.xtx)
                 n_cols = u.width * u.size
                 if cfg.bias:  # the bias is one more input column, fixed at 1, never removed
@@ -216,10 +220,11 @@ class TyrPass:
                 order = removal_order(W, H, u.size, u.width - min(missing), n_structures=u.width,
                                       per_step=max(1, u.width // STEPS_PER_LAYER))
                 for k in missing:
-                    keep = torch.tensor(sorted(set(range(u.width)) - set(order[: u.width - k])), dtype=torch.int64)
+                    keep = torch.tensor(sorted(set(range(u.width)) - set(order[: u.width - k])), dtype=torch.int64,
+                                        device=dev)
                     cols = structure_columns(keep, u.size)
                     if cfg.bias:
-                        cols = torch.cat([cols, torch.tensor([n_cols])])
+                        cols = torch.cat([cols, torch.tensor([n_cols], device=dev)])
                     W_kept = refit(W, H, cols).float()  # (out, k * size [+ 1])
                     tensors = {"keep": keep, "weight": W_kept[:, : k * u.size].contiguous()}
                     if cfg.bias:
@@ -229,7 +234,7 @@ class TyrPass:
             return True
 
         for_each_block(model, llama.blocks(model), ctx.calibration, visit, watch, batch_size=ctx.batch_size,
-                       want_xtx=True, desc="tyr: variants")
+                       want_xtx=True, desc="tyr: variants", device=ctx.device)
 
     def _search(self, units: list[PruneUnit], levels: dict[str, list[int]], budget: float,
                 start_levels: dict[str, int], db: VariantDB, supernet: Assembler, score: StagedKL, ctx: PassContext,

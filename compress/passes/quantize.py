@@ -55,7 +55,7 @@ def layer_importance(model: nn.Module, ctx: PassContext, mixed: MixedBits, modul
         scores[i] = total / count
 
     for_each_block(model, llama.blocks(model), ctx.calibration, visit, batch_size=ctx.batch_size,
-                   desc="lim: importance")
+                   desc="lim: importance", device=ctx.device)
     return scores
 
 
@@ -118,7 +118,7 @@ class QuantizePass:
             if xtx is None:
                 codes, scale, zero = rtn(W, spec)
                 g = W.shape[1] if spec.group_size == -1 else spec.group_size
-                q = Quantized(codes, scale, zero, (torch.arange(W.shape[1]) // g).to(torch.int32))
+                q = Quantized(codes, scale, zero, (torch.arange(W.shape[1], device=W.device) // g).to(torch.int32))
             else:
                 q = gptq_quantize(W, 2.0 / n * xtx, spec)
             Wq = q.dequantize().to(W.dtype)
@@ -156,7 +156,7 @@ class QuantizePass:
                 return True  # the block changed: recompute its outputs for the next block
 
             for_each_block(model, llama.blocks(model), ctx.calibration, visit, watch, batch_size=ctx.batch_size,
-                           want_xtx=True, desc="gptq: blocks")
+                           want_xtx=True, desc="gptq: blocks", device=ctx.device)
         for row in rows.values():
             row["rel err mean"] = round(row["rel err mean"] / row["modules"], 6)
             row["rel err max"] = round(row["rel err max"], 6)

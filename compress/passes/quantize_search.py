@@ -109,7 +109,8 @@ def searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modul
                 s = stats[shared_input_name(name, short)]
                 check_finite(name, dense[name], s.xtx)
                 spec = specs[(name, b)]
-                q = gptq_quantize(dense[name], 2.0 / s.n * s.xtx, spec)
+                assert s.xtx is not None
+                q = gptq_quantize(dense[name].to(s.xtx.device), 2.0 / s.n * s.xtx, spec)
                 rec = quant_record(q, spec, (dense[name].shape[0], dense[name].shape[1]))
                 notes = q.notes + ([q.fallback] if q.fallback else [])
                 meta = {"bits": b, "group_size": spec.group_size, "sym": spec.sym, "shape": json.dumps(list(rec.shape)),
@@ -124,7 +125,7 @@ def searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modul
     with supernet:  # the model is dense again after the variants, the errors and the search
         if not reused:
             for_each_block(model, blocks, ctx.calibration, visit, watch, batch_size=ctx.batch_size, want_xtx=True,
-                           desc="knapsack: variants")
+                           desc="knapsack: variants", device=ctx.device)
             supernet.restore_dense()
 
         # 2. errors: KL with one unit quantized at a time
@@ -132,7 +133,7 @@ def searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modul
         errors = db.read_json(errors_key) or {}
         todo = [(u, b) for u in units for b in widths_of(units[u][0]) if f"{u}@{b}" not in errors]
         if todo:
-            tail = TailKL(model, ctx.calibration[: mixed.error_windows], batch_size=ctx.batch_size)
+            tail = TailKL(model, ctx.calibration[: mixed.error_windows], batch_size=ctx.batch_size, device=ctx.device)
             for u, b in tqdm(todo, desc="knapsack: unit errors", unit="variant"):
                 supernet.assemble({u: b})
                 errors[f"{u}@{b}"] = tail.kl_from(layer_of[u])
@@ -190,7 +191,7 @@ def _evolve(model: nn.Module, ctx: PassContext, mixed: MixedBits, unit_list: lis
             start: Allocation, db: VariantDB, key: str) -> tuple[Allocation, dict]:
     """EvoPress-style refinement of the knapsack allocation; fitness = KL of the assembled model to the dense one."""
     evo = mixed.evolution
-    score = StagedKL(model, ctx.calibration, evo.stage_windows, ctx.batch_size)  # the model is dense here
+    score = StagedKL(model, ctx.calibration, evo.stage_windows, ctx.batch_size, ctx.device)  # the model is dense here
     identity = {"variants": key, "stage_windows": evo.stage_windows, "error_windows": mixed.error_windows}
     return evolve_saved(unit_list, start.budget, supernet_fitness(unit_list, supernet, score), start.choice,
                         EvolutionSettings.from_config(evo, ctx.seed), db.folder, identity)

@@ -61,7 +61,8 @@ def structured_prune(model: nn.Module, ctx: PassContext, *, name: str, metric: M
     def visit(_i, _block, _inputs, _outputs, s):
         stats.append((s["o_proj"], s["down_proj"]))
 
-    for_each_block(model, layers, ctx.calibration, visit, watch, batch_size=ctx.batch_size, desc=f"{name}: statistics")
+    for_each_block(model, layers, ctx.calibration, visit, watch, batch_size=ctx.batch_size, device=ctx.device,
+                   desc=f"{name}: statistics")
     for i, (o, down) in enumerate(stats):
         for what, s in (("o_proj", o), ("down_proj", down)):
             if not (torch.isfinite(s.mean).all() and torch.isfinite(s.sq_norm).all()):

@@ -180,7 +180,8 @@ def layer_average(i: int, bits: dict[str, int], modules: Modules) -> int | float
 
 def quant_record(q: Quantized, spec: QuantSpec, shape: tuple[int, int]) -> QuantRecord:
     """What the artifact stores of one quantized module: codes packed along the input dimension, scales, zeros and
-    the group index."""
+    the group index; on the CPU, wherever `q` was computed (the plan outlives the block on the device)."""
     return QuantRecord(bits=spec.bits, group_size=spec.group_size, sym=spec.sym, shape=shape,
-                       packed=pack(q.codes, spec.bits, 1), scale=q.scale.float().contiguous(),
-                       zero=q.zero.round().to(torch.int32).contiguous(), g_idx=q.g_idx.to(torch.int32).contiguous())
+                       packed=pack(q.codes.cpu(), spec.bits, 1), scale=q.scale.float().cpu().contiguous(),
+                       zero=q.zero.round().to(torch.int32).cpu().contiguous(),
+                       g_idx=q.g_idx.to(torch.int32).cpu().contiguous())

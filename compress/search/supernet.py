@@ -54,6 +54,7 @@ class VariantDB:
 
     def put(self, name: str, level, tensors: dict[str, torch.Tensor], meta: dict[str, object] | None = None) -> None:
         text = {k: str(v) for k, v in (meta or {}).items()}
+        tensors = {k: v.cpu() for k, v in tensors.items()}  # variants live on the CPU, wherever they were computed
         if self.folder is None:
             self._memory[(name, str(level))] = (tensors, text)
             return
@@ -163,9 +164,10 @@ class WeightSwap:
         self.modules, self.members, self.load, self.dense = modules, members, load, dense
 
     def put(self, unit: str, level: Any) -> None:
-        for name in self.members[unit]:
-            self.modules[name].weight.data = self.load(name, level)
+        for name in self.members[unit]:  # on the module's device (a block under work may be on the GPU)
+            lin = self.modules[name]
+            lin.weight.data = self.load(name, level).to(lin.weight.device)
 
     def restore(self) -> None:
         for name, lin in self.modules.items():
-            lin.weight.data = self.dense[name]
+            lin.weight.data = self.dense[name].to(lin.weight.device)

@@ -58,6 +58,10 @@ CASES = [
     # numbers beyond what the code can take: torch seeds, shard sizes, window counts, search sizes
     _validate("seed-2-70", f"seed: {_LE} 9223372036854775807", seed=2**70),
     _validate("seed-negative", "seed: Input should be greater than or equal to 0", seed=-1),
+    # the device: a form the policy does not know, and a GPU index past the last one (or no GPU: CPU-only torch)
+    _validate("device-unknown", "device: String should match pattern", device="gpu"),
+    _validate("device-tpu-index", "device: String should match pattern", device="cuda:x"),
+    _run("device-missing-gpu", "device: 'cuda:99' asked for, but", device="cuda:99"),
     _run("seed-2-64", f"seed: {_LE} 9223372036854775807", seed=2**64),
     _validate("shard-inf", f"export.shard_size_mb: {_FINITE}", export={"shard_size_mb": float("inf")}),
     _validate("shard-nan", f"export.shard_size_mb: {_FINITE}", export={"shard_size_mb": float("nan")}),
