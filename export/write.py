@@ -5,7 +5,8 @@ block_configs / remote-code views, the manifest, the report and the model card, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -27,6 +28,7 @@ from export.target import check_apart, check_target, recover_leftovers
 from export.writer import ArtifactWriter, source_files
 
 QuantFormat = Literal["compressed-tensors", "gptq"]
+BLOCK_MODULE = re.compile(r"model\.layers\.(\d+)\.")  # a module of decoder block i
 
 
 class UnwritableError(ValueError):
@@ -115,16 +117,16 @@ def write(out: Path, tensors: Iterable[tuple[str, dict[str, torch.Tensor]]], pla
         raise UnwritableError(f"export.quant_format: gptq cannot store this model: {why_not_stock}")
     config["dtype"] = str(settings.dtype).removeprefix("torch.")
     views = _non_uniform_views(config, layers, why_not_stock, settings.remote_code)
-    state = _stored_tensors(tensors, plan, layers, provenance.config, settings)
+    bits = _BitsTally()
     report.update({"stock_config": why_not_stock is None, "stock_config_reason": why_not_stock or "", **views,
-                   "export_dtype": str(settings.dtype).removeprefix("torch."),
-                   "bits_per_weight": stored_bits(state, plan.quantized)})
+                   "export_dtype": str(settings.dtype).removeprefix("torch."), "bits_per_weight": None})
     with ArtifactWriter(out, overwrite=overwrite) as w:
         w.write_json("config.json", config)
         if views["remote_code"]:
             w.write_text(REMOTE_CODE_FILE, remote_code_source())
-        w.write_weights(state, settings.shard_bytes)
-        del state
+        w.write_weights(_stored_tensors(tensors, plan, layers, provenance.config, settings, bits),
+                        settings.shard_bytes)
+        report["bits_per_weight"] = bits.summary()
         w.copy_tokenizer(provenance.folder)
         w.write_text("recipe.yaml", provenance.recipe_yaml)
         w.write_json("plan.json", plan.to_dict())
@@ -141,58 +143,116 @@ def write(out: Path, tensors: Iterable[tuple[str, dict[str, torch.Tensor]]], pla
 
 
 def _stored_tensors(tensors: Iterable[tuple[str, dict[str, torch.Tensor]]], plan: ArtifactPlan, layers: list[dict],
-                    config: dict, settings: ExportSettings) -> dict[str, torch.Tensor]:
-    """The tensors as stored, in this order: plain ones in the export dtype (quantized weights left out, lm_head
-    left out when tied to the embeddings), then each quantized linear's packed parts in plan order, then zero biases
-    where the written config implies a bias the model does not have."""
+                    config: dict, settings: ExportSettings, bits: _BitsTally) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors as stored, one at a time, holding no more than the module that arrives; in this order: plain ones
+    in the export dtype as the modules arrive (quantized weights left out, lm_head left out when tied to the
+    embeddings), then each quantized linear's packed parts in plan order (counted in `bits`), then zero biases where
+    the written config implies a bias the model does not have.
+
+    Modules must arrive in plan order: block by block, quantized linears in the order the plan records them, each
+    module once, a quantized one with its weight. Raises ValueError naming the module otherwise, and naming a bias
+    that the plan does not record."""
     quantized = plan.quantized
-    state: dict[str, torch.Tensor] = {}
-    seen = set()
+    arrival = _Arrival(list(quantized))
+    tied = config.get("tie_word_embeddings", False)
+    stored: set[str] = set()
     for module, parts in tensors:
+        arrival.check(module, parts)
         for key, t in parts.items():
-            if module in quantized and key == f"{module}.weight":
-                seen.add(module)
+            if (module in quantized and key == f"{module}.weight") or (tied and key == "lm_head.weight"):
                 continue
-            state[key] = t.to(settings.dtype)
-    missing = [n for n in quantized if n not in seen]
-    if missing:
-        raise ValueError(f"quantized modules without a weight among the tensors: {missing[:3]}")
+            stored.add(key)
+            yield key, t.to(settings.dtype)
+    arrival.check_complete()
     for name, q in quantized.items():
-        state.update(gptq_tensors(name, q) if settings.quant_format == "gptq"
-                     else quantized_tensors(name, q, settings.dtype))
-    if config.get("tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
+        packed = (gptq_tensors(name, q) if settings.quant_format == "gptq"
+                  else quantized_tensors(name, q, settings.dtype))
+        bits.add(q, {k.removeprefix(f"{name}."): t for k, t in packed.items() if not k.endswith(".weight_shape")})
+        yield from packed.items()
     hidden = config["hidden_size"]
     for i, (widths, layer) in enumerate(zip(plan.widths, layers, strict=True)):
         for name, out_features in widths.out_features(hidden).items():
             key = f"model.layers.{i}.{'self_attn' if name in ATTN else 'mlp'}.{name}.bias"
-            if key in state and name not in widths.bias:
+            if key in stored and name not in widths.bias:
                 raise ValueError(f"{key}: a bias that the plan does not record (block {i} biases: {widths.bias})")
-            if name in layer["bias"] and key not in state:
-                state[key] = torch.zeros(out_features, dtype=settings.dtype)
-    return state
+            if name in layer["bias"] and key not in stored:
+                yield key, torch.zeros(out_features, dtype=settings.dtype)
 
 
-def stored_bits(state: dict[str, torch.Tensor], quantized: Mapping[str, QuantRecord]) -> dict | None:
-    """Bits per quantized weight as stored (codes, scales, zero points, group index) and as theory predicts."""
-    if not quantized:
-        return None
-    n = stored = theory = 0
-    for name, q in quantized.items():
+class _Arrival:
+    """Checks that modules arrive in plan order: block indices (model.layers.<i>.) never go back, quantized linears
+    come in the plan's order, each with its weight, and no module comes twice."""
+
+    def __init__(self, quantized: list[str]):
+        self.quantized = {name: k for k, name in enumerate(quantized)}
+        self.seen: set[str] = set()
+        self.last: str | None = None  # the module before
+        self.block = -1  # the highest block index so far
+        self.next_quantized = 0  # plan index of the quantized linear expected next
+
+    def check(self, module: str, parts: Mapping[str, torch.Tensor]) -> None:
+        """Refuse `module` (ValueError naming it) when it breaks the plan order or lacks a quantized weight."""
+        after = f" (after {self.last})" if self.last else ""
+        if module in self.seen:
+            raise ValueError(f"{module}: its tensors arrive twice{after}; each module's tensors must come together")
+        block = _block_index(module)
+        if block is not None and block < self.block:
+            raise ValueError(f"{module}: block {block} arrives after block {self.block}{after}; modules must arrive "
+                             "in plan order, block by block")
+        if module in self.quantized:
+            k = self.quantized[module]
+            if k != self.next_quantized:
+                expected = list(self.quantized)[self.next_quantized]
+                raise ValueError(f"{module}: arrives out of plan order; the plan records {expected} next{after}")
+            if f"{module}.weight" not in parts:
+                raise ValueError(f"{module}: quantized in the plan, but its tensors hold no {module}.weight "
+                                 f"(they hold {sorted(parts)})")
+            self.next_quantized += 1
+        self.seen.add(module)
+        self.last = module
+        self.block = max(self.block, -1 if block is None else block)
+
+    def check_complete(self) -> None:
+        """Refuse a stream that ended before every quantized linear arrived (ValueError naming them)."""
+        missing = [n for n in self.quantized if n not in self.seen]
+        if missing:
+            raise ValueError(f"{missing[0]}: quantized in the plan, but the tensors ended before it arrived "
+                             f"({len(missing)} quantized modules missing)")
+
+
+def _block_index(module: str) -> int | None:
+    """i of a module inside decoder block i (model.layers.<i>.*), None outside the blocks."""
+    match = BLOCK_MODULE.match(module)
+    return None if match is None else int(match.group(1))
+
+
+class _BitsTally:
+    """Bits per quantized weight, counted one quantized linear at a time as its packed parts are stored."""
+
+    def __init__(self) -> None:
+        self.weights = self.stored = self.theory = 0
+
+    def add(self, q: QuantRecord, parts: Mapping[str, torch.Tensor]) -> None:
+        """Count one linear; parts: its stored tensors by short name (weight_packed or qweight, ...), without the
+        weight_shape."""
         out_f, in_f = q.shape
-        n += out_f * in_f
-        parts = {k.removeprefix(f"{name}."): t for k, t in state.items()
-                 if k.startswith(f"{name}.") and not k.endswith((".bias", ".weight_shape"))}
-        stored += sum(t.numel() * t.element_size() * 8 for t in parts.values())
+        self.weights += out_f * in_f
+        self.stored += sum(t.numel() * t.element_size() * 8 for t in parts.values())
         g = in_f if q.group_size == -1 else q.group_size
         scale = parts.get("weight_scale", parts.get("scales"))
-        assert scale is not None, name
+        assert scale is not None, parts.keys()
         zeros_stored = "qzeros" in parts or not q.sym
         g_idx_stored = "g_idx" in parts or not q.ordered_groups
         per_group = scale.element_size() * 8 + (q.bits if zeros_stored else 0)  # a scale, and a zero point if stored
-        theory += out_f * in_f * q.bits + out_f * (in_f // g) * per_group
-        theory += 32 * in_f if g_idx_stored else 0
-    return {"stored": round(stored / n, 4), "theory": round(theory / n, 4), "quantized_weights": n}
+        self.theory += out_f * in_f * q.bits + out_f * (in_f // g) * per_group
+        self.theory += 32 * in_f if g_idx_stored else 0
+
+    def summary(self) -> dict | None:
+        """{stored, theory: bits per weight; quantized_weights: count}, or None when nothing was quantized."""
+        if not self.weights:
+            return None
+        return {"stored": round(self.stored / self.weights, 4), "theory": round(self.theory / self.weights, 4),
+                "quantized_weights": self.weights}
 
 
 def _non_uniform_views(config: dict, layers: list[dict], why_not_stock: str | None, remote_code: bool) -> dict:

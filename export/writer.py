@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -31,6 +33,7 @@ from export.format import (
 from export.target import TargetError, check_target, exchange, hold, links_outside, old_name, tmp_prefix
 
 VERSIONED_PACKAGES = ("compress-llm", "torch", "transformers", "safetensors")
+PART_SUFFIX = ".safetensors.part"  # a shard written while the stream runs, renamed when the count is known
 
 
 class ArtifactExistsError(FileExistsError):
@@ -90,17 +93,11 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    return shards
+def _unshared(shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The shard with a copy of each tensor whose storage another tensor of the shard shares (safetensors refuses
+    shared storage); the others as they are."""
+    owners = Counter(t.untyped_storage().data_ptr() for t in shard.values())
+    return {k: t.clone() if owners[t.untyped_storage().data_ptr()] > 1 else t for k, t in shard.items()}
 
 
 def _sync_folder(folder: Path) -> None:
@@ -140,20 +137,49 @@ class ArtifactWriter:
             os.close(fd)
         self._locks = []
 
-    def write_weights(self, state: dict[str, torch.Tensor], shard_bytes: int) -> None:
-        """safetensors, one file or shards plus an index; tensors are written contiguous and unshared."""
-        state = {k: v.detach().contiguous().cpu().clone() for k, v in state.items()}
-        shards = _shards(state, shard_bytes)
-        names = [SINGLE_WEIGHTS] if len(shards) == 1 else [shard_name(i, len(shards)) for i in range(len(shards))]
+    def write_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], shard_bytes: int) -> None:
+        """safetensors from (name, tensor) pairs in stored order, one file or shards plus an index.
+
+        A shard closes when it holds a tensor and the next one would take it past `shard_bytes`; it is written at
+        once under a temporary name, so at most one shard's tensors (and the one arriving) are held. The count is
+        known at the end: then the files take their names, model.safetensors for one shard, otherwise
+        model-0000i-of-0000n.safetensors and model.safetensors.index.json. Tensors are taken as they come
+        (contiguous, on the CPU; copied only where needed). Raises ValueError on a name that arrives twice."""
+        parts: list[tuple[Path, dict[str, dict]]] = []  # each written shard: temporary file, its tensors' records
+        shard: dict[str, torch.Tensor] = {}
+        names: set[str] = set()
+        size = total = 0
+
+        def close() -> None:
+            part = self.tmp / f"weights-{len(parts)}{PART_SUFFIX}"
+            save_file(_unshared(shard), part, metadata={"format": "pt"})
+            parts.append((part, {k: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+                                 for k, t in shard.items()}))
+            shard.clear()
+
+        for name, tensor in tensors:
+            if name in names:
+                raise ValueError(f"{name}: arrives twice among the tensors to store")
+            names.add(name)
+            tensor = (tensor.detach() if tensor.requires_grad else tensor).contiguous().cpu()  # no copy if none needed
+            nbytes = tensor.numel() * tensor.element_size()
+            if shard and size + nbytes > shard_bytes:
+                close()
+                size = 0
+            shard[name] = tensor
+            size += nbytes
+            total += nbytes
+        if shard or not parts:
+            close()
+        files = [SINGLE_WEIGHTS] if len(parts) == 1 else [shard_name(i, len(parts)) for i in range(len(parts))]
         weight_map = {}
-        for fname, shard in zip(names, shards, strict=True):
-            save_file(shard, self.tmp / fname, metadata={"format": "pt"})
+        for fname, (part, records) in zip(files, parts, strict=True):
+            os.replace(part, self.tmp / fname)
             step(f"wrote {fname}")
-            for k, t in shard.items():
+            for k, record in records.items():
                 weight_map[k] = fname
-                self.tensors[k] = {"file": fname, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
-        if len(shards) > 1:
-            total = sum(t.numel() * t.element_size() for t in state.values())
+                self.tensors[k] = {"file": fname, **record}
+        if len(parts) > 1:
             self.write_json(WEIGHTS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
     def write_json(self, name: str, data) -> None:
