@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
     from transformers import GenerationMixin
@@ -17,16 +18,19 @@ PPL_PROTOCOL = "non-overlapping windows of seq_len from the start of the text; m
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, desc: str | None = None) -> float:
     """exp(mean next-token NLL) over every window (N, T); each window is scored on its own (no context carried).
-    Computed where the model is (its first parameter's device)."""
+    Computed where the model is (its first parameter's device). `desc`: a progress bar over the windows."""
     nll, count = 0.0, 0
     device = next(model.parameters()).device
+    bar = tqdm(total=windows.shape[0], desc=desc, unit="window", disable=desc is None, leave=False)
     for start in range(0, windows.shape[0], batch_size):
         ids = windows[start : start + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits.float()  # (B, T, V)
         nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
         count += ids[:, 1:].numel()
+        bar.update(ids.shape[0])
+    bar.close()
     return math.exp(nll / count)
 
 

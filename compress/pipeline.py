@@ -82,10 +82,39 @@ class EvalSets:
         sets.notes = list(dict.fromkeys(note for text in texts for note in text.notes))
         return sets
 
-    def perplexities(self, model, batch_size: int, device: torch.device = CPU) -> dict[str, float]:
-        """Perplexity per text, computed on `device` (the model is moved there for it and back)."""
+    def perplexities(self, model, batch_size: int, device: torch.device = CPU, label: str | None = None
+                     ) -> dict[str, float]:
+        """Perplexity per text, computed on `device` (the model is moved there for it and back); `label` names
+        the model on a progress bar per text (none without it)."""
         with on_device(model, device):
-            return {name: ev.perplexity(model, w, batch_size) for name, w in self.windows.items()}
+            return {name: ev.perplexity(model, w, batch_size, desc=label and f"{label}: {name}")
+                    for name, w in self.windows.items()}
+
+
+class Phases:
+    """Says when each phase of a run starts (so no phase is silent) and times it; `seconds` in order of start,
+    with the phases still running counted up to now."""
+
+    def __init__(self, log) -> None:
+        self.log = log
+        self._done: dict[str, float] = {}
+        self._running: dict[str, float] = {}  # name -> start
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.log(f"{name} ...")
+        self._running[name] = time.perf_counter()
+        self._done.setdefault(name, 0.0)
+        try:
+            yield
+        finally:
+            self._done[name] += time.perf_counter() - self._running.pop(name)
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        now = time.perf_counter()
+        return {k: round(v + (now - self._running[k] if k in self._running else 0.0), 1)
+                for k, v in self._done.items()}
 
 
 def _check_passes_fit(recipe: Recipe, model) -> None:
@@ -101,41 +130,50 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
 
     resume: continue an interrupted run of the same artifact, refusing (with what changed) when the recipe, the
     model files or the calibration tokens differ from the interrupted run's."""
-    t0 = time.perf_counter()
+    t0, phase = time.perf_counter(), Phases(log)
     out = Path(out) if out is not None else Path("artifacts") / recipe.name
     device = resolve_device(recipe.device)
-    with _refused_as_input():
+    with _refused_as_input(), phase("checking the output folder and the model files"):
         export.check_out(out, overwrite, log)  # before any work, so nothing is computed only to be refused
         source = resolve_model(recipe.model)
         export.check_source(out, source.path)
-    model, tokenizer = load_model(source, recipe.trust_remote_code)
-    check_export_dtype(model, recipe.export.dtype)  # before any pass, not at export
-    _check_passes_fit(recipe, model)  # before any text is read, so a bad recipe costs seconds
-    calib, eval_sets, corpus_name = _texts(recipe, model, tokenizer, log)
+    with phase("loading the model"):
+        model, tokenizer = load_model(source, recipe.trust_remote_code)
+        check_export_dtype(model, recipe.export.dtype)  # before any pass, not at export
+        _check_passes_fit(recipe, model)  # before any text is read, so a bad recipe costs seconds
+    with phase("reading the calibration and evaluation texts"):
+        calib, eval_sets, corpus_name = _texts(recipe, model, tokenizer, log)
     log(f"model {source.identity}: {len(llama.blocks(model))} blocks; calibration {tuple(calib.shape)} tokens "
         f"from {corpus_name}; computing on {describe(device)}")
-    source_sha = {p.name: export.sha256_file(p) for p in sorted(source.path.glob("*.safetensors"))}
-    journal_file = _start_journal(recipe, source, source_sha, out, calib, resume, log)
-    dense = _Measured.of(model, eval_sets, device)
+    with phase("hashing the model files"):
+        source_sha = {p.name: export.sha256_file(p) for p in sorted(source.path.glob("*.safetensors"))}
+        journal_file = _start_journal(recipe, source, source_sha, out, calib, resume, log)
+    with phase("evaluating the dense model"):
+        dense = _Measured.of(model, eval_sets, device, "dense")
 
     plan = Plan.of(model)
-    reports = _run_passes(recipe, model, calib, plan, device, log)
+    reports = _run_passes(recipe, model, calib, plan, device, log, phase)
     _check_plan(plan, model)
 
     settings = _export_settings(recipe, source)
     _round_to_export(model, plan, settings)
-    report = _report(recipe, source, source_sha, reports, dense, _Measured.of(model, eval_sets, device), device)
+    with phase("evaluating the compressed model"):
+        comp = _Measured.of(model, eval_sets, device, "compressed")
+    report = _report(recipe, source, source_sha, reports, dense, comp, device)
 
     def check(folder: Path) -> dict:  # on the written folder, before it is committed
-        return {"verify": _compare_reload(model, folder, calib[:2]), "seconds": round(time.perf_counter() - t0, 1),
+        with phase("reloading the artifact and comparing logits"):
+            verify = _compare_reload(model, folder, calib[:2])
+        return {"verify": verify, "seconds": round(time.perf_counter() - t0, 1), "phases": phase.seconds,
                 "peak_memory_mb": round(peak_memory_mb(), 1)}
 
     provenance = export.Provenance(folder=source.path, source=report["source"],
                                    config=llama.as_causal_lm(model).config.to_dict(), recipe=report["recipe"],
                                    recipe_yaml=recipe.to_yaml(), seed=recipe.seed)
     try:
-        notes = export.write(out, _module_tensors(model), plan, report, provenance, settings, check=check,
-                             card=lambda rep: model_card(recipe, source.identity, rep), overwrite=overwrite)
+        with phase("writing the artifact"):
+            notes = export.write(out, _module_tensors(model), plan, report, provenance, settings, check=check,
+                                 card=lambda rep: model_card(recipe, source.identity, rep), overwrite=overwrite)
     except (export.ArtifactExistsError, export.UnwritableError) as err:
         raise InputError(str(err)) from None
     for message in notes:
@@ -185,8 +223,8 @@ def _start_journal(recipe: Recipe, source: ModelSource, source_sha: dict[str, st
     return journal_file
 
 
-def _run_passes(recipe: Recipe, model, calib: torch.Tensor, plan: Plan, device: torch.device,
-                log) -> list[PassReport]:
+def _run_passes(recipe: Recipe, model, calib: torch.Tensor, plan: Plan, device: torch.device, log,
+                phase: Phases) -> list[PassReport]:
     """Each pass of the recipe in order, recording its decisions in `plan`; logs each one's table."""
     # resumable state (variant databases) lives in the user cache, keyed by content, so reruns reuse it
     ctx = PassContext(calibration=calib, plan=plan, batch_size=recipe.calibration.batch_size, seed=recipe.seed,
@@ -195,7 +233,8 @@ def _run_passes(recipe: Recipe, model, calib: torch.Tensor, plan: Plan, device: 
     for i, cfg in enumerate(recipe.passes):
         ctx.index = i
         plan.passes.append(cfg.pass_)
-        rep = make_pass(cfg).run(model, ctx)
+        with phase(f"passes.{i} {cfg.pass_}"):
+            rep = make_pass(cfg).run(model, ctx)
         reports.append(rep)
         scalars = ", ".join(f"{k}={v}" for k, v in rep.summary.items() if not isinstance(v, (list, dict)))
         log(f"\npasses[{i}] {rep.name} ({rep.seconds:.0f} s): {scalars}\n{text_table(rep.rows)}")
@@ -251,8 +290,8 @@ class _Measured:
     decoder: int
 
     @classmethod
-    def of(cls, model, eval_sets: EvalSets, device: torch.device) -> _Measured:
-        return cls(eval_sets.perplexities(model, EVAL_BATCH, device), ev.count_parameters(model),
+    def of(cls, model, eval_sets: EvalSets, device: torch.device, label: str) -> _Measured:
+        return cls(eval_sets.perplexities(model, EVAL_BATCH, device, label), ev.count_parameters(model),
                    decoder_params(model))
 
 

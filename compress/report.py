@@ -40,11 +40,17 @@ class RunResult:
     def summary_rows(self) -> list[dict]:
         return summary_rows(self.report)
 
+    def phase_rows(self) -> list[dict]:
+        """Seconds per phase of the run, in order (the passes' own phases included)."""
+        return [{"phase": name, "seconds": s} for name, s in self.report.get("phases", {}).items()]
+
     def __str__(self) -> str:
         r = self.report
         parts = [f"artifact: {self.artifact}", text_table(self.summary_rows())]
         if self.quality_rows():
             parts.append(text_table(self.quality_rows()))
+        if self.phase_rows():
+            parts.append(text_table(self.phase_rows()))
         parts.append(f"reload max |logit diff| {r['verify']['max_abs_logit_diff']:.2e}; stock config: "
                      f"{'yes' if r['stock_config'] else 'no (' + r['stock_config_reason'] + ')'}; "
                      f"{r['seconds']:.0f} s; peak memory {r['peak_memory_mb']:.0f} MB")
@@ -52,7 +58,8 @@ class RunResult:
 
     def _repr_html_(self) -> str:
         return (f"<p>artifact: <code>{self.artifact}</code></p>" + html_table(self.summary_rows(), title="size")
-                + html_table(self.quality_rows(), title="held-out perplexity"))
+                + html_table(self.quality_rows(), title="held-out perplexity")
+                + html_table(self.phase_rows(), title="time per phase"))
 
     def to_dict(self) -> dict:
         return {"artifact": str(self.artifact), **self.report}

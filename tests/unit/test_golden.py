@@ -34,6 +34,7 @@ MANIFEST_VARYING = [
 REPORT_VARYING = [
     ("source", "path"),  # absolute path
     ("seconds",),  # timings
+    ("phases",),
     ("peak_memory_mb",),
     ("passes", "*", "seconds"),
 ]
