@@ -114,6 +114,10 @@ def test_plan_widths_are_the_models_blocks(pruned):
         assert len(kept.kept_kv_groups if kept.kept_kv_groups is not None else range(KV_HEADS)) \
             == shape.num_key_value_heads
         assert len(kept.kept_mlp_channels) == shape.intermediate_size
+        # sorted indices into the widths before the pass, as the plan promises (export reads them in that order)
+        for indices, width in ((kept.kept_kv_groups, KV_HEADS), (kept.kept_mlp_channels, MLP)):
+            if indices is not None:
+                assert indices == sorted(set(indices)) and 0 <= indices[0] and indices[-1] < width
 
 
 def _query_rows(groups: list[int]) -> torch.Tensor:

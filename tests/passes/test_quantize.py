@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from compress.models import llama
-from export.packing import pack, unpack
+from export.packing import unpack
 from export.records import QuantRecord
 from tests.passes.conftest import (
     BATCH,
@@ -47,8 +47,9 @@ SPECS = {
     "rtn-asym-2": {"pass": "rtn", "bits": 2, "group_size": 16, "sym": False},
     "rank": {"pass": "gptq", "group_size": 16, "bits": {**MIXED, "allocator": "rank"}},
     "knapsack": {"pass": "gptq", "group_size": 16, "bits": {**MIXED, "allocator": "knapsack", "error_windows": 2}},
-    "evolution": {"pass": "gptq", "group_size": 16,
-                  "bits": {**MIXED, "allocator": "evolution", "error_windows": 2, "evolution": SEARCH}},
+    # widths 2 and 4 only: the knapsack's start is one the evolution improves on (seed 0: one accepted step)
+    "evolution": {"pass": "gptq", "group_size": 16, "bits": {**MIXED, "choices": [2, 4], "allocator": "evolution",
+                                                            "error_windows": 2, "evolution": SEARCH}},
 }
 MIXED_LABELS = ("rank", "knapsack", "evolution")
 
@@ -90,10 +91,14 @@ def test_codes_in_range_and_groups_as_configured(quantized):
         out_f, in_f = rec.shape
         assert (out_f, in_f) == tuple(weight(ran.model, name).shape)
         maxq = 2**rec.bits - 1
-        # packing in-range codes again gives the same words: a code >= 2^bits would have spilled into its neighbour
-        codes = _codes(rec)
         assert rec.packed.shape == (out_f, -(-in_f * rec.bits // 32)) and rec.packed.dtype == torch.int32
-        assert torch.equal(pack(codes, rec.bits, dim=1), rec.packed), name
+        # the codes the weights stand for, read back from the weights: integers within [0, 2^bits), and the packed
+        # ones (unpacking masks to `bits`, so a code the quantizer let overflow would differ here)
+        gi = rec.g_idx.long()
+        read = weight(ran.model, name) / rec.scale[:, gi] + rec.zero[:, gi].float()
+        assert (read - read.round()).abs().max() < 1e-3, name
+        assert 0 <= int(read.round().min()) and int(read.round().max()) <= maxq, name
+        assert torch.equal(read.round().to(torch.int32), _codes(rec)), name
         assert 0 <= int(rec.zero.min()) and int(rec.zero.max()) <= maxq
         if label not in MIXED_LABELS:
             assert rec.bits == spec["bits"]
@@ -200,7 +205,7 @@ def test_mixed_widths_keep_the_average_bits_budget_and_fused_groups_share(quanti
     assert avg <= AVERAGE + 1e-12
     assert len({r.bits for r in ran.plan.quantized.values()}) > 1  # a real mix
     assert ran.report.summary["average_bits"] == round(avg, 4)
-    assert avg > 3.0  # the budget is used: above the narrower width a uniform allocation would take
+    assert avg > 3.0  # and the allocation uses it (measured: 3.26 to 3.37)
     for layer in range(LAYERS):
         bits = {s: ran.plan.quantized[f"model.layers.{layer}.{'self_attn' if s in llama.ATTN else 'mlp'}.{s}"].bits
                 for s in SHORTS}
@@ -219,9 +224,10 @@ def test_mixed_widths_keep_the_average_bits_budget_and_fused_groups_share(quanti
             first = {"qkv": "self_attn.q_proj", "o": "self_attn.o_proj", "gate_up": "mlp.up_proj",
                      "down": "mlp.down_proj"}[kind]
             assert ran.plan.quantized[f"model.layers.{layer}.{first}"].bits == b
-    if label == "evolution":
+    if label == "evolution":  # the search moved from the knapsack's start, to a better allocation
         evo = ran.report.summary["evolution"]
-        assert evo["final_kl"] <= evo["start_kl"] and len(evo["kl_by_generation"]) == GENERATIONS + 1
+        assert evo["accepted"] >= 1 and evo["final_kl"] < evo["start_kl"]
+        assert len(evo["kl_by_generation"]) == GENERATIONS + 1
 
 
 PINS = {"pattern": r"\.down_proj$", "bits": 8}
@@ -300,3 +306,13 @@ def test_same_seed_same_records(quantized):
         other = again.plan.quantized[name]
         assert rec.scheme() == other.scheme()
         assert all(torch.equal(getattr(rec, k), getattr(other, k)) for k in ("packed", "scale", "zero", "g_idx"))
+    # the search took the same path, not only to the same end: every generation's KL, the steps it accepted
+    assert _timeless(again.report.summary) == _timeless(ran.report.summary)
+    assert again.report.rows == ran.report.rows
+
+
+def _timeless(value):
+    """A summary without its wall-clock entries ("seconds"), which differ between runs."""
+    if isinstance(value, dict):
+        return {k: _timeless(v) for k, v in value.items() if k != "seconds"}
+    return value
