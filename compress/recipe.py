@@ -146,9 +146,10 @@ class FlapConfig(_PruneBase):
 
     pass_: Literal["flap"] = Field("flap", alias="pass")
     metric: Literal["wifv", "ifv", "wifn"] = "wifv"
-    # FLAP standardizes head scores within a layer; with grouped-query attention a key-value group's score is then
-    # the mean of its query heads' standardized scores ("head"), or groups are standardized among themselves ("group")
-    standardize: Literal["head", "group"] = "head"
+    # where attention scores are standardized within a layer before a key-value group's score is averaged: over the
+    # query heads' mean scores ("head"), over the groups ("group"), or over o_proj's input channels ("channel", the
+    # FLAP reference's axis: attention groups spread less against MLP channels); see docs/results/flap_reference.md
+    standardize: Literal["head", "group", "channel"] = "head"
     compensate: bool = True
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

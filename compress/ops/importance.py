@@ -7,6 +7,8 @@ from typing import Literal
 import torch
 
 Metric = Literal["wifv", "ifv", "wifn", "wanda"]
+# where attention scores are standardized within a layer: query heads, key-value groups, o_proj input channels
+StandardizeAt = Literal["head", "group", "channel"] | None
 
 
 def channel_scores(metric: Metric, W: torch.Tensor, mean_sq: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -42,6 +44,25 @@ def standardize(x: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(std) or std == 0:
         return torch.zeros_like(x)
     return (x - x.mean()) / std
+
+
+def kv_group_scores(channel: torch.Tensor, n_heads: int, n_groups: int, at: StandardizeAt) -> torch.Tensor:
+    """Score of each key-value group of one layer from o_proj's per-input-channel scores: (heads * head_dim,) ->
+    (n_groups,), the mean over the group's channels, standardized within the layer at level `at`:
+
+    "channel" (the FLAP reference's axis): standardize the channels, then average per group;
+    "head": average per query head, standardize the heads, average per group;
+    "group": average per group, standardize the groups;  None: the raw mean.
+    The mean of standardized channels is (group mean - channel mean) / channel std: groups spread less than under
+    "head" or "group", whose std is taken over a few means."""
+    if at == "channel":
+        return group_scores(standardize(channel), n_groups)
+    heads = group_scores(channel, n_heads)  # (heads,)
+    if at == "head":
+        return group_scores(standardize(heads), n_groups)
+    if at == "group":
+        return standardize(group_scores(heads, n_groups))
+    return group_scores(heads, n_groups)
 
 
 def compensation_bias(W: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:

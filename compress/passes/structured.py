@@ -4,7 +4,6 @@ statistics block by block, score key-value groups and MLP channels, decide what 
 from __future__ import annotations
 
 import time
-from typing import Literal
 
 import torch
 from torch import nn
@@ -12,32 +11,31 @@ from torch import nn
 from calibration.capture import LinearStats, for_each_block
 from compress.errors import CompressError
 from compress.models import llama
-from compress.ops.importance import Metric, channel_scores, compensation_bias, group_scores, standardize
+from compress.ops.importance import (
+    Metric,
+    StandardizeAt,
+    channel_scores,
+    compensation_bias,
+    kv_group_scores,
+    standardize,
+)
 from compress.ops.structure import LayerKeep, LayerScores, global_threshold, uniform
 from compress.passes.base import PassContext
 from compress.plan import Structure, widths_of
 from compress.report import PassReport
-
-StandardizeAt = Literal["head", "group"] | None
 
 
 def _layer_scores(block: nn.Module, o: LinearStats, down: LinearStats, metric: Metric, hidden: int,
                   standardize_at: StandardizeAt) -> LayerScores:
     """Scores of a layer's key-value groups and MLP channels.
 
-    standardize_at: None (raw scores), "head" (standardize the query heads' scores within the layer, as FLAP does,
-    then average them per key-value group), or "group" (average per group first, then standardize the groups)."""
+    standardize_at: None (raw scores), or where attention scores are standardized within the layer (kv_group_scores:
+    "head", "group", or "channel" as the FLAP reference does); MLP channel scores are standardized unless None."""
     shape = llama.block_shape(block)
     lin = llama.linears(block)
     attn_ch = channel_scores(metric, lin["o_proj"].weight, o.sq_norm / o.n, o.var)  # (heads * head_dim,)
     mlp_ch = channel_scores(metric, lin["down_proj"].weight, down.sq_norm / down.n, down.var)  # (intermediate,)
-    heads = group_scores(attn_ch, shape.num_attention_heads)  # (heads,) mean over each head's channels
-    if standardize_at == "head":
-        groups = group_scores(standardize(heads), shape.num_key_value_heads)
-    elif standardize_at == "group":
-        groups = standardize(group_scores(heads, shape.num_key_value_heads))
-    else:
-        groups = group_scores(heads, shape.num_key_value_heads)
+    groups = kv_group_scores(attn_ch, shape.num_attention_heads, shape.num_key_value_heads, standardize_at)  # (G,)
     return LayerScores(
         groups=groups,
         channels=standardize(mlp_ch) if standardize_at else mlp_ch,
