@@ -74,6 +74,7 @@ def test_weights_equal_the_records_dequantized_exactly(quantized):
     label, ran = quantized
     records = ran.plan.quantized
     assert sorted(records) == sorted(llama.named_linears(ran.model))  # the default targets: every projection
+    assert sum(r.shape[0] * r.shape[1] for r in records.values()) == N_WEIGHTS
     for name, rec in records.items():
         lin = linear(ran.model, name)
         assert torch.equal(lin.weight, rec.dequantize().to(lin.weight.dtype)), name
