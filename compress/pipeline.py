@@ -269,7 +269,7 @@ def _round_to_export(model, plan: Plan, settings: export.ExportSettings) -> None
             p.copy_(p.to(settings.dtype))
         for name, q in plan.quantized.items():
             q.scale = q.scale.to(settings.scale_dtype)
-            named[name][2].weight.copy_(q.dequantize())
+            named[name][2].weight.copy_(q.dequantize(settings.dequantized_dtype))
 
 
 def _module_tensors(model) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:

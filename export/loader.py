@@ -161,6 +161,8 @@ def _build_skeleton(config: dict, manifest: Manifest) -> nn.Module:
 
     cfg = dict(config)
     cfg.pop("quantization_config", None)  # our loader builds QuantLinear itself, from the manifest
+    # what dequantized weights are rounded to, as export.ExportSettings.dequantized_dtype decided
+    model_dtype = DTYPES.get(str(config.get("dtype")))
     if cfg.get("model_type") == PRUNED_MODEL_TYPE:
         cfg["model_type"] = cfg.get("base_model_type")
         for key in PER_LAYER_KEYS:
@@ -192,7 +194,8 @@ def _build_skeleton(config: dict, manifest: Manifest) -> nn.Module:
                                 f"{[old.out_features, old.in_features]} (out, in)")
         setattr(parent, short, QuantLinear(old.in_features, old.out_features, scheme.bits, scheme.group_size,
                                            scheme.sym, bias=old.bias is not None, g_idx=not scheme.ordered,
-                                           device="meta"))
+                                           device="meta",
+                                           weight_dtype=torch.float16 if scheme.format == "gptq" else model_dtype))
     return model
 
 

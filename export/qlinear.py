@@ -21,8 +21,11 @@ class QuantLinear(nn.Module):
     weight_g_idx: torch.Tensor | None  # (in,) int32
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, sym: bool, bias: bool,
-                 g_idx: bool = False, device=None, dtype=torch.float32):
+                 g_idx: bool = False, device=None, dtype=torch.float32, weight_dtype: torch.dtype | None = None):
+        """weight_dtype: the artifact's weight dtype, which the dequantized weight is rounded to (None: the
+        scale's dtype); kept when the model is cast, since it defines the weights (export.kernels.reference)."""
         super().__init__()
+        self.weight_dtype = weight_dtype
         self.in_features, self.out_features, self.bits, self.group_size, self.sym = (
             in_features, out_features, bits, group_size, sym)
         g = in_features if group_size == -1 else group_size
@@ -45,7 +48,8 @@ class QuantLinear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         return dequantize_packed(self.weight_packed, self.weight_scale, self.weight_zero_point,
-                                 (self.out_features, self.in_features), self.bits, self.weight_g_idx)
+                                 (self.out_features, self.in_features), self.bits, self.weight_g_idx,
+                                 self.weight_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

@@ -26,14 +26,15 @@ class QuantRecord:
     zero: torch.Tensor
     g_idx: torch.Tensor
 
-    def dequantize(self) -> torch.Tensor:
-        """The weight (out, in) float32 this record stands for."""
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight (out, in) float32 this record stands for, rounded to `dtype` on the way (the artifact's weight
+        dtype; None: the scale's dtype) as export.kernels.reference defines it."""
         from export.kernels.reference import dequantize_packed
         from export.packing import pack
 
         zero = None if self.sym else pack(self.zero, self.bits, dim=0)
         return dequantize_packed(self.packed, self.scale, zero, self.shape, self.bits,
-                                 None if self.ordered_groups else self.g_idx).float()
+                                 None if self.ordered_groups else self.g_idx, dtype).float()
 
     def scheme(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym, "ordered": self.ordered_groups,

@@ -60,7 +60,18 @@ class ExportSettings:
 
     @property
     def scale_dtype(self) -> torch.dtype:
-        """The dtype quantization scales are stored in (the GPTQ format stores fp16 scales)."""
+        """The dtype quantization scales are stored in: 16 bits, as the formats' kernels read them (Marlin,
+        exllama, compressed-tensors' own) and as bits-per-weight figures count them. GPTQ stores float16; compressed-
+        tensors the export dtype when it is 16-bit, else float16 (a float32 export keeps float32 weights, not scales:
+        a scale's float16 rounding, 2^-11 relative, is far below the quantization step it scales)."""
+        if self.quant_format == "gptq" or self.dtype not in (torch.float16, torch.bfloat16):
+            return torch.float16
+        return self.dtype
+
+    @property
+    def dequantized_dtype(self) -> torch.dtype:
+        """What a quantized weight scale * (code - zero) is rounded to (export.kernels.reference): the GPTQ format's
+        runtimes (gptqmodel, exllama, Marlin) compute in float16; compressed-tensors in the model's dtype."""
         return torch.float16 if self.quant_format == "gptq" else self.dtype
 
 
@@ -166,7 +177,7 @@ def _stored_tensors(tensors: Iterable[tuple[str, dict[str, torch.Tensor]]], plan
     arrival.check_complete()
     for name, q in quantized.items():
         packed = (gptq_tensors(name, q) if settings.quant_format == "gptq"
-                  else quantized_tensors(name, q, settings.dtype))
+                  else quantized_tensors(name, q, settings.scale_dtype))
         bits.add(q, {k.removeprefix(f"{name}."): t for k, t in packed.items() if not k.endswith(".weight_shape")})
         yield from packed.items()
     hidden = config["hidden_size"]

@@ -8,13 +8,16 @@ from export.packing import unpack
 
 
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_packed: torch.Tensor | None,
-                      shape: tuple[int, int], bits: int, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+                      shape: tuple[int, int], bits: int, g_idx: torch.Tensor | None = None,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
     """The weight (out, in) from packed codes (out, ceil(in*bits/32)) int32, scale (out, G), zero points packed along
     dim 0 ((ceil(out*bits/32), G) int32; None = symmetric, zero 2^(bits-1)) and optional g_idx (in,).
 
-    The product is computed in the scale's dtype, as compressed-tensors, gptqmodel and the fp16 GPU kernels do: with
-    fp16 scales every weight is the fp16 rounding of scale * (code - zero) (exact for the small integer code - zero),
-    so all of those runtimes see the same weights bit for bit."""
+    Every weight is scale * (code - zero) computed in float32 (exact for 16-bit scales: an 11-bit significand times
+    an integer below 2^8) and rounded once to `dtype`, the artifact's weight dtype (default: the scale's dtype). A
+    runtime computing in that dtype (compressed-tensors, gptqmodel, the fp16/bf16 GPU kernels: their 16-bit product
+    is that same single rounding) sees the same weights bit for bit; a float32 artifact with float16 scales has the
+    exact products, as stock transformers computes them after casting the scales to float32."""
     out_f, in_f = shape
     codes = unpack(packed, bits, in_f, dim=1).float()  # (out, in)
     n_groups = scale.shape[1]
@@ -23,4 +26,4 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_packed: to
         zero = torch.full((out_f, n_groups), float(2 ** (bits - 1)))
     else:
         zero = unpack(zero_packed, bits, out_f, dim=0).float()  # (out, G)
-    return scale[:, gi] * (codes - zero[:, gi]).to(scale.dtype)
+    return (scale[:, gi].float() * (codes - zero[:, gi])).to(dtype or scale.dtype)

@@ -60,8 +60,8 @@ def test_gptq_w4_artifact_loads_in_stock_transformers(tiny_q, tmp_path):
     qc = cfg["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
     assert list(qc["config_groups"].values())[0]["weights"]["num_bits"] == 4
-    # 4-bit codes + one fp32 scale per 32 weights = 5 bits per weight
-    assert _bits_per_weight(res.artifact) == pytest.approx(4 + 32 / 32, rel=0.02)
+    # 4-bit codes + one 16-bit scale per 32 weights = 4.5 bits per weight (float16 scales beside float32 weights)
+    assert _bits_per_weight(res.artifact) == pytest.approx(4 + 16 / 32, rel=0.02)
     assert rep["bits_per_weight"]["stored"] == pytest.approx(rep["bits_per_weight"]["theory"], rel=0.02)
     assert rep["bits_per_weight"]["stored"] == pytest.approx(_bits_per_weight(res.artifact), rel=1e-6)
     assert rep["weights_bytes"]["compressed"] < 0.6 * rep["weights_bytes"]["dense"]
@@ -86,7 +86,7 @@ def test_asymmetric_widths_round_trip_with_our_loader(tiny_q, tmp_path, bits):
     res = _run(tiny_q, [{"pass": "rtn", "bits": bits, "group_size": 64, "sym": False}], tmp_path / "a")
     assert res.report["stock_config"] is False and "asymmetric" in res.report["stock_config_reason"]
     assert res.report["verify"]["max_abs_logit_diff"] < 1e-4
-    assert _bits_per_weight(res.artifact) == pytest.approx(bits + (32 + bits) / 64, rel=0.02)
+    assert _bits_per_weight(res.artifact) == pytest.approx(bits + (16 + bits) / 64, rel=0.02)  # 16-bit scale
     with pytest.raises((ValueError, KeyError)):  # stock transformers refuses rather than loading wrong weights
         from transformers import AutoModelForCausalLM
 
