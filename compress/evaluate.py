@@ -35,6 +35,21 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, des
 
 
 @torch.no_grad()
+def greedy_continuations(model: nn.Module, tokenizer, prompts: list[str], new_tokens: int) -> list[str]:
+    """The greedy continuation (exactly `new_tokens` tokens, decoded, special tokens kept out) of each prompt, one
+    prompt at a time (no padding), computed where the model is."""
+    generate = cast("GenerationMixin", model).generate  # a transformers causal LM
+    device = next(model.parameters()).device
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)  # (1, T)
+        tokens = generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          pad_token_id=pad_token_id(model))
+        out.append(tokenizer.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True))
+    return out
+
+
+@torch.no_grad()
 def generation_tokens_per_second(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 32) -> float:
     """Greedy generation speed at batch 1 (new tokens / second), after a short warm-up."""
     generate = cast("GenerationMixin", model).generate  # a transformers causal LM

@@ -64,6 +64,9 @@ class EvalSets:
 
     windows: dict[str, torch.Tensor] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # each once, in the order the texts were read
+    prompts: list[str] = field(default_factory=list)  # continued greedily by each model (evaluate.prompts)
+    new_tokens: int = 0
+    tokenizer: object = None
 
     @classmethod
     def build(cls, recipe: Recipe, tokenizer) -> EvalSets:
@@ -80,7 +83,15 @@ class EvalSets:
             sets.windows[Path(name).name] = eval_windows(extra.tokens(tokenizer, "all", want), e.seq_len,
                                                          e.max_windows, f"evaluate.extra {name!r}")
         sets.notes = list(dict.fromkeys(note for text in texts for note in text.notes))
+        sets.prompts, sets.new_tokens, sets.tokenizer = list(e.prompts), e.new_tokens, tokenizer
         return sets
+
+    def continuations(self, model, device: torch.device = CPU) -> list[str]:
+        """Greedy continuations of evaluate.prompts, computed on `device`."""
+        if not self.prompts:
+            return []
+        with on_device(model, device):
+            return ev.greedy_continuations(model, self.tokenizer, self.prompts, self.new_tokens)
 
     def perplexities(self, model, batch_size: int, device: torch.device = CPU, label: str | None = None
                      ) -> dict[str, float]:
@@ -288,11 +299,12 @@ class _Measured:
     ppl: dict[str, float]
     params: int
     decoder: int
+    continuations: list[str]
 
     @classmethod
     def of(cls, model, eval_sets: EvalSets, device: torch.device, label: str) -> _Measured:
         return cls(eval_sets.perplexities(model, EVAL_BATCH, device, label), ev.count_parameters(model),
-                   decoder_params(model))
+                   decoder_params(model), eval_sets.continuations(model, device))
 
 
 def _report(recipe: Recipe, source: ModelSource, source_sha: dict[str, str], reports: list[PassReport],
@@ -309,6 +321,8 @@ def _report(recipe: Recipe, source: ModelSource, source_sha: dict[str, str], rep
         "passes": [r.to_dict() for r in reports],
         "quality": quality,
         "perplexity_protocol": ev.PPL_PROTOCOL,
+        "generations": [{"prompt": p, "dense": d, "compressed": c} for p, d, c in
+                        zip(recipe.evaluate.prompts, dense.continuations, comp.continuations, strict=False)],
         "device": describe(device),
         "params": {"dense": dense.params, "compressed": comp.params},
         "decoder_params": {"dense": dense.decoder, "compressed": comp.decoder,

@@ -111,6 +111,10 @@ class CalibrationConfig(_Strict):
     batch_size: int = Field(8, ge=1, le=MAX_WINDOWS)
 
 
+MAX_PROMPTS = 16  # generations shown side by side
+MAX_NEW_TOKENS = 512  # per generation
+
+
 class EvaluateConfig(_Strict):
     """Held-out perplexity protocol: non-overlapping windows of seq_len over each named text."""
 
@@ -119,6 +123,12 @@ class EvaluateConfig(_Strict):
     # other domains (the source's held-out split is always evaluated); .jsonl/table rows: text in calibration.field
     extra: list[Annotated[str, Field(max_length=MAX_PATH)]] = Field(["licenses"], max_length=MAX_ITEMS)
     enabled: bool = True
+    # greedy continuations of these prompts by the dense and the compressed model, side by side in the report and
+    # the model card ([] for none)
+    prompts: list[Annotated[str, Field(min_length=1, max_length=MAX_NAME)]] = Field(
+        ["def fibonacci(n):", "Permission is hereby granted, free of charge,", "The Python standard library"],
+        max_length=MAX_PROMPTS)
+    new_tokens: int = Field(24, ge=1, le=MAX_NEW_TOKENS)
 
 
 class ExportConfig(_Strict):

@@ -51,6 +51,9 @@ class RunResult:
             parts.append(text_table(self.quality_rows()))
         if self.phase_rows():
             parts.append(text_table(self.phase_rows()))
+        if generation_rows(r):
+            parts.append(text_table(generation_rows(r)))
+        parts += [f"warning: {w}" for w in quality_warnings(r)]
         parts.append(f"reload max |logit diff| {r['verify']['max_abs_logit_diff']:.2e}; stock config: "
                      f"{'yes' if r['stock_config'] else 'no (' + r['stock_config_reason'] + ')'}; "
                      f"{r['seconds']:.0f} s; peak memory {r['peak_memory_mb']:.0f} MB")
@@ -63,6 +66,28 @@ class RunResult:
 
     def to_dict(self) -> dict:
         return {"artifact": str(self.artifact), **self.report}
+
+
+RECOVERY_FLOOR = 0.5  # dense / compressed perplexity below this: the model has lost most of what it knew on that text
+
+
+def quality_warnings(report: dict) -> list[str]:
+    """A plain sentence per evaluated text on which the compressed model's perplexity is more than 1 / RECOVERY_FLOOR
+    times the dense one's, with what to try."""
+    lost = [q for q in report.get("quality", []) if q["recovery"] < RECOVERY_FLOOR]
+    return [f"the compressed model has lost most of what it knew on {q['text']}: perplexity {q['dense ppl']} -> "
+            f"{q['compressed ppl']} (recovery {q['recovery']}, below {RECOVERY_FLOOR}). Try a smaller target, a "
+            "search that chooses the structure on the whole model (pass: tyr), quantization instead of pruning at "
+            "the same size (recipes/llama-w4.yaml), or calibration text closer to this one" for q in lost]
+
+
+def generation_rows(report: dict) -> list[dict]:
+    """Greedy continuations of the same prompts by the dense and the compressed model, one row per prompt."""
+    def shown(text: str) -> str:
+        return text.replace("\n", "\u23ce ").strip()  # one line per cell
+
+    return [{"prompt": g["prompt"], "dense": shown(g["dense"]), "compressed": shown(g["compressed"])}
+            for g in report.get("generations", [])]
 
 
 def summary_rows(report: dict) -> list[dict]:
@@ -100,11 +125,14 @@ def model_card(recipe: Recipe, identity: str, report: dict) -> str:
         "",
         markdown_table(report["quality"]) if report["quality"] else "(evaluation disabled)",
         "",
+        *[f"**Warning:** {w}.\n" for w in quality_warnings(report)],
         f"Perplexity protocol: {PPL_PROTOCOL}; seq_len {recipe.evaluate.seq_len}, "
         f"at most {recipe.evaluate.max_windows} windows per text. Recovery = dense / compressed perplexity.",
         "",
         markdown_table(summary_rows(report)),
         "",
+        *(["## Generations", "", f"Greedy, {recipe.evaluate.new_tokens} new tokens (\u23ce: a new line).", "",
+           markdown_table(generation_rows(report)), ""] if report.get("generations") else []),
         *_card_passes(report["passes"]),
         "## Loading",
         "",

@@ -37,7 +37,7 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -
         return ""
     columns = list(columns or _columns(rows))
     out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    out += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    out += ["| " + " | ".join(_fmt(r.get(c, "")).replace("|", "\\|") for c in columns) + " |" for r in rows]
     return "\n".join(out)
 
 
