@@ -57,17 +57,30 @@ ABLATION: list[tuple[str, str, Variant]] = [
     ("reference", "128x128", REFERENCE),
 ]
 
+# the pass itself (recipe data on top of the default's), and the variant whose cut it must equal
+PASS_ROWS: dict[str, tuple[dict, Variant]] = {
+    "ours: compress FLAP pass": ({}, OURS),
+    "ours: compress FLAP pass, standardize channel": ({"standardize": "channel"}, with_(OURS, standardize="channel")),
+}
+
 # rows at every target after the sides: the settings the ablation points to
 BEST: list[tuple[str, str, Variant]] = [
     ("ours, standardize channel", "64x256", with_(OURS, standardize="channel")),
     ("ours, standardize channel, uniform", "64x256", with_(OURS, standardize="channel", structure="uniform")),
+    ("ours, standardize channel, uniform", "128x128", with_(OURS, standardize="channel", structure="uniform")),
+    ("ours, standardize channel, round_to 1", "64x256", with_(OURS, standardize="channel", round_to=1)),
+    ("ours, standardize channel, attention score squared", "64x256",
+     with_(OURS, standardize="channel", attn_power=2)),
 ]
 
 # rows at every target: the two sides at both calibration settings
 SIDES: list[tuple[str, str, Variant]] = [
     ("reference", "1024x128", REFERENCE),
     ("reference", "64x256", REFERENCE),
+    ("reference", "128x128", REFERENCE),
     ("ours", "1024x128", OURS),
+    ("ours, standardize channel", "1024x128", with_(OURS, standardize="channel")),
+    ("ours, standardize channel", "128x128", with_(OURS, standardize="channel")),
 ]
 
 
@@ -202,7 +215,10 @@ class RowCache:
 
     def get(self, key: str, make) -> dict:
         if key not in self.rows:
-            self.rows[key] = make()
+            row = make()
+            if self.path.exists():  # rows another run added meanwhile
+                self.rows.update(json.loads(self.path.read_text()))
+            self.rows[key] = row
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.rows, indent=1))
         return self.rows[key]
@@ -245,9 +261,10 @@ def main() -> None:
     def measure(label: str, calib: str, v: Variant | None, ratio: float, n: int) -> dict:
         def make() -> dict:
             if v is None:  # the pass itself, checked against the cached-statistics path
+                spec, same = PASS_ROWS[label]
                 model = copy.deepcopy(dense)
-                _, plan, _ = run_pass(recipe, {"pass": "flap", "target": ratio}, model, windows[calib])
-                _, kept = cut(dense, stats_of(calib), OURS, ratio)
+                _, plan, _ = run_pass(recipe, {"pass": "flap", "target": ratio, **spec}, model, windows[calib])
+                _, kept = cut(dense, stats_of(calib), same, ratio)
                 for i, k in enumerate(kept):
                     s = plan.blocks[i].pruned[0]
                     if (s.kept_kv_groups != k.groups.nonzero().flatten().tolist()
@@ -267,6 +284,7 @@ def main() -> None:
     plan_rows: list[tuple[str, str, Variant | None, float, int]] = []
     for ratio in args.targets:
         plan_rows += [("ours: compress FLAP pass", "64x256", None, ratio, n_full),
+                      ("ours: compress FLAP pass, standardize channel", "128x128", None, ratio, n_full),
                       *[(label, calib, v, ratio, n_full) for label, calib, v in SIDES + BEST]]
     if not args.no_ablation:
         ratio = args.targets[0]
@@ -292,7 +310,7 @@ def main() -> None:
                       "model": recipe.model,
                       "calibration": "pydoc calibration split (91,805 tokens): " + "; ".join(
                           f"{k} = {n} windows of {t} tokens, {how}" for k, (n, t, how) in CALIBRATIONS.items()),
-                      "statistics seconds": {k: round(v, 1) for k, v in collect_s.items()},
+                      "statistics seconds": {k: round(v, 1) if v else "cached" for k, v in collect_s.items()},
                       "perplexity": f"seq_len 256, the first {args.max_windows} windows per text (one-factor rows: "
                                     f"the first {n_screen}, column 'eval windows')",
                       "vs ref": f"perplexity relative to the reference calibrated on {base}, same target and "
