@@ -233,6 +233,7 @@ def main() -> None:
                     help="evaluate the one-factor rows on the first N of the --max-windows windows (a cheaper screen)")
     ap.add_argument("--calibrations", nargs="+", default=list(CALIBRATIONS),
                     help="only the rows calibrated on these settings (a partial table while statistics are missing)")
+    ap.add_argument("--cached-only", action="store_true", help="write the table from the rows measured so far")
     args = ap.parse_args()
     from calibration.sources import load_corpus, tokenize
     from compress.models import load_model, resolve_model
@@ -258,7 +259,7 @@ def main() -> None:
     n_full, n_screen = args.max_windows, args.ablation_windows or args.max_windows
     screens = {n_full: sets, n_screen: first_windows(sets, n_screen)}
 
-    def measure(label: str, calib: str, v: Variant | None, ratio: float, n: int) -> dict:
+    def measure(label: str, calib: str, v: Variant | None, ratio: float, n: int) -> dict | None:
         def make() -> dict:
             if v is None:  # the pass itself, checked against the cached-statistics path
                 spec, same = PASS_ROWS[label]
@@ -279,7 +280,8 @@ def main() -> None:
                         raise SystemExit(f"layer {i}: reference_keeps and the REFERENCE variant differ ({calib})")
             return row(label, calib, ratio, model, dense_params, screens[n], kept)
 
-        return cache.get(f"{label}|{calib}|{v!r}|{ratio}|{n}", make)
+        key = f"{label}|{calib}|{v!r}|{ratio}|{n}"
+        return cache.rows.get(key) if args.cached_only else cache.get(key, make)
 
     plan_rows: list[tuple[str, str, Variant | None, float, int]] = []
     for ratio in args.targets:
@@ -295,7 +297,7 @@ def main() -> None:
         plan_rows += [(label, calib, v, ratio, n_screen) for label, calib, v in ABLATION]
     rows = [cache.get(f"dense||None|0|{n}", lambda n=n: row("dense", "", 0.0, dense, dense_params, screens[n]))
             for n in sorted({n_full, n_screen}, reverse=True)]
-    rows += [measure(*spec) for spec in plan_rows if spec[1] in args.calibrations]
+    rows += [r for spec in plan_rows if spec[1] in args.calibrations and (r := measure(*spec)) is not None]
     base = "1024x128" if "1024x128" in args.calibrations else "64x256"
     for r in rows:  # perplexity relative to the reference (at `base`), same target and evaluation windows
         ref = next((x for x in rows if x["method"] == "reference" and x["calibration"] == base
