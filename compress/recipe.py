@@ -156,10 +156,10 @@ class FlapConfig(_PruneBase):
 
     pass_: Literal["flap"] = Field("flap", alias="pass")
     metric: Literal["wifv", "ifv", "wifn"] = "wifv"
-    # where attention scores are standardized within a layer before a key-value group's score is averaged: over the
-    # query heads' mean scores ("head"), over the groups ("group"), or over o_proj's input channels ("channel", the
-    # FLAP reference's axis: attention groups spread less against MLP channels); see docs/results/flap_reference.md
-    standardize: Literal["head", "group", "channel"] = "head"
+    # where attention scores are standardized within a layer before a key-value group's score is averaged: over o_proj's
+    # input channels ("channel", the FLAP reference's axis and the default), over the query heads' mean scores
+    # ("head", the default before 2026-11-30), or over the groups ("group"); see docs/results/flap_reference.md
+    standardize: Literal["head", "group", "channel"] = "channel"
     compensate: bool = True
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -42,7 +42,8 @@ RECIPES: dict[str, dict] = {
         "calibration": SMALL,
         "evaluate": {"enabled": False},
         "passes": [
-            {"pass": "flap", "target": 0.3, "structure": "adaptive", "round_to": 16},
+            # head standardization: every layer loses a key-value group, so each stores both compensation biases
+            {"pass": "flap", "target": 0.3, "structure": "adaptive", "round_to": 16, "standardize": "head"},
             {"pass": "gptq", "bits": 4, "group_size": 16, "act_order": True, "static_groups": False,
              "overrides": [{"pattern": r"\.(q|k|v)_proj$", "bits": 2},  # a fused group shares one scheme
                            {"pattern": r"\.o_proj$", "bits": 3, "group_size": -1},

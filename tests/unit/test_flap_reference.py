@@ -53,9 +53,9 @@ def test_standardization_axis_decides_the_keep_masks(at, groups, channels):
     assert keep.channels.tolist() == channels
 
 
-def test_config_accepts_the_reference_axis_and_keeps_head_as_default():
-    assert FlapConfig(target=0.3).standardize == "head"
-    assert FlapConfig(target=0.3, standardize="channel").standardize == "channel"
+def test_config_defaults_to_the_reference_axis_and_keeps_head():
+    assert FlapConfig(target=0.3).standardize == "channel"
+    assert FlapConfig(target=0.3, standardize="head").standardize == "head"
     with pytest.raises(ValidationError, match="standardize"):
         FlapConfig(target=0.3, standardize="layer")
 
