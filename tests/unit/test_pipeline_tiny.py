@@ -27,7 +27,9 @@ def _logits(model, ids):
 def test_run_reload_equal(tiny_any, tmp_path, structure):
     res = api.run(_recipe(tiny_any, structure), out=tmp_path / "art", overrides=SMALL, log=lambda *_: None)
     rep = res.report
-    assert abs(rep["decoder_params"]["removed"] - 0.3) < (0.01 if structure == "adaptive" else 0.02)
+    # adaptive: the global threshold stops at the unit whose cumulative cost is nearest the budget; one key-value group
+    # is about 5% of these tiny models' decoder parameters, so the cut can miss by half of that (2.4%)
+    assert abs(rep["decoder_params"]["removed"] - 0.3) < (0.025 if structure == "adaptive" else 0.02)
     assert rep["verify"]["max_abs_logit_diff"] < 1e-4
     assert {q["text"] for q in rep["quality"]} == {"pydoc-heldout", "licenses"}
     assert export.verify(res.artifact) == []
