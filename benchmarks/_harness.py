@@ -31,6 +31,16 @@ def default_setup(windows: int, max_windows: int, threads: int):
     return recipe, model, calib, EvalSets.build(recipe, tok)
 
 
+def weights_sha256(folder: Path) -> str:
+    """sha256 over a folder's *.safetensors files in name order (first 16 hex digits): same bytes, same digest."""
+    import hashlib
+
+    sha = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        sha.update(f.read_bytes())
+    return sha.hexdigest()[:16]
+
+
 def quantized_bits(plan) -> dict:
     """Average code bits and bits per weight (codes + one 16-bit scale per group) of the quantized linears."""
     n = sum(q.shape[0] * q.shape[1] for q in plan.quantized.values())

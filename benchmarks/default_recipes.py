@@ -12,7 +12,6 @@ rows into the JSON already there (one row per recipe)."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -25,15 +24,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def row_of(name: str, artifact: Path, report: dict) -> dict:
-    sha = hashlib.sha256()
-    for f in sorted(artifact.glob("*.safetensors")):
-        sha.update(f.read_bytes())
+    from _harness import weights_sha256
+
     bits = report.get("bits_per_weight") or {}
     return {"recipe": name, **{f"ppl {q['text']}": q["compressed ppl"] for q in report["quality"]},
             "bits/weight": bits.get("stored", ""),
             "weights MB": round(report["weights_bytes"]["compressed"] / 2**20, 1),
             "removed": report["decoder_params"]["removed"], "run s": report["seconds"],
-            "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or "", "weights sha256": sha.hexdigest()[:16]}
+            "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or "", "weights sha256": weights_sha256(artifact)}
 
 
 def main() -> int:

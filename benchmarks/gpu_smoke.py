@@ -10,7 +10,6 @@ Writes docs/results/gpu_smoke.{json,md}; exits 2 without a CUDA device, 1 when a
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ def main() -> int:
     if args.device != "cpu" and not torch.cuda.is_available():
         print(f"no CUDA device visible to torch {torch.__version__} (CUDA build: {torch.version.cuda}); nothing run")
         return 2
-    from _harness import write_results
+    from _harness import weights_sha256, write_results
 
     import export
     from calibration.sources import eval_windows, load_corpus
@@ -59,14 +58,11 @@ def main() -> int:
                                  dtype=torch.float32)(input_ids=ids.to(args.device)).logits.cpu()
         diff = float((on_cpu - on_gpu).abs().max())
         report = result.report
-        sha = hashlib.sha256()
-        for f in sorted(result.artifact.glob("*.safetensors")):
-            sha.update(f.read_bytes())
         rows.append({"recipe": name, "device": report["device"], "run s": round(seconds, 1),
                      **{f"ppl {q['text']}": q["compressed ppl"] for q in report["quality"]},
                      "bits/weight": (report.get("bits_per_weight") or {}).get("stored", ""),
                      "max |logit diff| cuda vs cpu": f"{diff:.2e}", "within 1e-3": diff < TOLERANCE,
-                     "weights sha256": sha.hexdigest()[:16]})
+                     "weights sha256": weights_sha256(result.artifact)})
         print(rows[-1], flush=True)
     write_results(Path(args.out), "GPU smoke check: default recipes on CUDA, artifacts loaded on the GPU",
                   __file__, {"torch": torch.__version__,

@@ -28,6 +28,7 @@ from export.format import (
     manifest_errors,
 )
 from export.interop import gptq_to_packed
+from export.kernels.reference import dequantized_dtype
 from export.qlinear import QuantLinear
 from export.target import links_outside
 
@@ -161,8 +162,7 @@ def _build_skeleton(config: dict, manifest: Manifest) -> nn.Module:
 
     cfg = dict(config)
     cfg.pop("quantization_config", None)  # our loader builds QuantLinear itself, from the manifest
-    # what dequantized weights are rounded to, as export.ExportSettings.dequantized_dtype decided
-    model_dtype = DTYPES.get(str(config.get("dtype")))
+    model_dtype = DTYPES.get(str(config.get("dtype")))  # what compressed-tensors weights are rounded to
     if cfg.get("model_type") == PRUNED_MODEL_TYPE:
         cfg["model_type"] = cfg.get("base_model_type")
         for key in PER_LAYER_KEYS:
@@ -195,7 +195,7 @@ def _build_skeleton(config: dict, manifest: Manifest) -> nn.Module:
         setattr(parent, short, QuantLinear(old.in_features, old.out_features, scheme.bits, scheme.group_size,
                                            scheme.sym, bias=old.bias is not None, g_idx=not scheme.ordered,
                                            device="meta",
-                                           weight_dtype=torch.float16 if scheme.format == "gptq" else model_dtype))
+                                           weight_dtype=dequantized_dtype(scheme.format, model_dtype)))
     return model
 
 

@@ -23,6 +23,7 @@ from export.interop import (
     remote_code_auto_map,
     remote_code_source,
 )
+from export.kernels.reference import dequantized_dtype
 from export.records import BlockWidths, QuantRecord
 from export.target import check_apart, check_target, recover_leftovers
 from export.writer import ArtifactWriter, source_files
@@ -70,9 +71,8 @@ class ExportSettings:
 
     @property
     def dequantized_dtype(self) -> torch.dtype:
-        """What a quantized weight scale * (code - zero) is rounded to (export.kernels.reference): the GPTQ format's
-        runtimes (gptqmodel, exllama, Marlin) compute in float16; compressed-tensors in the model's dtype."""
-        return torch.float16 if self.quant_format == "gptq" else self.dtype
+        """What a quantized weight is rounded to (export.kernels.reference.dequantized_dtype)."""
+        return dequantized_dtype(self.quant_format, self.dtype) or self.dtype
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,12 @@ import torch
 from export.packing import unpack
 
 
+def dequantized_dtype(quant_format: str, model_dtype: torch.dtype | None) -> torch.dtype | None:
+    """What a quantized weight scale * (code - zero) is rounded to: float16 in the GPTQ format (its runtimes,
+    gptqmodel, exllama and Marlin, compute in float16); the model's dtype in compressed-tensors (None: the scale's)."""
+    return torch.float16 if quant_format == "gptq" else model_dtype
+
+
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_packed: torch.Tensor | None,
                       shape: tuple[int, int], bits: int, g_idx: torch.Tensor | None = None,
                       dtype: torch.dtype | None = None) -> torch.Tensor:

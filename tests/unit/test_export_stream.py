@@ -8,7 +8,6 @@ import itertools
 import json
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from export.format import SINGLE_WEIGHTS, WEIGHTS_INDEX, shard_name
 from export.interop import gptq_tensors, quantized_tensors
 from export.packing import pack
 from export.records import BlockWidths, QuantRecord
+from tests.export_stubs import StubPlan
 
 HIDDEN, VOCAB, BLOCKS = 64, 80, 3
 WIDTHS = BlockWidths(num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96, bias=("o_proj",))
@@ -28,16 +28,6 @@ PROJ = {"self_attn.q_proj": (64, HIDDEN), "self_attn.k_proj": (32, HIDDEN), "sel
         "mlp.down_proj": (HIDDEN, 96)}
 MODULE = "model.layers.{}.{}"
 
-
-@dataclass
-class _Plan:
-    """export.write's ArtifactPlan without compress: widths per block, quantized linears in plan order."""
-
-    widths: list[BlockWidths]
-    quantized: dict[str, QuantRecord] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {"passes": ["test"]}
 
 
 def _record(shape: tuple[int, int], bits: int, group: int, sym: bool = True, ordered: bool = True) -> QuantRecord:
@@ -55,7 +45,7 @@ def _record(shape: tuple[int, int], bits: int, group: int, sym: bool = True, ord
                        g_idx=g_idx.to(torch.int32))
 
 
-def _plan(quant_format: str) -> _Plan:
+def _plan(quant_format: str) -> StubPlan:
     """gptq: every projection at 4 bits (a stock config: zero q/k/v biases beside the o_proj biases);
     compressed-tensors: mixed widths, one asymmetric act-order linear (per-layer config: no zero biases)."""
     if quant_format == "gptq":
@@ -65,7 +55,7 @@ def _plan(quant_format: str) -> _Plan:
                                                                              "self_attn.v_proj", "mlp.up_proj")}
         quantized[MODULE.format(1, "mlp.down_proj")] = _record(PROJ["mlp.down_proj"], 3, 32, sym=False, ordered=False)
         quantized[MODULE.format(2, "mlp.gate_proj")] = _record(PROJ["mlp.gate_proj"], 8, 16)
-    return _Plan([WIDTHS] * BLOCKS, quantized)
+    return StubPlan([WIDTHS] * BLOCKS, quantized)
 
 
 def _config(tied: bool) -> dict:
@@ -104,7 +94,7 @@ def _stream(order: list[str] | None = None) -> Iterator[tuple[str, dict[str, tor
         yield module, _parts(module)
 
 
-def _write(out: Path, plan: _Plan, settings: export.ExportSettings, tensors, tied: bool = True) -> dict:
+def _write(out: Path, plan: StubPlan, settings: export.ExportSettings, tensors, tied: bool = True) -> dict:
     source = out.parent / "source"
     source.mkdir(parents=True, exist_ok=True)
     provenance = export.Provenance(folder=source, source={"name": "t", "identity": "t", "path": "t"},
@@ -115,7 +105,7 @@ def _write(out: Path, plan: _Plan, settings: export.ExportSettings, tensors, tie
     return report
 
 
-def _one_shot(plan: _Plan, settings: export.ExportSettings, tied: bool) -> dict[str, torch.Tensor]:
+def _one_shot(plan: StubPlan, settings: export.ExportSettings, tied: bool) -> dict[str, torch.Tensor]:
     """The whole stored state in stored order, built at once: plain tensors in arrival order (quantized weights and
     a tied lm_head left out), packed parts in plan order, then the zero biases a stock config implies."""
     state = {}

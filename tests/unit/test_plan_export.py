@@ -5,7 +5,6 @@ dropped when tied, manifest through the typed Manifest), and refuses a format th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from compress.plan import BlockPlan, Plan, Structure
 from export.format import Manifest
 from export.packing import pack
 from export.records import BlockWidths, QuantRecord
+from tests.export_stubs import StubPlan
 
 DENSE = BlockWidths(num_attention_heads=6, num_key_value_heads=3, head_dim=16, intermediate_size=128)
 HIDDEN, VOCAB = 96, 50
@@ -57,16 +57,6 @@ def _record(out_f: int, in_f: int, bits: int = 4, group: int = 32) -> QuantRecor
                        g_idx=(torch.arange(in_f) // group).to(torch.int32))
 
 
-@dataclass
-class _Plan:
-    """export.write's ArtifactPlan, without compress: widths per block, quantized linears."""
-
-    widths: list[BlockWidths]
-    quantized: dict[str, QuantRecord] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {"passes": ["test"]}
-
 
 def _config(**over) -> dict:
     return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": VOCAB, "hidden_size": HIDDEN,
@@ -97,7 +87,7 @@ def _modules(widths: list[BlockWidths]) -> list[tuple[str, dict[str, torch.Tenso
     return mods
 
 
-def _write(tmp_path, plan: _Plan, quant_format="compressed-tensors", **config_over):
+def _write(tmp_path, plan: StubPlan, quant_format="compressed-tensors", **config_over):
     provenance = export.Provenance(folder=tmp_path / "source", source={"name": "t", "identity": "t", "path": "t"},
                                    config=_config(**config_over), recipe={"name": "t"}, recipe_yaml="name: t\n", seed=0)
     (tmp_path / "source").mkdir(parents=True, exist_ok=True)
@@ -112,7 +102,7 @@ def _write(tmp_path, plan: _Plan, quant_format="compressed-tensors", **config_ov
 
 def test_write_fills_zero_biases_from_the_plan_and_drops_tied_head(tmp_path):
     biased = DENSE.with_bias("o_proj")
-    plan = _Plan([biased, biased], {"model.layers.1.mlp.up_proj": _record(128, HIDDEN)})
+    plan = StubPlan([biased, biased], {"model.layers.1.mlp.up_proj": _record(128, HIDDEN)})
     report, checked, notes = _write(tmp_path, plan)
     art = tmp_path / "art"
     assert notes == [] and len(checked) == 1 and not checked[0].exists()  # checked in the temporary folder
@@ -140,24 +130,24 @@ def test_write_fills_zero_biases_from_the_plan_and_drops_tied_head(tmp_path):
 
 def test_write_per_layer_widths_and_gptq_refusal(tmp_path):
     pruned = BlockWidths(4, 2, 16, 64, ("o_proj",))
-    report, _, _ = _write(tmp_path, _Plan([DENSE.with_bias("o_proj"), pruned]))
+    report, _, _ = _write(tmp_path, StubPlan([DENSE.with_bias("o_proj"), pruned]))
     assert report["stock_config"] is False
     layers = json.loads((tmp_path / "art" / "manifest.json").read_text())["architecture"]["layers"]
     assert layers[1] == {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 64,
                          "bias": ["o_proj"]}
     with pytest.raises(export.UnwritableError, match="export.quant_format: gptq cannot store this model"):
-        _write(tmp_path / "g", _Plan([DENSE, pruned], {"model.layers.1.mlp.up_proj": _record(64, HIDDEN)}), "gptq")
+        _write(tmp_path / "g", StubPlan([DENSE, pruned], {"model.layers.1.mlp.up_proj": _record(64, HIDDEN)}), "gptq")
     assert not (tmp_path / "g" / "art").exists()
 
 
 def test_write_refuses_a_bias_the_plan_does_not_record(tmp_path):
     with pytest.raises(ValueError, match=r"model.layers.0.self_attn.o_proj.bias: a bias that the plan does not"):
-        _write(tmp_path, _Plan([DENSE, DENSE.with_bias("o_proj")]))
+        _write(tmp_path, StubPlan([DENSE, DENSE.with_bias("o_proj")]))
     assert not (tmp_path / "art").exists()
 
 
 def test_a_failed_check_commits_nothing(tmp_path):
-    plan = _Plan([DENSE.with_bias("o_proj")] * 2)
+    plan = StubPlan([DENSE.with_bias("o_proj")] * 2)
     provenance = export.Provenance(folder=tmp_path, source={"name": "t", "identity": "t", "path": "t"},
                                    config=_config(), recipe={}, recipe_yaml="", seed=0)
 
