@@ -65,8 +65,9 @@ class LoRALinear(nn.Module):
 def wrap(model: nn.Module, names: list[str], A_by_name: dict[str, torch.Tensor],
          B_by_name: dict[str, torch.Tensor]) -> dict[str, LoRALinear]:
     """Replace each linear `names[i]` (full module name; an nn.Linear or QuantLinear) of `model` by a LoRALinear
-    around it with A_by_name[name] (rank, in) and B_by_name[name] (out, rank); returns the wrappers by name. Raises ValueError naming the module
-    when it is already wrapped, is not such a linear, or its shapes do not fit (nothing is wrapped then)."""
+    around it with A_by_name[name] (rank, in) and B_by_name[name] (out, rank); returns the wrappers by name.
+    Raises ValueError naming the module when it is already wrapped, is not such a linear, or its shapes do not fit
+    (nothing is wrapped then)."""
     bases: dict[str, nn.Linear | QuantLinear] = {}
     for name in names:
         module = model.get_submodule(name)
