@@ -255,7 +255,11 @@ def _run_passes(recipe: Recipe, model, calib: torch.Tensor, plan: Plan, device: 
 def _check_plan(plan: Plan, model) -> None:
     """The plan's widths are the model's: a pass that cut a block without recording it (or recorded something
     else) stops the run here, not in a reader of the artifact."""
-    for i, (block, planned) in enumerate(zip(llama.blocks(model), plan.widths, strict=True)):
+    blocks, widths = llama.blocks(model), plan.widths
+    if len(blocks) != len(widths):
+        raise CompressError(f"the plan has {len(widths)} layers, the model {len(blocks)}; a pass removed or added a "
+                            "block without recording it")
+    for i, (block, planned) in enumerate(zip(blocks, widths, strict=True)):
         actual = widths_of(llama.block_shape(block))
         if actual != planned:
             raise CompressError(f"layer {i}: the plan says {planned}, the model is {actual}; a pass did not record "
