@@ -3,10 +3,16 @@ show as tables in a notebook (`_repr_html_`) and as text in a terminal (`str`)."
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 with warnings.catch_warnings():
     # tqdm.auto, which our passes and transformers import, warns "IProgress not found" on its first import in a
@@ -20,7 +26,7 @@ from pydantic import BaseModel, ConfigDict  # noqa: E402
 
 from calibration.readers import reader  # noqa: E402
 from calibration.sources import PACKAGED  # noqa: E402
-from compress.errors import ArtifactError, InputError  # noqa: E402
+from compress.errors import ArtifactError, CompressError, InputError  # noqa: E402
 from compress.models import local_folder  # noqa: E402
 from compress.models.default import DEFAULT_MODELS  # noqa: E402
 from compress.pipeline import RunResult  # noqa: E402
@@ -29,6 +35,39 @@ from compress.tables import html_table, text_table  # noqa: E402
 from export.format import MAX_DETAIL, Manifest  # noqa: E402
 
 PROMPT_TOKENS = 16  # tokens of the prompt `eval` measures generation speed from (batch 1): a short user turn
+
+# The library's messages name the command line's flags; a Python caller reads the argument it passes instead
+PYTHON_NAMES = {"--overwrite": "overwrite=True", "--resume": "resume=True", "--set": "overrides", "--out": "out"}
+_FLAG = re.compile("|".join(rf"{re.escape(flag)}(?![\w-])" for flag in PYTHON_NAMES))
+_ON_COMMAND_LINE: ContextVar[bool] = ContextVar("on_command_line", default=False)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@contextmanager
+def command_line() -> Iterator[None]:
+    """Within it, errors from this module's functions name the CLI's flags (`pass --overwrite`); outside it, the
+    Python arguments (`pass overwrite=True`). The CLI enters it around each command; it restores itself."""
+    token = _ON_COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _ON_COMMAND_LINE.reset(token)
+
+
+def _python_names(fn: F) -> F:
+    """Errors raised through `fn` (CompressError and its kinds, ArtifactError) name Python arguments instead of
+    CLI flags (PYTHON_NAMES), unless the CLI called; the exception, its type and traceback are otherwise kept."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (CompressError, ArtifactError) as err:
+            if not _ON_COMMAND_LINE.get() and err.args and isinstance(err.args[0], str):
+                err.args = (_FLAG.sub(lambda m: PYTHON_NAMES[m.group(0)], err.args[0]), *err.args[1:])
+            raise
+
+    return wrapper  # type: ignore[return-value]
 
 
 def check_paths(recipe: Recipe) -> None:
@@ -53,6 +92,7 @@ def check_paths(recipe: Recipe) -> None:
             raise InputError(f"{where}: {err}") from None
 
 
+@_python_names
 def validate(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Load and check a recipe (and `--set` overrides) and its local paths (check_paths), without reading any model
     weights or text."""
@@ -61,6 +101,7 @@ def validate(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[st
     return checked
 
 
+@_python_names
 def run(recipe: str | Path | dict | Recipe, out: str | Path | None = None, overwrite: bool = False,
         overrides: list[str] | tuple[str, ...] = (), log=print, resume: bool = False) -> RunResult:
     """Run a recipe end to end; writes the artifact to `out` (default artifacts/<recipe name>/). `resume=True`
@@ -96,6 +137,7 @@ class VerifyResult:
         return {"artifact": str(self.artifact), "ok": self.ok, "problems": self.problems}
 
 
+@_python_names
 def verify(artifact: str | Path) -> VerifyResult:
     """Check an artifact folder against its manifest; each problem names the file or tensor."""
     import export
@@ -165,6 +207,7 @@ class InspectResult:
         return {"artifact": str(self.artifact), "summary": self.summary(), "layers": self.layer_rows()}
 
 
+@_python_names
 def inspect(artifact: str | Path) -> InspectResult:
     """What an artifact holds: source, passes, per-layer widths, size."""
     artifact = Path(artifact)
@@ -210,6 +253,7 @@ def source_changes(recorded: dict[str, str], folder: Path) -> list[str]:
     return lines
 
 
+@_python_names
 def eval(artifact: str | Path, max_windows: int | None = None, new_tokens: int = 32) -> EvalResult:  # noqa: A001
     """Dense source vs artifact side by side: held-out perplexity per text, parameters, size on disk, CPU tokens/s."""
     import export

@@ -18,7 +18,8 @@ def _errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with api.command_line():  # errors name our flags, not the Python arguments
+                return fn(*args, **kwargs)
         except (InputError, ArtifactError) as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)

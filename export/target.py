@@ -155,7 +155,7 @@ def _check_target(out: Path, overwrite: bool) -> None:
                                   f"{FORMAT_NAME!r}); refusing to replace it, --overwrite included: name another "
                                   "folder, or remove it yourself")
             if not overwrite:
-                raise TargetError(f"output {out} exists; pass --overwrite (overwrite=True in Python) to replace it")
+                raise TargetError(f"output {out} exists; pass --overwrite to replace it")
             extra = _unlisted(out)
             if extra:
                 raise TargetError(f"output {out} holds files that are not part of the artifact "

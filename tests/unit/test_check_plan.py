@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from compress.errors import CompressError
 from compress.models import llama
 from compress.pipeline import _check_plan
-from compress.plan import Plan, widths_of
+from compress.plan import Plan
 from tests.tiny import tiny_config
 
 
