@@ -29,7 +29,7 @@ from export.format import (
 )
 from export.interop import gptq_to_packed
 from export.kernels.reference import dequantized_dtype
-from export.qlinear import QuantLinear
+from export.qlinear import Kernel, QuantLinear, use_kernel
 from export.target import links_outside
 
 _ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
@@ -200,9 +200,10 @@ def _build_skeleton(config: dict, manifest: Manifest) -> nn.Module:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-         check_hashes: bool = False) -> nn.Module:
+         check_hashes: bool = False, kernel: Kernel = "reference") -> nn.Module:
     """A ready-to-run model (eval mode) from an artifact folder; refuses one that does not match its manifest, and
-    one with NaN or Inf in any floating tensor (named)."""
+    one with NaN or Inf in any floating tensor (named). `kernel` computes the quantized linears: "reference" (the
+    oracle), "cpu" (torch's int4 kernel, bfloat16), "auto" (the fastest for the device); see QuantLinear.use_kernel."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -255,6 +256,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     model.to(device=device)
     if dtype is not None:
         _cast(model, dtype)
+    use_kernel(model, kernel)
     return model.eval().requires_grad_(False)
 
 
