@@ -1,6 +1,10 @@
 """LoRALinear: a linear layer (nn.Linear or QuantLinear) with a low-rank correction beside it,
 y = base(x) + (x A^T) B^T, A (rank, in), B (out, rank); the scale is 1 (PEFT's r = lora_alpha). Module surgery to put
-wrappers in and take them out by full module name (`model.layers.3.mlp.up_proj`)."""
+wrappers in and take them out by full module name (`model.layers.3.mlp.up_proj`).
+
+The wrapper is transparent to whoever reads tensors or weights: in its state dict the base's tensors keep their stock
+names (`q_proj.weight`, not `q_proj.base.weight`) beside `q_proj.lora_A.weight` and `q_proj.lora_B.weight`, loading
+takes the same names, and `weight` / `bias` are the base's."""
 
 from __future__ import annotations
 
@@ -9,11 +13,15 @@ from torch import nn
 
 from export.qlinear import QuantLinear
 
+BASE = "base"  # the wrapped linear's attribute name (its tensors are stored without it)
+
 
 class LoRALinear(nn.Module):
     """base(x) + lora_B(lora_A(x)): `base` is the wrapped linear (its tensors keep their names under `base.`),
     `lora_A.weight` (rank, in), `lora_B.weight` (out, rank). The correction runs in its own weights' dtype and is
     cast back to the base output's dtype."""
+
+    base: nn.Linear | QuantLinear  # a submodule (registered in __init__; declared for the type checker)
 
     def __init__(self, base: nn.Linear | QuantLinear, A: torch.Tensor, B: torch.Tensor):
         """base: a linear with in_features/out_features; A (rank, in), B (out, rank), copied. Raises ValueError when
@@ -30,6 +38,8 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             self.lora_A.weight.copy_(A)
             self.lora_B.weight.copy_(B)
+        self.register_state_dict_post_hook(_stock_names)
+        self.register_load_state_dict_pre_hook(_base_names)
 
     @property
     def in_features(self) -> int:
@@ -42,6 +52,17 @@ class LoRALinear(nn.Module):
     @property
     def rank(self) -> int:
         return self.lora_A.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base's weight (out, in); AttributeError for a packed base (QuantLinear has none)."""
+        if not isinstance(self.base, nn.Linear):
+            raise AttributeError(f"LoRALinear: its base is a {type(self.base).__name__}, which has no weight")
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # (..., out)
@@ -103,6 +124,24 @@ def unwrap(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 def adapters(model: nn.Module) -> dict[str, LoRALinear]:
     """The model's LoRALinear wrappers by full module name, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _stock_names(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, local_metadata) -> None:
+    """State-dict hook: `<prefix>base.<k>` -> `<prefix><k>`, in place and in order (this module's keys are the
+    last ones added)."""
+    base = f"{prefix}{BASE}."
+    mine = [k for k in state if k.startswith(prefix)]
+    for k in mine:
+        state[prefix + k.removeprefix(base) if k.startswith(base) else k] = state.pop(k)
+
+
+def _base_names(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, local_metadata, strict: bool,
+                missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+    """Load-state-dict pre-hook: the stock names `<prefix><k>` of the base's own tensors -> `<prefix>base.<k>`."""
+    for k in list(state):
+        rest = k.removeprefix(prefix)
+        if k.startswith(prefix) and "." not in rest:
+            state[f"{prefix}{BASE}.{rest}"] = state.pop(k)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
