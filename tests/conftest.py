@@ -42,5 +42,7 @@ def fresh_run_state(tmp_path_factory):
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The integration tier (the packaged default model, minutes) runs last, whatever folders hold the tests, so a
-    failure in the fast tiers shows before it starts; the order within each tier is kept (the sort is stable)."""
-    items.sort(key=lambda item: item.get_closest_marker("integration") is not None)
+    failure in the fast tiers shows before it starts, and the docs tier (every README and docs/ code block, the main
+    job included) after it; the order within each tier is kept (the sort is stable)."""
+    items.sort(key=lambda item: (item.get_closest_marker("integration") is not None,
+                                 item.get_closest_marker("docs") is not None))
