@@ -153,11 +153,12 @@ def _with_base(base: nn.Module) -> LoRALinear:
 def test_wrapper_state_dict_keeps_the_base_names_and_loads_back():
     """Export reads the model's state dict: the base's tensors keep their stock names, the correction sits beside."""
     g = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    first = nn.Linear(4, 3)
+    model = nn.Sequential(first, nn.Linear(3, 2))
     wrap(model, ["0"], {"0": torch.randn(2, 4, generator=g)}, {"0": torch.randn(3, 2, generator=g)})
     state = model.state_dict()
     assert list(state) == ["0.weight", "0.bias", "0.lora_A.weight", "0.lora_B.weight", "1.weight", "1.bias"]
-    assert torch.equal(state["0.weight"], model[0].weight) and state["0.weight"].shape == (3, 4)
+    assert torch.equal(state["0.weight"], first.weight) and state["0.weight"].shape == (3, 4)
     other = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
     wrap(other, ["0"], {"0": torch.zeros(2, 4)}, {"0": torch.zeros(3, 2)})
     assert not other.load_state_dict(state, strict=True).missing_keys
