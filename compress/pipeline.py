@@ -16,6 +16,7 @@ from safetensors import safe_open
 import export
 from calibration.budget import check_fits
 from calibration.sources import chat_renderer, draw_windows, eval_windows, load_corpus
+from calibration.teacher import teacher_targets
 from compress import evaluate as ev
 from compress import journal
 from compress.device import CPU, describe, on_device
@@ -26,7 +27,7 @@ from compress.models.checks import check_export_dtype
 from compress.models.default import runs_dir
 from compress.passes import PassContext, make_pass
 from compress.plan import Plan, widths_of
-from compress.recipe import Recipe
+from compress.recipe import LoraConfig, Recipe
 from compress.report import PassReport, RunResult, model_card
 from compress.search.variants import fingerprint
 from compress.tables import text_table
@@ -240,6 +241,14 @@ def _run_passes(recipe: Recipe, model, calib: torch.Tensor, plan: Plan, device: 
     # resumable state (variant databases) lives in the user cache, keyed by content, so reruns reuse it
     ctx = PassContext(calibration=calib, plan=plan, batch_size=recipe.calibration.batch_size, seed=recipe.seed,
                       cache=runs_dir(), device=device)
+    trained = [p for p in recipe.passes if isinstance(p, LoraConfig)]
+    if trained:  # the dense model's distributions, before any pass changes it
+        windows = max(len(calib) if p.train.windows is None else p.train.windows for p in trained)
+        with phase("teacher: the dense model's next-token distributions"):
+            ctx.teacher = teacher_targets(model, calib[:windows], max(p.train.top_k for p in trained),
+                                          recipe.calibration.batch_size, device)
+        if any(p.init != "zero" for p in trained):
+            ctx.originals = {}
     reports = []
     for i, cfg in enumerate(recipe.passes):
         ctx.index = i

@@ -4,8 +4,8 @@ infers a decision again from module shapes or tensor names.
 
 Per block: its widths as the passes left them, and what each pruning pass kept (key-value groups, MLP channels,
 indices into the widths before that pass). Per module (full name, `model.layers.3.mlp.up_proj`): its quantization
-record, and a slot for a low-rank correction. Per model: a slot for drafter heads. The two slots stay empty until
-the passes that fill them exist."""
+record and its low-rank correction. Per model: a slot for drafter heads (empty until the pass that fills it
+exists)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ class Structure:
 
 @dataclass
 class LowRank:
-    """A low-rank correction of one linear, y += B @ (A @ x): A (rank, in), B (out, rank). Empty slot for now."""
+    """A low-rank correction of one linear, y += B @ (A @ x): A (rank, in), B (out, rank)."""
 
     A: torch.Tensor
     B: torch.Tensor
@@ -109,6 +109,15 @@ class Plan:
     def quantize(self, name: str, record: QuantRecord) -> None:
         """Record the quantization of linear `name` (full module name)."""
         self.modules.setdefault(name, ModulePlan()).quant = record
+
+    def correct(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Record the low-rank correction of linear `name`: A (rank, in), B (out, rank)."""
+        self.modules.setdefault(name, ModulePlan()).adapter = LowRank(A, B)
+
+    @property
+    def adapters(self) -> dict[str, LowRank]:
+        """Low-rank corrections by full module name, in the order they were recorded."""
+        return {n: m.adapter for n, m in self.modules.items() if m.adapter is not None}
 
     @property
     def quantized(self) -> dict[str, QuantRecord]:

@@ -113,6 +113,8 @@ class CalibrationConfig(_Strict):
 
 MAX_PROMPTS = 16  # generations shown side by side
 MAX_NEW_TOKENS = 512  # per generation
+MAX_STEPS = 1_000_000  # optimizer steps of a trained correction
+MAX_TOP_K = 4096  # teacher tokens kept per position (memory N * T * k * 8 bytes)
 
 
 class EvaluateConfig(_Strict):
@@ -308,7 +310,43 @@ class RtnConfig(_QuantBase):
     pass_: Literal["rtn"] = Field("rtn", alias="pass")
 
 
-PassConfig = Annotated[FlapConfig | WandaSpConfig | CfspConfig | TyrConfig | GptqConfig | RtnConfig,
+class TrainConfig(_Strict):
+    """Training of low-rank terms against the dense model: AdamW on A and B only, `steps` batches of `batch_size`
+    calibration windows drawn (seeded) from the first `windows`, learning rate warmed up over the first 5% of the
+    steps and decayed to 0 by a cosine; the loss is the KL divergence of the model's next-token distributions from
+    the dense model's top `top_k` (compress.ops.distill)."""
+
+    steps: int = Field(100, ge=0, le=MAX_STEPS, description="optimizer steps (0: the fitted initialization only)")
+    lr: float = Field(1e-3, gt=0, le=1)
+    windows: int | None = Field(None, ge=1, le=MAX_WINDOWS,
+                                description="calibration windows trained on (the first ones; None: all)")
+    batch_size: int = Field(8, ge=1, le=MAX_WINDOWS)
+    loss: Literal["kl"] = "kl"
+    top_k: int = Field(64, ge=1, le=MAX_TOP_K, description="teacher tokens kept per position")
+
+
+class LoraConfig(_Strict):
+    """Low-rank correction (LoRC / EoRA / INT2.1 / RILQ; METHODS.md): every targeted linear gets y += (x A^T) B^T
+    with A (rank, in), B (out, rank), fitted to what quantization lost (`init`), then trained so that the whole
+    model's next-token distributions match the dense model's (`train`). After pruning alone it heals: modules that
+    are not quantized start from B = 0 and the trained product is merged into their weights (`merge`), so the artifact
+    stays a plain pruned model."""
+
+    role: ClassVar[Role] = "correct"
+    pass_: Literal["lora"] = Field("lora", alias="pass")
+    rank: int = Field(16, ge=1, le=MAX_WIDTH)
+    # quantized modules: svd = SVD of W - Q(W) (LoRC); eora = SVD in the eigenspace of the inputs' X^T X (EoRA);
+    # zero = B = 0. Modules that are not quantized always start from B = 0 (nothing was lost in their weights).
+    init: Literal["svd", "eora", "zero"] = "svd"
+    targets: list[Pattern] = Field([r"\.(self_attn|mlp)\."], max_length=MAX_ITEMS)
+    ignore: list[Pattern] = Field([], max_length=MAX_ITEMS)
+    # merge B @ A into the weights of modules that are not quantized (a packed weight keeps its adapter beside it)
+    merge: bool = True
+    train: TrainConfig = TrainConfig()
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+PassConfig = Annotated[FlapConfig | WandaSpConfig | CfspConfig | TyrConfig | GptqConfig | RtnConfig | LoraConfig,
                        Field(discriminator="pass_")]
 PASS_CONFIGS = get_args(get_args(PassConfig)[0])  # the pass config classes, in the union's order
 
@@ -354,6 +392,14 @@ class Recipe(_Strict):
             need = max([bits.error_windows, *(bits.evolution.stage_windows if bits.allocator == "evolution" else [])])
             if need > self.calibration.windows:
                 raise ValueError(f"passes.{i}.bits: the search scores on {need} calibration windows but "
+                                 f"calibration.windows is {self.calibration.windows}")
+        return self
+
+    @model_validator(mode="after")
+    def _training_fits(self) -> Recipe:
+        for i, p in enumerate(self.passes):
+            if isinstance(p, LoraConfig) and p.train.windows is not None and p.train.windows > self.calibration.windows:
+                raise ValueError(f"passes.{i}.train.windows: {p.train.windows} windows to train on, but "
                                  f"calibration.windows is {self.calibration.windows}")
         return self
 

@@ -10,6 +10,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from calibration.teacher import TeacherTargets
 from compress.device import CPU
 from compress.errors import CompressError
 from compress.plan import Plan
@@ -29,6 +30,22 @@ class PassContext:
     cache: Path | None = None
     index: int = 0  # position of the running pass in recipe.passes, for error messages
     device: torch.device = CPU
+    # the dense model's next-token distributions on the calibration windows, computed before any pass when a pass
+    # trains against them (role correct); None otherwise
+    teacher: TeacherTargets | None = None
+    # what a quantization pass found before it quantized each module, kept when a later correction fits its error
+    # (None: not kept)
+    originals: dict[str, Original] | None = None
+
+
+@dataclass
+class Original:
+    """A module's weight (out, in) as the quantization pass received it, and the sum of its inputs' x x^T (in, in)
+    over n calibration tokens (None for round-to-nearest, which reads no inputs); on the CPU."""
+
+    weight: torch.Tensor
+    xtx: torch.Tensor | None
+    n: int
 
 
 # the passes before the one checking itself: each config with its recipe path (passes.0)

@@ -15,7 +15,7 @@ from compress.models import llama
 from compress.ops.gptq import Quantized, gptq_quantize
 from compress.ops.importance import lim_score, zd_score
 from compress.ops.quant import rtn
-from compress.passes.base import Earlier, PassContext, check_finite
+from compress.passes.base import Earlier, Original, PassContext, check_finite
 from compress.passes.quantize_search import searched_quantize
 from compress.passes.targets import (
     Modules,
@@ -123,6 +123,8 @@ class QuantizePass:
                 q = gptq_quantize(W, 2.0 / n * xtx, spec)
             Wq = q.dequantize().to(W.dtype)
             err = _relative_error(W, Wq, xtx)
+            if ctx.originals is not None:  # a later correction fits W - Wq
+                ctx.originals[name] = Original(W.cpu(), None if xtx is None else xtx.cpu(), n)
             lin.weight.data = Wq
             ctx.plan.quantize(name, quant_record(q, spec, (W.shape[0], W.shape[1])))
             row = rows.setdefault(i, {"layer": i, "bits": spec.bits, "modules": 0, "rel err mean": 0.0,

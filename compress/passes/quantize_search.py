@@ -14,7 +14,7 @@ from calibration.capture import for_each_block
 from compress.errors import CompressError, InputError
 from compress.models import llama
 from compress.ops.gptq import gptq_quantize
-from compress.passes.base import PassContext, check_finite
+from compress.passes.base import Original, PassContext, check_finite
 from compress.passes.targets import (
     Modules,
     check_fused_share,
@@ -171,6 +171,8 @@ def searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modul
         for name in members:
             tensors, meta = db.get(name, b)
             ctx.plan.quantize(name, _record_from(tensors, meta))
+            if ctx.originals is not None:  # a later correction fits W - Wq (no X^T X: variants were made per width)
+                ctx.originals[name] = Original(dense[name].cpu(), None, 0)
             for note in json.loads(meta.get("notes", "[]")):
                 row["notes"] = (row["notes"] + "; " if row["notes"] else "") + f"{name.split('.')[-1]}: {note}"
             if meta.get("fallback"):
