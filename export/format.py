@@ -8,6 +8,8 @@ An artifact folder holds:
   manifest.json          format version, source identity, per-layer architecture, every tensor's file/dtype/shape,
                          sha256 and size of every other file, recipe, seed, package versions
   recipe.yaml, report.json, plan.json, README.md (model card)
+  adapter/               only with a low-rank correction: a standard PEFT LoRA adapter (export/peft.py), which our
+                         loader applies too; manifest `adapter` says which modules and ranks
 """
 
 from __future__ import annotations
@@ -16,7 +18,18 @@ import json
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
+
+from export.peft import tensor_names
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -151,6 +164,21 @@ class QuantScheme(_Record):
         return self
 
 
+class AdapterModule(_Record):
+    rank: int = Field(ge=1)
+    shape: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2, max_length=2)]  # (out, in) of the base
+
+
+class AdapterRecord(_Record):
+    """manifest.adapter: the low-rank correction y += B A x of some linears, stored once, as the PEFT LoRA adapter
+    folder `path` (export/peft.py names its files and tensors), in `dtype`."""
+
+    format: Literal["peft-lora"] = "peft-lora"
+    path: ArtifactPath
+    dtype: Literal["float16", "bfloat16", "float32"]
+    modules: dict[str, AdapterModule]  # full module name -> rank and base shape, in plan order
+
+
 class SourceRecord(_Record):
     name: str
     identity: str
@@ -170,6 +198,7 @@ class Manifest(_Record):
     source: SourceRecord
     architecture: Architecture
     quantization: dict[str, QuantScheme] = {}
+    adapter: AdapterRecord | None = None  # absent from manifest.json when there is none
     recipe: dict[str, Any]
     seed: int = 0
     tensors: dict[str, TensorRecord]
@@ -191,7 +220,36 @@ class Manifest(_Record):
                 if got is not None and tuple(got) != want:
                     raise ValueError(f"architecture.layers.{i}: {name} is {list(want)} (out, in) by these widths, "
                                      f"but its tensor is {list(got)}")
+        if self.adapter is not None:
+            self._adapter_consistent(self.adapter)
         return self
+
+    def _adapter_consistent(self, adapter: AdapterRecord) -> None:
+        """Each corrected module's base shape is its layer's, and its A (rank, in) and B (out, rank) are listed in
+        the adapter's folder with those shapes and the adapter's dtype."""
+        hidden, layers = self.tensors["model.embed_tokens.weight"].shape[1], self.architecture.layers
+        for name, m in adapter.modules.items():
+            block, _, proj = name.removeprefix("model.layers.").partition(".")
+            inside = block.isdigit() and int(block) < len(layers)
+            shapes = layers[int(block)].projection_shapes(hidden) if inside else {}
+            if tuple(m.shape) != shapes.get(proj):
+                raise ValueError(f"adapter.modules.{name}: no projection of shape {m.shape} (out, in) by the layer "
+                                 "widths")
+            out_f, in_f = m.shape
+            for tensor, shape in zip(tensor_names(name), ([m.rank, in_f], [out_f, m.rank]), strict=True):
+                t = self.tensors.get(tensor)
+                folder = None if t is None else t.file.rpartition("/")[0]
+                if t is None or folder != adapter.path or (t.shape, t.dtype) != (shape, adapter.dtype):
+                    raise ValueError(f"adapter.modules.{name}: tensors.{tensor} must be listed in {adapter.path}/ "
+                                     f"with shape {shape} and dtype {adapter.dtype}")
+
+    @model_serializer(mode="wrap")
+    def _adapter_only_when_present(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """No `adapter` key without a correction: manifests of other artifacts stay as they were."""
+        data = handler(self)
+        if data.get("adapter") is None:
+            data.pop("adapter", None)
+        return data
 
     def dumps(self) -> str:
         """manifest.json's text: the fields in declaration order, indented by 2, newline-terminated."""

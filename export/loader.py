@@ -29,6 +29,8 @@ from export.format import (
 )
 from export.interop import gptq_to_packed
 from export.kernels.reference import dequantized_dtype
+from export.lowrank import LORA_PARTS, LoRALinear, wrap
+from export.peft import tensor_names
 from export.qlinear import Kernel, QuantLinear, use_kernel
 from export.target import links_outside
 
@@ -196,6 +198,13 @@ def _build_skeleton(config: dict, manifest: Manifest) -> nn.Module:
                                            scheme.sym, bias=old.bias is not None, g_idx=not scheme.ordered,
                                            device="meta",
                                            weight_dtype=dequantized_dtype(scheme.format, model_dtype)))
+    if manifest.adapter is not None:  # LoRALinear around each corrected linear, its A and B still to load
+        modules = manifest.adapter.modules
+        try:
+            wrap(model, list(modules), {n: torch.empty(m.rank, m.shape[1], device="meta") for n, m in modules.items()},
+                 {n: torch.empty(m.shape[0], m.rank, device="meta") for n, m in modules.items()})
+        except (ValueError, AttributeError) as err:
+            raise ArtifactError(f"{MANIFEST}: adapter.modules: {str(err)[:MAX_DETAIL]}") from None
     return model
 
 
@@ -221,8 +230,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     except ArtifactError as err:
         raise ArtifactError(f"{path}: {err}") from None
     state: dict[str, torch.Tensor] = {}
+    adapter = _adapter_names(manifest)  # PEFT name -> the name LoRALinear loads
     for fname in sorted({m.file for m in manifest.tensors.values()}):
-        state.update(load_file(path / fname))
+        state.update({adapter.get(k, k): t for k, t in load_file(path / fname).items()})
     bad = {name: n for name, t in state.items() if (n := _non_finite(t))}
     if bad:
         raise ArtifactError(f"{path}: non-finite values (NaN or Inf) in {len(bad)} tensor(s): "
@@ -254,10 +264,28 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     model.to(device=device)
+    if dtype is None and adapter and (model_dtype := DTYPES.get(str(config.get("dtype")))):
+        _cast_adapters(model, model_dtype)  # 16-bit corrections compute in the model's dtype, as the pipeline did
     if dtype is not None:
         _cast(model, dtype)
     use_kernel(model, kernel)
     return model.eval().requires_grad_(False)
+
+
+def _adapter_names(manifest: Manifest) -> dict[str, str]:
+    """{name in the PEFT adapter file: name LoRALinear loads (`<module>.lora_A.weight`)} for every corrected module."""
+    if manifest.adapter is None:
+        return {}
+    return {peft: f"{module}.{part}.weight" for module in manifest.adapter.modules
+            for part, peft in zip(LORA_PARTS, tensor_names(module), strict=True)}
+
+
+def _cast_adapters(model: nn.Module, dtype: torch.dtype) -> None:
+    """A and B of every LoRALinear to `dtype` (exact from the 16 bits they are stored in)."""
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.lora_A.to(dtype)
+            m.lora_B.to(dtype)
 
 
 def _cast(model: nn.Module, dtype: torch.dtype) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 from export.qlinear import QuantLinear
 
 BASE = "base"  # the wrapped linear's attribute name (its tensors are stored without it)
+LORA_PARTS = ("lora_A", "lora_B")  # the correction's submodules: <module>.lora_A.weight, <module>.lora_B.weight
 
 
 class LoRALinear(nn.Module):

@@ -24,6 +24,8 @@ from export.interop import (
     remote_code_source,
 )
 from export.kernels.reference import dequantized_dtype
+from export.lowrank import LORA_PARTS
+from export.peft import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, peft_config, peft_tensors
 from export.records import BlockWidths, QuantRecord
 from export.target import check_apart, check_target, recover_leftovers
 from export.writer import ArtifactWriter, source_files
@@ -36,15 +38,28 @@ class UnwritableError(ValueError):
     """The model cannot be stored in the format the recipe asks for; the message names the field and why."""
 
 
+class LowRankRecord(Protocol):
+    """A low-rank correction y += B A x: A (rank, in), B (out, rank)."""
+
+    @property
+    def A(self) -> torch.Tensor: ...
+
+    @property
+    def B(self) -> torch.Tensor: ...
+
+
 class ArtifactPlan(Protocol):
-    """What export reads of the plan: each block's widths, each quantized linear's record, and the plan's own
-    informational form (plan.json)."""
+    """What export reads of the plan: each block's widths, each quantized linear's record, each corrected linear's
+    low-rank pair, and the plan's own informational form (plan.json)."""
 
     @property
     def widths(self) -> list[BlockWidths]: ...
 
     @property
     def quantized(self) -> Mapping[str, QuantRecord]: ...
+
+    @property
+    def adapters(self) -> Mapping[str, LowRankRecord]: ...
 
     def to_dict(self) -> dict: ...
 
@@ -68,6 +83,13 @@ class ExportSettings:
         if self.quant_format == "gptq" or self.dtype not in (torch.float16, torch.bfloat16):
             return torch.float16
         return self.dtype
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """The dtype low-rank corrections are stored in: the export dtype when it is 16-bit, else float16 (the
+        adapter counts in the artifact's bytes, and its values, products of small factors, sit well inside float16's
+        range)."""
+        return self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float16
 
     @property
     def dequantized_dtype(self) -> torch.dtype:
@@ -105,8 +127,9 @@ def check_source(out: Path, source: Path) -> None:
 
 
 def weights_bytes(path: Path) -> int:
-    """Bytes of the *.safetensors files in a folder."""
-    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
+    """Bytes of the *.safetensors files in a folder and in its adapter/ folder (a low-rank correction's tensors)."""
+    path = Path(path)
+    return sum(p.stat().st_size for p in [*path.glob("*.safetensors"), *path.glob(f"{ADAPTER_DIR}/*.safetensors")])
 
 
 def write(out: Path, tensors: Iterable[tuple[str, dict[str, torch.Tensor]]], plan: ArtifactPlan, report: dict,
@@ -116,9 +139,9 @@ def write(out: Path, tensors: Iterable[tuple[str, dict[str, torch.Tensor]]], pla
 
     tensors: the model's tensors module by module, (module name, {full tensor name: tensor}), in state-dict order.
     report: completed in place with what export decided (stock config or why not, views, export dtype, stored bits
-    per weight, weights bytes) and with what `check` returns; written as report.json, and as the model card by
-    `card(report)`. check: runs on the complete temporary folder before anything is committed (the pipeline reloads
-    it and compares); it raises to abort, leaving nothing behind.
+    per weight, weights bytes, the adapter) and with what `check` returns; written as report.json, and as the model
+    card by `card(report)`. check: runs on the complete temporary folder before anything is committed (the pipeline
+    reloads it and compares); it raises to abort, leaving nothing behind.
     Raises UnwritableError when the asked quantization format cannot store the model, ArtifactExistsError when
     `out` may not be written."""
     layers = [w.to_dict() for w in plan.widths]
@@ -137,13 +160,17 @@ def write(out: Path, tensors: Iterable[tuple[str, dict[str, torch.Tensor]]], pla
             w.write_text(REMOTE_CODE_FILE, remote_code_source())
         w.write_weights(_stored_tensors(tensors, plan, layers, provenance.config, settings, bits),
                         settings.shard_bytes)
+        adapter = _write_adapter(w, plan, settings, bits, out)
         report["bits_per_weight"] = bits.summary()
+        if adapter is not None:
+            report["adapter"] = adapter.pop("report")
         w.copy_tokenizer(provenance.folder)
         w.write_text("recipe.yaml", provenance.recipe_yaml)
         w.write_json("plan.json", plan.to_dict())
         w.write_manifest(source=provenance.source,
                          architecture={"base_model_type": provenance.config["model_type"], "layers": layers},
-                         quantization=schemes, recipe=provenance.recipe, seed=provenance.seed)
+                         quantization=schemes, recipe=provenance.recipe, seed=provenance.seed,
+                         **({} if adapter is None else {"adapter": adapter}))
         report.update(check(w.tmp))
         report["weights_bytes"] = {"dense": weights_bytes(provenance.folder), "compressed": weights_bytes(w.tmp)}
         w.write_json("report.json", report)
@@ -162,12 +189,16 @@ def _stored_tensors(tensors: Iterable[tuple[str, dict[str, torch.Tensor]]], plan
 
     Modules must arrive in plan order: block by block, quantized linears in the order the plan records them, each
     module once, a quantized one with its weight. Raises ValueError naming the module otherwise, and naming a bias
-    that the plan does not record."""
+    that the plan does not record. The low-rank parts of a corrected linear (`<module>.lora_A`, as LoRALinear
+    names them) are not stored here: the adapter folder holds the plan's."""
     quantized = plan.quantized
+    corrections = {f"{name}.{part}" for name in plan.adapters for part in LORA_PARTS}
     arrival = _Arrival(list(quantized))
     tied = config.get("tie_word_embeddings", False)
     stored: set[str] = set()
     for module, parts in tensors:
+        if module in corrections:
+            continue
         arrival.check(module, parts)
         for key, t in parts.items():
             if (module in quantized and key == f"{module}.weight") or (tied and key == "lm_head.weight"):
@@ -188,6 +219,34 @@ def _stored_tensors(tensors: Iterable[tuple[str, dict[str, torch.Tensor]]], plan
                 raise ValueError(f"{key}: a bias that the plan does not record (block {i} biases: {widths.bias})")
             if name in layer["bias"] and key not in stored:
                 yield key, torch.zeros(out_features, dtype=settings.dtype)
+
+
+def _write_adapter(w: ArtifactWriter, plan: ArtifactPlan, settings: ExportSettings, bits: _BitsTally,
+                   out: Path) -> dict | None:
+    """The plan's low-rank corrections as the PEFT adapter folder (export/peft.py), in settings.adapter_dtype,
+    counted in `bits` on quantized linears; returns the manifest's adapter record with a `report` entry for
+    report.json (popped by the caller), or None when the plan has none."""
+    if not plan.adapters:
+        return None
+    dtype = settings.adapter_dtype
+    pairs = {name: (a.A, a.B) for name, a in plan.adapters.items()}
+    modules: dict[str, dict] = {}
+    ranks: dict[str, int] = {}
+    for name, (A, B) in pairs.items():
+        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(f"{name}: a low-rank correction needs A (rank, in) and B (out, rank), got "
+                             f"{tuple(A.shape)} and {tuple(B.shape)}")
+        ranks[name] = A.shape[0]
+        modules[name] = {"rank": A.shape[0], "shape": [B.shape[0], A.shape[1]]}
+        if name in plan.quantized:
+            bits.add_adapter(A.numel() + B.numel(), dtype)
+    stored = w.write_tensors(ADAPTER_WEIGHTS, peft_tensors(pairs, dtype))
+    w.write_json(ADAPTER_CONFIG, peft_config(ranks, str(Path(out).resolve())))
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {"format": "peft-lora", "path": ADAPTER_DIR, "dtype": dtype_name, "modules": modules,
+            "report": {"path": ADAPTER_DIR, "format": "peft-lora", "dtype": dtype_name, "modules": len(modules),
+                       "ranks": sorted(set(ranks.values())),
+                       "parameters": sum(A.numel() + B.numel() for A, B in pairs.values()), "bytes": stored}}
 
 
 class _Arrival:
@@ -241,7 +300,7 @@ class _BitsTally:
     """Bits per quantized weight, counted one quantized linear at a time as its packed parts are stored."""
 
     def __init__(self) -> None:
-        self.weights = self.stored = self.theory = 0
+        self.weights = self.stored = self.theory = self.adapter = 0
 
     def add(self, q: QuantRecord, parts: Mapping[str, torch.Tensor]) -> None:
         """Count one linear; parts: its stored tensors by short name (weight_packed or qweight, ...), without the
@@ -258,12 +317,21 @@ class _BitsTally:
         self.theory += out_f * in_f * q.bits + out_f * (in_f // g) * per_group
         self.theory += 32 * in_f if g_idx_stored else 0
 
+    def add_adapter(self, numbers: int, dtype: torch.dtype) -> None:
+        """Count the low-rank correction of a quantized linear: `numbers` values (A and B) stored in `dtype`."""
+        extra = numbers * torch.finfo(dtype).bits
+        self.stored += extra
+        self.theory += extra
+        self.adapter += extra
+
     def summary(self) -> dict | None:
-        """{stored, theory: bits per weight; quantized_weights: count}, or None when nothing was quantized."""
+        """{stored, theory: bits per weight, low-rank corrections included; quantized_weights: count; adapter: the
+        corrections' share of stored, only when there are any}, or None when nothing was quantized."""
         if not self.weights:
             return None
         return {"stored": round(self.stored / self.weights, 4), "theory": round(self.theory / self.weights, 4),
-                "quantized_weights": self.weights}
+                "quantized_weights": self.weights,
+                **({"adapter": round(self.adapter / self.weights, 4)} if self.adapter else {})}
 
 
 def _non_uniform_views(config: dict, layers: list[dict], why_not_stock: str | None, remote_code: bool) -> dict:

@@ -182,10 +182,24 @@ class ArtifactWriter:
         if len(parts) > 1:
             self.write_json(WEIGHTS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
+    def write_tensors(self, rel: str, tensors: dict[str, torch.Tensor]) -> int:
+        """One safetensors file at `rel` (a path inside the artifact, folders made) whose tensors the manifest lists
+        with that file, as it lists the weights'; returns its bytes. Raises ValueError on a name already stored."""
+        if taken := sorted(set(tensors) & set(self.tensors)):
+            raise ValueError(f"{taken[0]}: arrives twice among the tensors to store")
+        path = self.tmp / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(_unshared(tensors), path, metadata={"format": "pt"})
+        step(f"wrote {rel}")
+        for k, t in tensors.items():
+            self.tensors[k] = {"file": rel, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+        return path.stat().st_size
+
     def write_json(self, name: str, data) -> None:
         self.write_text(name, json.dumps(data, indent=2, default=str) + "\n")
 
     def write_text(self, name: str, text: str) -> None:
+        (self.tmp / name).parent.mkdir(parents=True, exist_ok=True)
         (self.tmp / name).write_text(text)
         step(f"wrote {name}")
 
