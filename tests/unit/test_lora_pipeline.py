@@ -1,0 +1,51 @@
+"""The lora pass through `compress run` on the tiny Llama: healing after uniform pruning leaves a stock-loadable
+pruned model; a correction after quantization is exported beside the packed weights and reloaded by our loader."""
+
+import json
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import export
+from compress import api
+
+SMALL = ["calibration.windows=8", "calibration.seq_len=64", "evaluate.seq_len=64", "evaluate.max_windows=4"]
+TRAIN = {"steps": 20, "lr": 0.01, "batch_size": 4, "top_k": 32}
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_healing_after_uniform_pruning_stays_a_stock_model(tiny_llama, tmp_path):
+    recipe = {"name": "tiny-heal", "model": str(tiny_llama),
+              "passes": [{"pass": "flap", "target": 0.3, "structure": "uniform"},
+                         {"pass": "lora", "init": "zero", "rank": 4, "train": TRAIN}]}
+    res = api.run(recipe, out=tmp_path / "art", overrides=SMALL, log=lambda *_: None)
+    rep = res.report
+    lora = rep["passes"][1]["summary"]
+    assert lora["merged"] == lora["modules"] == 21 and len(lora["losses"]) == 20
+    assert lora["held_in_kl_after"] < lora["held_in_kl_before"]
+    assert rep["stock_config"] is True and rep["verify"]["max_abs_logit_diff"] < 1e-4
+    assert not (res.artifact / "adapter").exists()
+    assert json.loads((res.artifact / "plan.json").read_text())["passes"] == ["flap", "lora"]
+    stock = AutoModelForCausalLM.from_pretrained(res.artifact, dtype=torch.float32).eval()
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+    assert (_logits(stock, ids) - _logits(export.load(res.artifact), ids)).abs().max() < 1e-4
+
+
+def test_correction_after_quantization_is_exported_and_reloaded(tiny_llama, tmp_path):
+    recipe = {"name": "tiny-w2-lora", "model": str(tiny_llama),
+              "passes": [{"pass": "gptq", "bits": 2, "group_size": 32},
+                         {"pass": "lora", "init": "eora", "rank": 4, "train": TRAIN}]}
+    res = api.run(recipe, out=tmp_path / "art", overrides=SMALL, log=lambda *_: None)
+    rep = res.report
+    lora = rep["passes"][1]["summary"]
+    assert lora["merged"] == 0 and lora["adapter_parameters"] == 3 * (
+        4 * (96 + 96) + 2 * 4 * (96 + 48) + 4 * (96 + 96) + 2 * 4 * (96 + 128) + 4 * (128 + 96))
+    assert {r["init"] for r in rep["passes"][1]["rows"]} == {"eora"}
+    assert lora["held_in_kl_after"] < lora["held_in_kl_before"]
+    assert rep["verify"]["max_abs_logit_diff"] < 1e-4
+    assert (res.artifact / "adapter" / "adapter_config.json").exists()
+    assert export.verify(res.artifact) == []
