@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,6 +167,25 @@ def test_module_imports_without_triton():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "triton_linear needs triton" in done.stdout
+
+
+def test_gpu_benchmark_dry_run(tmp_path):
+    """benchmarks/gpu_gemv.py's own code on CPU (interpreted kernels, tiny shapes): every bits x batch row, each
+    checked against the reference (max error / max |reference| within float16 output rounding, 2^-11, doubled),
+    both result files; without --dry-run and without CUDA it refuses by name with exit 2."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_gemv.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), "--dry-run", "--out", str(tmp_path / "gpu_gemv")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "gpu_gemv.json").read_text())["rows"]
+    assert sorted((r["in x out"], r["bits"], r["batch"]) for r in rows) == sorted(
+        (shape, bits, batch) for shape in ("96x64", "160x45") for bits in BITS for batch in (1, 16))
+    assert all(float(r["err"]) < 2**-10 for r in rows), [r["err"] for r in rows]
+    assert "weight GB/s against device copy bandwidth" in (tmp_path / "gpu_gemv.md").read_text()
+    if not torch.cuda.is_available():
+        done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and "no CUDA device visible to torch" in done.stdout
 
 
 if __name__ == "__main__":  # the interpreted process: cases on stdin, one JSON list of results on the last line
