@@ -94,6 +94,12 @@ class QuantLinear(nn.Module):
             if key not in self._dense:
                 self._dense[key] = self.dequantized().to(device=x.device, dtype=x.dtype)  # (out, in)
             return F.linear(x, self._dense[key], bias)
+        if x.is_cuda and self.weight_g_idx is None:  # the Triton kernel when installed (imported only on CUDA)
+            from export.kernels import triton_linear as gpu
+
+            if gpu.available():
+                return gpu.triton_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point, self.bits,
+                                         self.group_size, self.out_features, self.in_features, bias, self.weight_dtype)
         return F.linear(x, self.dequantized().to(x.dtype), bias)
 
     def extra_repr(self) -> str:
