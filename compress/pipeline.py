@@ -32,6 +32,7 @@ from compress.report import PassReport, RunResult, model_card
 from compress.search.variants import fingerprint
 from compress.tables import text_table
 from export import weights_bytes  # noqa: F401  (compress.api and benchmarks import it from here)
+from export.lowrank import round_adapters
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 LOGIT_TOLERANCE = 1e-4  # reloaded vs in-memory, fp32
@@ -294,6 +295,9 @@ def _round_to_export(model, plan: Plan, settings: export.ExportSettings) -> None
         for name, q in plan.quantized.items():
             q.scale = q.scale.to(settings.scale_dtype)
             named[name][2].weight.copy_(q.dequantize(settings.dequantized_dtype))
+        round_adapters(model, settings.adapter_dtype)  # as the artifact stores the low-rank corrections
+        for a in plan.adapters.values():
+            a.A, a.B = a.A.to(settings.adapter_dtype).float(), a.B.to(settings.adapter_dtype).float()
 
 
 def _module_tensors(model) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:

@@ -127,6 +127,15 @@ def adapters(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def round_adapters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round A and B of every LoRALinear to `dtype` in place (their own dtype kept), so that the in-memory model
+    computes what readers of an artifact that stores them in `dtype` compute (export.ExportSettings.adapter_dtype)."""
+    with torch.no_grad():
+        for wrapper in adapters(model).values():
+            for w in (wrapper.lora_A.weight, wrapper.lora_B.weight):
+                w.copy_(w.to(dtype))
+
+
 def _stock_names(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, local_metadata) -> None:
     """State-dict hook: `<prefix>base.<k>` -> `<prefix><k>`, in place and in order (this module's keys are the
     last ones added)."""
