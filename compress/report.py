@@ -93,7 +93,8 @@ def generation_rows(report: dict) -> list[dict]:
 
 
 def summary_rows(report: dict) -> list[dict]:
-    """Dense vs compressed size: decoder and all parameters, weights MB, and bits per quantized weight as stored."""
+    """Dense vs compressed size: decoder and all parameters, weights MB, bits per quantized weight as stored (low-rank
+    corrections included), and the correction's adapter when there is one."""
     r = report
     return [
         {"": "decoder params", "dense": r["decoder_params"]["dense"], "compressed": r["decoder_params"]["compressed"]},
@@ -101,7 +102,9 @@ def summary_rows(report: dict) -> list[dict]:
         {"": "weights MB", "dense": round(r["weights_bytes"]["dense"] / 2**20, 1),
          "compressed": round(r["weights_bytes"]["compressed"] / 2**20, 1)},
     ] + ([{"": "bits per quantized weight", "dense": "", "compressed": r["bits_per_weight"]["stored"]}]
-         if r.get("bits_per_weight") else [])
+         if r.get("bits_per_weight") else []) + ([{"": "low-rank correction", "dense": "", "compressed": (
+             f"{a['modules']} modules, rank {'/'.join(map(str, a['ranks']))}, {a['bytes'] / 2**20:.2f} MB in "
+             f"{a['path']}/ (PEFT LoRA)")}] if (a := r.get("adapter")) else [])
 
 
 def _card_passes(passes: list[dict]) -> list[str]:
