@@ -196,12 +196,13 @@ def _kernel_row(kernels, k_in: int, n_out: int, bits: int, batch: int, args, dev
 def _candidates(kernels, batch: int, dry_run: bool) -> list:
     """A few tile shapes to try beside the default (one in a dry run, whose times mean nothing)."""
     cfg = kernels.KernelConfig
-    if batch < 16:
+    if batch < 4:  # broadcast multiply-sum tiles, as the default picks there
         m = 1 << (batch - 1).bit_length()
         shapes = [cfg(m, 16, 256), cfg(m, 32, 256), cfg(m, 16, 512), cfg(m, 64, 128), cfg(m, 16, 256, 4),
                   cfg(m, 32, 256, num_warps=8)]
-    else:
-        shapes = [cfg(16, 32, 128), cfg(16, 64, 64), cfg(16, 64, 128), cfg(16, 128, 64), cfg(16, 64, 64, 4)]
+    else:  # tensor-core tiles
+        m = 16 if batch <= 16 else 32 if batch <= 32 else 64
+        shapes = [cfg(m, 32, 128), cfg(m, 64, 64), cfg(m, 64, 128), cfg(m, 128, 64), cfg(m, 64, 64, 4)]
     return shapes[:1] if dry_run else shapes
 
 

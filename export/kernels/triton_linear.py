@@ -47,17 +47,19 @@ class KernelConfig:
 
     @property
     def uses_dot(self) -> bool:
-        """Tensor cores (tl.dot, which needs 16 rows) from 16 rows of x up; a broadcast multiply-sum below."""
+        """Tensor cores (tl.dot, which needs 16 rows) for block_m >= 16; a broadcast multiply-sum below."""
         return self.block_m >= 16
 
 
 def default_config(m: int, n: int, k: int, n_sm: int) -> KernelConfig:
-    """A launch shape for x (m, k) and n outputs on a device with n_sm multiprocessors: GEMV-like tiles for few
-    rows, tensor-core tiles from 16 rows; input columns split until there are about two programs per multiprocessor."""
-    if m < 16:
-        cfg = KernelConfig(block_m=triton.next_power_of_2(m), block_n=16, block_k=256)
+    """A launch shape for x (m, k) and n outputs on a device with n_sm multiprocessors: GEMV-like tiles (block_m x
+    block_n x block_k products of 4096 values) below 4 rows, tensor-core tiles (rows padded to 16) from 4; input
+    columns split until there are about two programs per multiprocessor."""
+    if m < 4:
+        block_m = triton.next_power_of_2(m)
+        cfg = KernelConfig(block_m=block_m, block_n=16, block_k=256 // block_m)
     else:
-        cfg = KernelConfig(block_m=16 if m <= 16 else 32 if m <= 32 else 64, block_n=64, block_k=64, num_warps=4)
+        cfg = KernelConfig(block_m=16 if m <= 16 else 32 if m <= 32 else 64, block_n=64, block_k=64)
     programs = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     k_steps = triton.cdiv(k, cfg.block_k)
     split = max(1, min(triton.cdiv(2 * n_sm, programs), k_steps // 4))
@@ -112,7 +114,7 @@ def triton_linear(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: to
         m, out_features, in_features, weight_packed.shape[1], n_groups,
         BITS=bits, GROUP=group, SYM=weight_zero_point is None, HAS_BIAS=bias is not None,
         W_DTYPE=_TL_DTYPE[weight_dtype or weight_scale.dtype], USE_DOT=cfg.uses_dot,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SPLIT_K=cfg.split_k,
+        PRECISION="ieee" if x.dtype == torch.float32 else None, SPLIT_K=cfg.split_k,  # fp32: no tf32 rounding
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.to(x.dtype).reshape(*lead, out_features)

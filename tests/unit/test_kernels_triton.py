@@ -28,7 +28,7 @@ BITS = [2, 3, 4, 8]
 # (group_size, out, in): a group smaller than a step; groups of 64 over 100 columns (the last holds 36, the last
 # step is part padding); one group per row over 160 columns (5 steps of 32); output widths prime or odd
 SHAPES = [(32, 37, 96), (64, 19, 100), (-1, 45, 160)]
-ROWS = [1, 5, 20]  # one row, a few (broadcast multiply-sum), tensor-core tiles (tl.dot)
+ROWS = [1, 3, 20]  # the default launch: one row, a few (broadcast multiply-sum), tensor-core tiles (tl.dot)
 MATCH = [{"kind": "match", "bits": b, "sym": s, "shape": sh, "dtype": d}
          for b in BITS for s in (True, False) for sh in SHAPES for d in ("float16", "float32")]
 EXACT = [{"kind": "exact", "bits": b, "sym": s} for b in BITS for s in (True, False)]
