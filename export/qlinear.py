@@ -1,6 +1,7 @@
 """QuantLinear: a linear layer that keeps its weight packed (compressed-tensors names and layout) and computes through
 one of the kernels: `reference` dequantizes the whole weight at every call (the oracle; memory held stays packed),
-`cpu` packs it once for torch's int4 kernel (2-4 bits) or keeps the dequantized weight (8 bits). `use_kernel` picks."""
+`cpu` packs it once for torch's int4 kernel (2-4 bits) or keeps the dequantized weight (8 bits), `dense` keeps the
+dequantized weight (the reference's own, bit for bit, at a dense layer's memory and speed). `use_kernel` picks."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from export.kernels import cpu
 from export.kernels.reference import dequantize_packed
 from export.packing import unpack
 
-Kernel = Literal["auto", "reference", "cpu"]
-KERNELS: tuple[str, ...] = ("auto", "reference", "cpu")
+Kernel = Literal["auto", "reference", "cpu", "dense"]
+KERNELS: tuple[str, ...] = ("auto", "reference", "cpu", "dense")
 
 
 class QuantLinear(nn.Module):
@@ -51,31 +52,32 @@ class QuantLinear(nn.Module):
             self.register_buffer("weight_g_idx", torch.empty(in_features, dtype=torch.int32, device=device))
         else:
             self.weight_g_idx = None
-        self.kernel = "reference"  # the path forward takes: reference, cpu-int4 or cpu-dense (see use_kernel)
+        self.kernel = "reference"  # the path forward takes: reference, cpu-int4 or dense (see use_kernel)
         self._int4: cpu.Int4Weight | None = None
-        self._dense: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}  # cpu-dense: the weight per dtype
+        self._dense: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}  # dense: the weight per dtype
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
 
     def dequantized(self) -> torch.Tensor:
         return dequantize_packed(self.weight_packed, self.weight_scale, self.weight_zero_point,
                                  (self.out_features, self.in_features), self.bits, self.weight_g_idx,
-                                 self.weight_dtype)
+                                 self.weight_dtype, self.group_size)
 
     def use_kernel(self, kernel: Kernel) -> str:
-        """Pick the compute path and return the one taken. `reference`: dequantize at every call. `cpu` (also what
-        `auto` picks on CPU): 2-4 bits through torch's int4 kernel (packed here, once; computes in bfloat16, see
-        export.kernels.cpu), 8 bits as the dequantized weight kept per activation dtype (exactly the reference's
-        weight; torch's int8 kernel is symmetric per-channel only and its float32 path ~8x slower than a dense matmul
-        on AVX2), `reference` where the int4 layout cannot express the scheme (a group size not a multiple of 32, an
-        irregular g_idx). ValueError for another name."""
+        """Pick the compute path and return the one taken. `reference`: dequantize at every call. `dense`: the
+        reference's dequantized weight, kept per activation dtype (bit for bit the reference, a dense layer's memory;
+        the fast oracle). `cpu` (also what `auto` picks on CPU): 2-4 bits through torch's int4 kernel (packed here,
+        once; computes in bfloat16, see export.kernels.cpu), 8 bits `dense` (torch's int8 kernel is symmetric
+        per-channel only, and its float32 path ~8x slower than a dense matmul on AVX2), `reference` where the int4
+        layout cannot express the scheme (a group size not a multiple of 32, an irregular g_idx). ValueError for
+        another name."""
         if kernel not in KERNELS:
             raise ValueError(f"kernel: {kernel!r}; expected one of {', '.join(KERNELS)}")
         if kernel == "auto":
             kernel = "cpu" if self.weight_packed.device.type == "cpu" and cpu.available() else "reference"
         self._int4, self._dense, self.kernel = None, {}, "reference"
-        if kernel == "cpu" and self.bits > cpu.MAX_BITS:
-            self.kernel = "cpu-dense"
+        if kernel == "dense" or (kernel == "cpu" and self.bits > cpu.MAX_BITS):
+            self.kernel = "dense"
         elif kernel == "cpu":
             codes = unpack(self.weight_packed, self.bits, self.in_features, dim=1)  # (out, in)
             zero = (torch.full_like(self.weight_scale, 2 ** (self.bits - 1), dtype=torch.float32)
@@ -89,7 +91,7 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self._int4 is not None and x.device.type == "cpu":
             return cpu.int4_linear(x, self._int4, bias)
-        if self.kernel == "cpu-dense":
+        if self.kernel == "dense":
             key = (x.dtype, x.device)
             if key not in self._dense:
                 self._dense[key] = self.dequantized().to(device=x.device, dtype=x.dtype)  # (out, in)

@@ -34,7 +34,7 @@ class QuantRecord:
 
         zero = None if self.sym else pack(self.zero, self.bits, dim=0)
         return dequantize_packed(self.packed, self.scale, zero, self.shape, self.bits,
-                                 None if self.ordered_groups else self.g_idx, dtype).float()
+                                 None if self.ordered_groups else self.g_idx, dtype, self.group_size).float()
 
     def scheme(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym, "ordered": self.ordered_groups,
