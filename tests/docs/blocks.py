@@ -5,8 +5,8 @@ nearest non-blank line above its opening fence is a marker with a reason:
 
     <!-- docs-test: skip (runs 17 minutes; its output is docs/results/alloc_compare.md) -->
 
-A marker without a reason, an unknown directive, a marker with no block under it and an unclosed fence are problems
-the fast tier reports (page:line each)."""
+A marker without a reason, an unknown directive, a marker with no block under it, an unclosed fence and a fence
+this reader does not take (indented, or ~~~) are problems the fast tier reports (page:line each)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ RUNS = {"bash", "python", "yaml"}  # the kinds of block the docs tests run or ch
 FENCE = re.compile(r"^```\s*([\w+-]*)\s*$")
 MARKER = re.compile(r"^\s*<!--\s*docs-test:(.*?)-->\s*$")
 SKIP = re.compile(r"^skip \((.*\S.*)\)$")
+HIDDEN_FENCE = re.compile(r"^(\s+```|\s*~~~)")  # fences this reader does not take; refused so none hides a block
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ def parse(text: str, page: str) -> tuple[list[Block], list[str]]:
             blocks.append(Block(page, i + 1, m.group(1), "\n".join(lines[i + 1:end]) + "\n", skip))
             marker = None
             i = end
+        elif HIDDEN_FENCE.match(line):
+            problems.append(f"{page}:{i + 1}: an indented or ~~~ fence: start code blocks with ``` at column 0")
         elif line.strip() and marker is not None:
             problems.append(f"{page}:{marker[0]}: docs-test marker with no code block under it")
             marker = None

@@ -37,6 +37,7 @@ def test_parse_reads_markers_and_refuses_bad_ones():
             "<!-- docs-test: skip () -->\n```\n```\n"
             "<!-- docs-test: run -->\n```yaml\na: 1\n```\n"
             "<!-- docs-test: skip (nothing under it) -->\nsome prose\n"
+            "  ```bash\n~~~\n"
             "```json\n{}\n")
     blocks, problems = parse(text, "p.md")
     assert [(b.line, b.lang, b.text, b.skip) for b in blocks] == [
@@ -48,7 +49,9 @@ def test_parse_reads_markers_and_refuses_bad_ones():
         "p.md:13: 'skip ()': a docs-test marker is 'skip (<reason>)', with a reason",
         "p.md:16: 'run': a docs-test marker is 'skip (<reason>)', with a reason",
         "p.md:20: docs-test marker with no code block under it",
-        "p.md:22: code block never closed"]
+        "p.md:22: an indented or ~~~ fence: start code blocks with ``` at column 0",
+        "p.md:23: an indented or ~~~ fence: start code blocks with ``` at column 0",
+        "p.md:24: code block never closed"]
 
 
 def _check_yaml(text: str) -> None:
