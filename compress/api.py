@@ -293,3 +293,85 @@ def eval(artifact: str | Path, max_windows: int | None = None, new_tokens: int =
     for key in ppls[0]:
         rows[1][f"recovery {key}"] = round(ppls[0][key] / ppls[1][key], 4)
     return EvalResult(artifact, rows, ev.PPL_PROTOCOL + "; recovery = dense / compressed perplexity")
+
+
+@dataclass
+class GenerateResult:
+    artifact: Path
+    prompt: str
+    text: str
+    token_ids: list[int]  # the new tokens
+    prompt_tokens: int
+    seconds: float
+    first_token_seconds: float
+    kernels: dict[str, int]  # how many quantized linears took each compute path
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def speed_line(self) -> str:
+        return (f"{self.new_tokens} new tokens in {self.seconds:.2f} s ({self.tokens_per_second:.1f} tokens/s; "
+                f"first token after {self.first_token_seconds:.2f} s, prompt {self.prompt_tokens} tokens)")
+
+    def __str__(self) -> str:
+        return f"{self.text}\n\n{self.speed_line()}"
+
+    def _repr_html_(self) -> str:
+        return html_table([{"text": self.text, "new tokens": self.new_tokens,
+                            "tokens/s": round(self.tokens_per_second, 1)}], title=str(self.artifact))
+
+    def to_dict(self) -> dict:
+        return {"artifact": str(self.artifact), "text": self.text, "token_ids": self.token_ids,
+                "new_tokens": self.new_tokens, "prompt_tokens": self.prompt_tokens, "seconds": round(self.seconds, 4),
+                "first_token_seconds": round(self.first_token_seconds, 4),
+                "tokens_per_second": round(self.tokens_per_second, 2), "kernels": self.kernels}
+
+
+def generate(artifact: str | Path, prompt: str, max_new_tokens: int = 64, chat: bool = False,
+             do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0, kernel: str = "auto") -> GenerateResult:
+    """Continue `prompt` with the artifact (greedy unless do_sample; sampling seeded by `seed`, options named as in
+    transformers), on CPU, its quantized linears through `kernel` (export.load). InputError for max_new_tokens < 1,
+    --chat without a chat template, or a prompt that with max_new_tokens exceeds the model's context; ArtifactError
+    for a folder that is not a loadable artifact."""
+    import export
+    from compress.evaluate import pad_token_id
+    from export.generate import generate as run_generate
+    from export.generate import prompt_ids
+    from export.qlinear import KERNELS, QuantLinear
+
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens: {max_new_tokens}; at least 1 new token")
+    if kernel not in KERNELS:
+        raise InputError(f"kernel: {kernel!r}; expected one of {', '.join(KERNELS)}")
+    artifact = Path(artifact)
+    model = export.load(artifact, kernel=kernel)  # type: ignore[arg-type]  # checked against KERNELS above
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(artifact)
+    try:
+        ids = prompt_ids(tokenizer, prompt, chat)
+    except ValueError as err:
+        raise InputError(f"--chat: {artifact}: {err}") from None
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    if context and ids.shape[1] + max_new_tokens > context:
+        raise InputError(f"prompt: {ids.shape[1]} tokens + max_new_tokens {max_new_tokens} exceed the model's context "
+                         f"of {context} tokens; shorten the prompt or ask for fewer new tokens")
+    sampling: dict[str, object] = {"do_sample": do_sample}
+    if do_sample:
+        sampling.update({k: v for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
+                         if v is not None})
+    kernels: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            kernels[module.kernel] = kernels.get(module.kernel, 0) + 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = run_generate(model, tokenizer, ids, max_new_tokens, pad_token_id(model), **sampling)
+    return GenerateResult(artifact, prompt, out.text, out.token_ids, out.prompt_tokens, out.seconds,
+                          out.first_token_seconds, kernels)

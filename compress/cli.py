@@ -30,6 +30,28 @@ def _errors(fn):
     return wrapper
 
 
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def _quiet_optional_imports() -> None:
+    """Keep optional libraries' import noise out of a command's output, until the command ends: transformers imports
+    torchao through its quantizers whenever it is installed (modeling_utils -> quantizers -> quantizer_torchao), and
+    torchao then logs "Failed to load .../_C_mxfp8..." for CUDA extensions a CPU build lacks while torch's pytree logs
+    deprecation warnings for torchao's enums; none concerns a `compress` user. Errors still show."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+
+    def restore() -> None:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+    click.get_current_context().call_on_close(restore)
+
+
 def _emit(result, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
@@ -63,6 +85,7 @@ _json = click.option("--json", "as_json", is_flag=True, help="Print machine-read
 @click.version_option(package_name="compress-llm")
 def cli() -> None:
     """Make Llama-family language models smaller and faster; export artifacts other stacks load."""
+    _quiet_optional_imports()
 
 
 @cli.command()
@@ -123,6 +146,28 @@ def verify(artifact, as_json) -> None:
     _emit(result, as_json)
     if not result.ok:
         sys.exit(2)
+
+
+@cli.command()
+@click.argument("artifact")
+@click.option("--prompt", "-p", required=True, help="The text to continue.")
+@click.option("--max-new-tokens", "-n", type=int, default=64, show_default=True, help="New tokens at most.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template as one user turn.")
+@click.option("--do-sample", is_flag=True, help="Sample instead of greedy decoding (transformers' name).")
+@click.option("--temperature", type=float, default=None, help="Sampling temperature (with --do-sample).")
+@click.option("--top-k", type=int, default=None, help="Sample from the k likeliest tokens (with --do-sample).")
+@click.option("--top-p", type=float, default=None, help="Nucleus sampling mass (with --do-sample).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling.")
+@click.option("--kernel", type=click.Choice(["auto", "cpu", "dense", "reference"]), default="auto",
+              show_default=True, help="Compute path of the quantized linears: cpu (torch's int4 kernel, bfloat16), "
+              "reference (the oracle: dequantizes at every call), dense (the oracle's weights, kept dequantized).")
+@_json
+@_errors
+def generate(artifact, prompt, max_new_tokens, chat, do_sample, temperature, top_k, top_p, seed, kernel,
+             as_json) -> None:
+    """Continue a prompt with an artifact on CPU; prints the text and tokens per second."""
+    _emit(api.generate(artifact, prompt, max_new_tokens=max_new_tokens, chat=chat, do_sample=do_sample,
+                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, kernel=kernel), as_json)
 
 
 def main() -> None:

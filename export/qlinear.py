@@ -26,6 +26,7 @@ class QuantLinear(nn.Module):
     # buffers, registered in __init__ (declared here for the type checker: nn.Module's attributes are untyped)
     weight_packed: torch.Tensor  # (out, ceil(in * bits / 32)) int32
     weight_scale: torch.Tensor  # (out, n_groups)
+    weight_shape: torch.Tensor  # (2,) int64: out, in
     weight_zero_point: torch.Tensor | None  # (ceil(out * bits / 32), n_groups) int32; None: symmetric
     weight_g_idx: torch.Tensor | None  # (in,) int32
 

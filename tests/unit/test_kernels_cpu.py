@@ -74,16 +74,18 @@ def test_fast_path_matches_reference(bits, group, sym, act_order):
     x = torch.randn(3, 5, in_f, generator=torch.Generator().manual_seed(1))  # (B, T, in)
     y_ref = layer(x)
     taken = layer.use_kernel("cpu")
-    assert taken == ("cpu-dense" if bits == 8 else "cpu-int4")
+    assert taken == ("dense" if bits == 8 else "cpu-int4")
     y = layer(x)
     assert y.shape == y_ref.shape == (3, 5, OUT) and y.dtype == torch.float32
     if bits == 8:
         assert torch.equal(y, y_ref)
         return
     err = (y - y_ref).abs()
+    assert layer.bias is not None
     assert bool((err <= bound(layer, x, y_ref - layer.bias.float())).all()), float(err.max())
     assert float(err.max()) > 0  # it did go through the bfloat16 kernel
     assert layer.use_kernel("reference") == "reference" and torch.equal(layer(x), y_ref)
+    assert layer.use_kernel("dense") == "dense" and torch.equal(layer(x), y_ref)  # the fast oracle: bit for bit
 
 
 def test_bfloat16_activations():
@@ -130,7 +132,8 @@ def test_kernel_convention_by_hand():
 def test_use_kernel_counts_and_refuses_unknown_names():
     model = torch.nn.Sequential(make_linear(4, 32, True, False), make_linear(8, 64, True, False),
                                 make_linear(3, 16, True, False))
-    assert use_kernel(model, "cpu") == {"cpu-int4": 1, "cpu-dense": 1, "reference": 1}
+    assert use_kernel(model, "cpu") == {"cpu-int4": 1, "dense": 1, "reference": 1}
+    assert use_kernel(model, "dense") == {"dense": 3}
     assert use_kernel(model, "reference") == {"reference": 3}
-    with pytest.raises(ValueError, match="kernel: 'triton'; expected one of auto, reference, cpu"):
+    with pytest.raises(ValueError, match="kernel: 'triton'; expected one of auto, reference, cpu, dense"):
         use_kernel(model, "triton")  # type: ignore[arg-type]
