@@ -45,6 +45,27 @@ def test_without_setup_keeps_everything_else():
     assert dropped == ["python3 -m venv .venv", ". .venv/bin/activate", "pip install -c constraints.txt -e ."]
 
 
+def _drive(tmp_path: Path, blocks: list[dict]) -> subprocess.CompletedProcess:
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps([{"page": "p.md", **b} for b in blocks]))
+    return subprocess.run([sys.executable, "-m", "tests.docs.driver", str(spec)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_driver_shares_one_namespace_and_stops_at_the_first_failure(tmp_path):
+    ok = _drive(tmp_path, [{"line": 1, "lang": "python", "text": "x = 2\n"},
+                           {"line": 5, "lang": "bash", "text": "test \"$(echo 2)\" = 2\n"},
+                           {"line": 9, "lang": "python", "text": "assert x == 2\n"}])
+    assert ok.returncode == 0 and ok.stdout.splitlines() == ["== p.md:1 (python)", "== p.md:5 (bash)",
+                                                             "== p.md:9 (python)"], ok.stdout + ok.stderr
+    for failing in ("false\necho not reached\n", "false | true\n"):  # -e and pipefail
+        bad = _drive(tmp_path, [{"line": 3, "lang": "bash", "text": failing},
+                                {"line": 7, "lang": "python", "text": "print('not reached')\n"}])
+        assert bad.returncode == 1 and bad.stdout.splitlines() == ["== p.md:3 (bash)", "FAILED p.md:3"], bad.stdout
+    bad = _drive(tmp_path, [{"line": 2, "lang": "python", "text": "import sys\nsys.exit(0)\n"}])
+    assert bad.returncode == 1 and "FAILED p.md:2" in bad.stdout and "SystemExit" in bad.stderr
+
+
 @pytest.mark.integration
 @pytest.mark.docs
 def test_every_unmarked_block_runs_as_written(tmp_path):
