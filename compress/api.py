@@ -37,7 +37,8 @@ from export.format import MAX_DETAIL, Manifest  # noqa: E402
 PROMPT_TOKENS = 16  # tokens of the prompt `eval` measures generation speed from (batch 1): a short user turn
 
 # The library's messages name the command line's flags; a Python caller reads the argument it passes instead
-PYTHON_NAMES = {"--overwrite": "overwrite=True", "--resume": "resume=True", "--set": "overrides", "--out": "out"}
+PYTHON_NAMES = {"--overwrite": "overwrite=True", "--resume": "resume=True", "--set": "overrides", "--out": "out",
+                "--chat": "chat=True"}
 _FLAG = re.compile("|".join(rf"{re.escape(flag)}(?![\w-])" for flag in PYTHON_NAMES))
 _ON_COMMAND_LINE: ContextVar[bool] = ContextVar("on_command_line", default=False)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -332,6 +333,7 @@ class GenerateResult:
                 "tokens_per_second": round(self.tokens_per_second, 2), "kernels": self.kernels}
 
 
+@_python_names
 def generate(artifact: str | Path, prompt: str, max_new_tokens: int = 64, chat: bool = False,
              do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, kernel: str = "auto") -> GenerateResult:

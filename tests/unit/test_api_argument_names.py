@@ -58,3 +58,11 @@ def test_the_cli_context_restores_itself():
             api.validate({"name": "t", "passes": []}, overrides=["x"])
     with pytest.raises(RecipeError, match=r"^overrides 'x'"):
         api.validate({"name": "t", "passes": []}, overrides=["x"])
+
+
+def test_chat_without_a_template(made):
+    _, art = made  # the tiny tokenizer has no chat template
+    with pytest.raises(InputError, match=rf"^chat=True: {art}: "):
+        api.generate(art, "def f(x):", max_new_tokens=1, chat=True)
+    res = CliRunner().invoke(cli, ["generate", str(art), "--prompt", "def f(x):", "-n", "1", "--chat"])
+    assert res.exit_code == 2 and f"error: --chat: {art}: " in res.output, res.output
