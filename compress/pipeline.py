@@ -244,7 +244,7 @@ def _run_passes(recipe: Recipe, model, calib: torch.Tensor, plan: Plan, device: 
                       cache=runs_dir(), device=device)
     trained = [p for p in recipe.passes if isinstance(p, LoraConfig)]
     if trained:  # the dense model's distributions, before any pass changes it
-        windows = max(len(calib) if p.train.windows is None else p.train.windows for p in trained)
+        windows = max(p.train.windows_used(len(calib)) for p in trained)
         with phase("teacher: the dense model's next-token distributions"):
             ctx.teacher = teacher_targets(model, calib[:windows], max(p.train.top_k for p in trained),
                                           recipe.calibration.batch_size, device)

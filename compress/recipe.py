@@ -115,6 +115,7 @@ MAX_PROMPTS = 16  # generations shown side by side
 MAX_NEW_TOKENS = 512  # per generation
 MAX_STEPS = 1_000_000  # optimizer steps of a trained correction
 MAX_TOP_K = 4096  # teacher tokens kept per position (memory N * T * k * 8 bytes)
+HELD_IN_WINDOWS = 16  # training windows a trained correction's KL is measured on before and after training
 
 
 class EvaluateConfig(_Strict):
@@ -312,17 +313,25 @@ class RtnConfig(_QuantBase):
 
 class TrainConfig(_Strict):
     """Training of low-rank terms against the dense model: AdamW on A and B only, `steps` batches of `batch_size`
-    calibration windows drawn (seeded) from the first `windows`, learning rate warmed up over the first 5% of the
+    calibration windows drawn (seeded) from the first `windows_used`, learning rate warmed up over the first 5% of the
     steps and decayed to 0 by a cosine; the loss is the KL divergence of the model's next-token distributions from
     the dense model's top `top_k` (compress.ops.distill)."""
 
     steps: int = Field(100, ge=0, le=MAX_STEPS, description="optimizer steps (0: the fitted initialization only)")
     lr: float = Field(1e-3, gt=0, le=1)
     windows: int | None = Field(None, ge=1, le=MAX_WINDOWS,
-                                description="calibration windows trained on (the first ones; None: all)")
+                                description="calibration windows trained on (the first ones; None: as many as the steps draw)")
     batch_size: int = Field(8, ge=1, le=MAX_WINDOWS)
     loss: Literal["kl"] = "kl"
     top_k: int = Field(64, ge=1, le=MAX_TOP_K, description="teacher tokens kept per position")
+
+    def windows_used(self, available: int) -> int:
+        """How many of the first `available` calibration windows training reads: `windows` when given; else as many
+        as the steps draw (steps x batch_size, one epoch at most, and at least the 16 the held-in KL is measured on),
+        so the dense model's distributions are computed for no window that is never trained on."""
+        if self.windows is not None:
+            return min(self.windows, available)
+        return min(available, max(self.steps * self.batch_size, HELD_IN_WINDOWS))
 
 
 class LoraConfig(_Strict):

@@ -19,11 +19,9 @@ from compress.errors import CompressError, InputError
 from compress.ops.distill import top_k_kl
 from compress.passes.base import Earlier, PassContext
 from compress.passes.targets import select_modules
-from compress.recipe import LoraConfig, TrainConfig
+from compress.recipe import HELD_IN_WINDOWS, LoraConfig, TrainConfig
 from compress.report import PassReport
 from export.lowrank import adapters, unwrap, wrap
-
-KL_WINDOWS = 16  # training windows the held-in KL is measured on before and after training
 
 
 @dataclass
@@ -52,16 +50,16 @@ def held_in_kl(model: nn.Module, teacher: TeacherTargets, windows: int, batch_si
 
 def train_adapters(model: nn.Module, teacher: TeacherTargets, cfg: TrainConfig, seed: int) -> TrainLog:
     """AdamW on every LoRALinear's A and B (everything else frozen for the duration), `cfg.steps` batches of windows
-    drawn without replacement per epoch from the first `cfg.windows` of the teacher's, KL to the teacher's top-k
+    drawn without replacement per epoch from the first `cfg.windows_used` of the teacher's, KL to the teacher's top-k
     distributions; seeded, so deterministic on the CPU. Computes where the model is."""
     log = TrainLog()
     t0 = time.perf_counter()
     params = [p for m in adapters(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
     frozen = {p: p.requires_grad for p in model.parameters()}
     device = next(model.parameters()).device
-    n = min(cfg.windows or len(teacher), len(teacher))
+    n = cfg.windows_used(len(teacher))
     batch = min(cfg.batch_size, n)
-    log.kl_before = held_in_kl(model, teacher, min(KL_WINDOWS, n), batch)
+    log.kl_before = held_in_kl(model, teacher, min(HELD_IN_WINDOWS, n), batch)
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     try:
@@ -95,7 +93,7 @@ def train_adapters(model: nn.Module, teacher: TeacherTargets, cfg: TrainConfig, 
             param.requires_grad_(flag)
         for trained in params:
             trained.requires_grad_(False)
-    log.kl_after = held_in_kl(model, teacher, min(KL_WINDOWS, n), batch) if cfg.steps else log.kl_before
+    log.kl_after = held_in_kl(model, teacher, min(HELD_IN_WINDOWS, n), batch) if cfg.steps else log.kl_before
     log.seconds = time.perf_counter() - t0
     return log
 
@@ -162,8 +160,7 @@ class LoraPass:
         report.summary = {"rank": cfg.rank, "modules": len(modules), "merged": len(merged),
                           "adapter_parameters": sum(cfg.rank * (lin.in_features + lin.out_features)
                                                     for n, (_, _, lin) in modules.items() if n not in merged),
-                          "steps": cfg.train.steps, "train_windows": min(cfg.train.windows or len(ctx.teacher),
-                                                                          len(ctx.teacher)),
+                          "steps": cfg.train.steps, "train_windows": cfg.train.windows_used(len(ctx.teacher)),
                           "held_in_kl_before": round(log.kl_before, 6), "held_in_kl_after": round(log.kl_after, 6),
                           "train_seconds": round(log.seconds, 1), "losses": log.losses}
         report.seconds = time.perf_counter() - t0
