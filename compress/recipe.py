@@ -319,8 +319,8 @@ class TrainConfig(_Strict):
 
     steps: int = Field(100, ge=0, le=MAX_STEPS, description="optimizer steps (0: the fitted initialization only)")
     lr: float = Field(1e-3, gt=0, le=1)
-    windows: int | None = Field(None, ge=1, le=MAX_WINDOWS,
-                                description="calibration windows trained on (the first ones; None: as many as the steps draw)")
+    windows: int | None = Field(None, ge=1, le=MAX_WINDOWS, description="calibration windows trained on (the first "
+                                "ones; None: as many as the steps draw)")
     batch_size: int = Field(8, ge=1, le=MAX_WINDOWS)
     loss: Literal["kl"] = "kl"
     top_k: int = Field(64, ge=1, le=MAX_TOP_K, description="teacher tokens kept per position")
