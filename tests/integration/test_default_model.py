@@ -27,7 +27,32 @@ def uniform_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def adaptive_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("default") / "adaptive"
-    return api.run(RECIPES / "llama-30pct.yaml", out=out, overrides=FAST, log=lambda *_: None)
+    return api.run(RECIPES / "llama-30pct-adaptive.yaml", out=out, overrides=FAST, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def main_run(tmp_path_factory):
+    """The main job (uniform FLAP, then healing), with 8 training steps."""
+    out = tmp_path_factory.mktemp("default") / "main"
+    return api.run(RECIPES / "llama-30pct.yaml", out=out, overrides=[*FAST, "passes.1.train.steps=8"],
+                   log=lambda *_: None)
+
+
+def test_main_job_heals_and_loads_in_stock_transformers_with_equal_logits(main_run):
+    from transformers import AutoModelForCausalLM
+
+    rep = main_run.report
+    heal = rep["passes"][1]["summary"]
+    assert heal["merged"] == heal["modules"] == 210 and heal["adapter_parameters"] == 0
+    assert heal["held_in_kl_after"] < heal["held_in_kl_before"]
+    assert rep["stock_config"] is True and abs(rep["decoder_params"]["removed"] - 0.30) <= 0.01
+    assert not (main_run.artifact / "adapter").exists()
+    stock = AutoModelForCausalLM.from_pretrained(main_run.artifact, dtype=torch.float32).eval()
+    ours = export.load(main_run.artifact)
+    ids = torch.randint(0, 49152, (1, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (stock(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max()
+    assert diff < 1e-4
 
 
 def test_adaptive_removes_30_percent_and_shrinks_the_file(adaptive_run):

@@ -12,6 +12,7 @@ from compress.recipe import (
     CfspConfig,
     FlapConfig,
     GptqConfig,
+    LoraConfig,
     Prunes,
     Role,
     TyrConfig,
@@ -29,11 +30,15 @@ def test_shipped_recipes_validate(path):
     assert r.passes
 
 
-def test_llama_30pct_is_flap_adaptive_30():
+def test_llama_30pct_is_uniform_flap_30_then_healing():
     r = load_recipe(Path(__file__).parents[2] / "recipes" / "llama-30pct.yaml")
-    (p,) = r.passes
-    assert isinstance(p, FlapConfig) and p.target == 0.30 and p.structure == "adaptive" and p.compensate
+    p, heal = r.passes
+    assert isinstance(p, FlapConfig) and p.target == 0.30 and p.structure == "uniform" and p.compensate
+    assert isinstance(heal, LoraConfig) and heal.init == "zero" and heal.merge and heal.train.steps > 0
     assert r.model == "smollm2-135m" and r.calibration.source == "pydoc"
+    adaptive = load_recipe(Path(__file__).parents[2] / "recipes" / "llama-30pct-adaptive.yaml")
+    (p,) = adaptive.passes
+    assert isinstance(p, FlapConfig) and p.target == 0.30 and p.structure == "adaptive"
 
 
 def test_overrides_apply_and_round_trip():
@@ -82,7 +87,7 @@ def test_every_pass_config_has_a_pass():
     the other fails here, not in a run)."""
     from compress.passes import PASSES
 
-    assert set(PASSES) == set(PASS_CONFIGS) and len(PASS_CONFIGS) == 6
+    assert set(PASSES) == set(PASS_CONFIGS) and len(PASS_CONFIGS) == 7
 
 
 @dataclass(frozen=True)
