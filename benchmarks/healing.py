@@ -90,8 +90,9 @@ def main() -> None:
 
                 def make(heal=heal, done=done, spec=spec) -> dict:
                     nonlocal teacher
-                    if teacher is None:
-                        teacher = teacher_targets(model, calib, heal["train"].get("top_k", 64), batch)
+                    if teacher is None:  # every length's windows: the longest run's (as the pipeline computes them)
+                        most = max([*args.steps, *args.adaptive_steps]) * args.batch_size
+                        teacher = teacher_targets(model, calib[:most], heal["train"].get("top_k", 64), batch)
                     healed = copy.deepcopy(prune())
                     ctx = PassContext(calibration=calib, plan=copy.deepcopy(done["plan"]), batch_size=batch,
                                       seed=recipe.seed, index=1, teacher=teacher)
