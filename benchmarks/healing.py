@@ -3,7 +3,7 @@ adaptive), then low-rank terms trained on the dense model's next-token distribut
 weights (the lora pass, init zero), for several training lengths; perplexity on held-out text of the calibration's
 domain and of another, seconds of training, and the share of the log-perplexity gap to dense that healing recovers.
 
-    python benchmarks/healing.py --threads 2
+    python benchmarks/healing.py --threads 2 --structures uniform
 
 Rows are cached in ~/.cache/compress/healing/rows.json (keyed by their settings), so an interrupted run resumes;
 `--fresh` measures every row again. Writes docs/results/healing.{md,json} and healing.png."""
@@ -27,8 +27,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "llama-30pct.yaml"))
-    ap.add_argument("--steps", type=int, nargs="+", default=[30, 60, 120], help="training lengths (uniform)")
-    ap.add_argument("--adaptive-steps", type=int, nargs="*", default=[60], help="training lengths (adaptive)")
+    ap.add_argument("--steps", type=int, nargs="+", default=[40], help="training lengths (uniform)")
+    ap.add_argument("--adaptive-steps", type=int, nargs="*", default=[40], help="training lengths (adaptive)")
+    ap.add_argument("--structures", nargs="+", default=["uniform", "adaptive"], choices=["uniform", "adaptive"])
     ap.add_argument("--lrs", type=float, nargs="+", default=[2e-3], help="learning rates tried at every length")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -53,7 +54,8 @@ def main() -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     cache_file = CACHE / "rows.json"
     cached = {} if args.fresh or not cache_file.exists() else json.loads(cache_file.read_text())
-    base_key = {"recipe": recipe.to_dict(), "calibration": list(calib.shape), "eval": args.max_windows}
+    inputs = {k: v for k, v in recipe.to_dict().items() if k in ("model", "seed", "calibration", "evaluate")}
+    base_key = {"recipe": inputs, "calibration": list(calib.shape), "eval": args.max_windows}
 
     def measured(key: dict, make) -> dict:
         k = json.dumps({**base_key, **key}, sort_keys=True)
@@ -69,7 +71,7 @@ def main() -> None:
     rows = [{"model": "dense", "structure": "", "steps": 0, **measured({"row": "dense"}, lambda: ppl(model))}]
     teacher = None
     batch = recipe.calibration.batch_size
-    for structure in ["uniform", "adaptive"]:
+    for structure in args.structures:
         spec = flap.model_dump(mode="json", by_alias=True) | {"structure": structure}
         done: dict = {}  # the pruned model and its plan, made once per structure when a row needs them
 
@@ -119,14 +121,14 @@ def write(rows: list[dict], args, corpus: str) -> None:
             if row["steps"] and gap > 0:
                 row[f"gap recovered {k[4:]}"] = round((math.log(pruned[k]) - math.log(row[k])) / gap, 3)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "healing.json").write_text(json.dumps({"command": "python benchmarks/healing.py --threads "
-                                                  f"{args.threads}", "rows": rows}, indent=1))
+    command = f"python benchmarks/healing.py --threads {args.threads} --structures {' '.join(args.structures)}"
+    (OUT / "healing.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
     from compress.tables import markdown_table
 
     md = OUT / "healing.md"
     keep = md.read_text().split("## Reading", 1)[1] if md.exists() and "## Reading" in md.read_text() else "\n"
     head = (f"# Healing after pruning: low-rank terms trained on the dense model's distributions, merged\n\n"
-            f"Command: `python benchmarks/healing.py --threads {args.threads}`\n\n"
+            f"Command: `{command}`\n\n"
             f"- calibration: the recipe's windows of {corpus}; training uses them, evaluation never does\n"
             f"- evaluation: the first {args.max_windows} windows of 256 tokens per text\n"
             f"- healing: the lora pass with init zero, rank {args.rank}, batch {args.batch_size} windows, AdamW, "
@@ -144,7 +146,7 @@ def write(rows: list[dict], args, corpus: str) -> None:
         return
     fig, axes = plt.subplots(1, len(texts), figsize=(5 * len(texts), 3.6))
     for ax, k in zip(axes, texts, strict=True):
-        for structure in ("uniform", "adaptive"):
+        for structure in args.structures:
             pts = sorted((r["steps"], r[k]) for r in rows if r["structure"] == structure)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"FLAP 30% {structure}")
         ax.axhline(dense[k], color="gray", ls="--", label="dense")
