@@ -47,12 +47,20 @@ LOCAL_ONLY = {"random": {"Random"}, "np.random": {"default_rng", "Generator"}, "
 
 def global_rng_calls(source: str) -> list[str]:
     """Calls in `source` that draw from or reseed a global generator: torch's functions and in-place fills without
-    `generator=`, the `random` module's functions, numpy's legacy global functions, dropout layers."""
+    `generator=`, the `random` module's functions, numpy's legacy global functions, dropout layers; except inside a
+    `with torch.random.fork_rng(...)` block, which restores torch's streams when it ends (what transformers' sampling,
+    which takes no generator, needs)."""
     import ast
 
+    tree = ast.parse(source)
+    forked = [(w.lineno, w.end_lineno or w.lineno) for w in ast.walk(tree) if isinstance(w, ast.With)
+              and any(isinstance(i.context_expr, ast.Call) and ast.unparse(i.context_expr.func).endswith("fork_rng")
+                      for i in w.items)]
     found = []
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(tree):
         if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        if any(a < node.lineno <= b for a, b in forked):
             continue
         owner, name = ast.unparse(node.func.value), node.func.attr
         has_generator = any(k.arg == "generator" for k in node.keywords)
@@ -71,7 +79,8 @@ def test_the_checker_finds_global_draws():
     bad = ("torch.manual_seed(0)\nx = torch.randn(3)\nw.normal_(0, 1)\nrandom.shuffle(v)\nnp.random.rand()\n"
            "nn.Dropout(0.1)\n")
     good = ("g = torch.Generator().manual_seed(0)\nx = torch.randn(3, generator=g)\nw.normal_(0, 1, generator=g)\n"
-            "rng = random.Random(0)\nrng.shuffle(v)\nnp.random.default_rng(0).random()\n")
+            "rng = random.Random(0)\nrng.shuffle(v)\nnp.random.default_rng(0).random()\n"
+            "with torch.random.fork_rng(devices=[]):\n    torch.manual_seed(0)\n    y = torch.rand(2)\n")
     assert global_rng_calls(bad) == ["line 1: torch.manual_seed", "line 2: torch.randn", "line 3: .normal_",
                                      "line 4: random.shuffle", "line 5: np.random.rand", "line 6: nn.Dropout"]
     assert global_rng_calls(good) == []
