@@ -31,7 +31,8 @@ ROWS: dict[str, tuple[str, str, list[str]] | None] = {
     "4-bit g64": ("llama-w4", "llama-w4.yaml", []),
     "3-bit g64": ("llama-w3", "llama-w4.yaml", ["passes.0.bits=3"]),
     "knapsack 3.0-bit": ("llama-w3-knapsack", "llama-w3-knapsack.yaml", []),
-    "30% pruned": ("llama-30pct", "llama-30pct.yaml", []),
+    "30% pruned": ("llama-30pct-adaptive", "llama-30pct-adaptive.yaml", []),  # the adaptive cut, no healing
+    "30% pruned, healed (main job)": ("llama-30pct", "llama-30pct.yaml", []),
     "30% pruned + 4-bit": ("llama-30pct-w4", "llama-30pct-w4.yaml", []),
 }
 DEFAULT_ARTIFACTS = Path.home() / ".cache" / "compress" / "decode_artifacts"
