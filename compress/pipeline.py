@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import resource
 import time
@@ -39,8 +40,20 @@ LOGIT_TOLERANCE = 1e-4  # reloaded vs in-memory, fp32
 EVAL_BATCH = 2  # windows per forward in perplexity: logits are (B, T, vocab) fp32, 100 MB per window of 256 here
 
 
+def reset_peak_memory() -> None:
+    """Start a new peak-resident-memory window for this process (Linux: /proc/self/clear_refs), so that a second run
+    in one process (a notebook, a test session) reports its own peak, not an earlier run's; elsewhere a no-op."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory_mb() -> float:
-    """Peak resident memory of this process so far (MB)."""
+    """Peak resident memory (MB) since the last reset_peak_memory (Linux VmHWM); where the kernel cannot reset it,
+    the process's peak so far (getrusage)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -144,6 +157,7 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     resume: continue an interrupted run of the same artifact, refusing (with what changed) when the recipe, the
     model files or the calibration tokens differ from the interrupted run's."""
     t0, phase = time.perf_counter(), Phases(log)
+    reset_peak_memory()
     out = Path(out) if out is not None else Path("artifacts") / recipe.name
     device = resolve_device(recipe.device)
     with _refused_as_input(), phase("checking the output folder and the model files"):
