@@ -33,6 +33,7 @@ from compress.pipeline import RunResult  # noqa: E402
 from compress.recipe import Recipe, RecipeError, load_recipe  # noqa: E402
 from compress.tables import html_table, text_table  # noqa: E402
 from export.format import MAX_DETAIL, Manifest  # noqa: E402
+from export.generate import Generation  # noqa: E402
 
 PROMPT_TOKENS = 16  # tokens of the prompt `eval` measures generation speed from (batch 1): a short user turn
 
@@ -296,24 +297,13 @@ def eval(artifact: str | Path, max_windows: int | None = None, new_tokens: int =
     return EvalResult(artifact, rows, ev.PPL_PROTOCOL + "; recovery = dense / compressed perplexity")
 
 
-@dataclass
-class GenerateResult:
-    artifact: Path
-    prompt: str
-    text: str
-    token_ids: list[int]  # the new tokens
-    prompt_tokens: int
-    seconds: float
-    first_token_seconds: float
-    kernels: dict[str, int]  # how many quantized linears took each compute path
+@dataclass(frozen=True)
+class GenerateResult(Generation):
+    """A generation (export.generate.Generation: text, new token ids, timings) with what it was asked for."""
 
-    @property
-    def new_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+    artifact: Path = Path()
+    prompt: str = ""
+    kernels: dict[str, int] = field(default_factory=dict)  # how many quantized linears took each compute path
 
     def speed_line(self) -> str:
         return (f"{self.new_tokens} new tokens in {self.seconds:.2f} s ({self.tokens_per_second:.1f} tokens/s; "
@@ -375,5 +365,4 @@ def generate(artifact: str | Path, prompt: str, max_new_tokens: int = 64, chat: 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         out = run_generate(model, tokenizer, ids, max_new_tokens, pad_token_id(model), **sampling)
-    return GenerateResult(artifact, prompt, out.text, out.token_ids, out.prompt_tokens, out.seconds,
-                          out.first_token_seconds, kernels)
+    return GenerateResult(**vars(out), artifact=artifact, prompt=prompt, kernels=kernels)
