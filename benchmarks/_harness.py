@@ -94,16 +94,19 @@ def run_each(script: str, labels: list[str], args, extra_env: dict | None = None
 
 
 def write_results(out: Path, title: str, script: str, meta: dict, rows: list[dict]) -> None:
-    """Print the table and write OUT.json (meta + rows) and OUT.md (title, the command, meta, table)."""
+    """Print the table and write OUT.json (meta + rows) and OUT.md (title, the command, meta, table, and the
+    hand-written "## Reading" section of the OUT.md already there, kept)."""
     from compress.tables import markdown_table, text_table
 
     print("\n" + text_table(rows))
     meta = {"command": f"python benchmarks/{Path(script).name} " + shlex.join(sys.argv[1:]), **meta}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    out.with_suffix(".md").write_text("\n".join([f"# {title}\n", f"Command: `{meta['command']}`\n",
-                                                 *(f"- {k}: {v}" for k, v in meta.items() if k != "command"), "",
-                                                 markdown_table(rows), ""]))
+    md = out.with_suffix(".md")
+    reading = md.read_text().partition("\n## Reading")[2] if md.exists() else ""
+    md.write_text("\n".join([f"# {title}\n", f"Command: `{meta['command']}`\n",
+                             *(f"- {k}: {v}" for k, v in meta.items() if k != "command"), "", markdown_table(rows), ""])
+                  + (f"\n## Reading{reading}" if reading else ""))
 
 
 def pyplot():

@@ -120,23 +120,18 @@ def write(rows: list[dict], args, corpus: str) -> None:
             gap = math.log(pruned[k]) - math.log(dense[k])
             if row["steps"] and gap > 0:
                 row[f"gap recovered {k[4:]}"] = round((math.log(pruned[k]) - math.log(row[k])) / gap, 3)
-    OUT.mkdir(parents=True, exist_ok=True)
-    command = f"python benchmarks/healing.py --threads {args.threads} --structures {' '.join(args.structures)}"
-    (OUT / "healing.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
-    from compress.tables import markdown_table
+    from _harness import write_results
 
-    md = OUT / "healing.md"
-    keep = md.read_text().split("## Reading", 1)[1] if md.exists() and "## Reading" in md.read_text() else "\n"
-    head = (f"# Healing after pruning: low-rank terms trained on the dense model's distributions, merged\n\n"
-            f"Command: `{command}`\n\n"
-            f"- calibration: the recipe's windows of {corpus}; training uses them, evaluation never does\n"
-            f"- evaluation: the first {args.max_windows} windows of 256 tokens per text\n"
-            f"- healing: the lora pass with init zero, rank {args.rank}, batch {args.batch_size} windows, AdamW, "
-            "cosine schedule, KL to the dense model's top 64 tokens plus the rest's mass; merged into the weights\n"
-            "- gap recovered: (log ppl pruned - log ppl healed) / (log ppl pruned - log ppl dense), per text\n"
-            "- train s: seconds of the lora pass (training and the held-in KL before and after), with the load "
-            "average of the shared machine when it finished (2 cores)\n\n")
-    md.write_text(head + markdown_table(rows) + "\n\n## Reading" + keep)
+    write_results(OUT / "healing", "Healing after pruning: low-rank terms trained on the dense model's distributions, "
+                  "merged", __file__,
+                  {"calibration": f"the recipe's windows of {corpus}; training uses them, evaluation never does",
+             "evaluation": f"the first {args.max_windows} windows of 256 tokens per text",
+             "healing": f"the lora pass with init zero, rank {args.rank}, batch {args.batch_size} windows, AdamW, "
+                        "cosine schedule, KL to the dense model's top 64 tokens plus the rest's mass; merged into the "
+                        "weights",
+             "gap recovered": "(log ppl pruned - log ppl healed) / (log ppl pruned - log ppl dense), per text",
+             "train s": "seconds of the lora pass (training and the held-in KL before and after), with the load "
+                        "average of the shared machine when it finished (2 cores)"}, rows)
     try:
         import matplotlib
 

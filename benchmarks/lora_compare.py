@@ -121,21 +121,15 @@ def main() -> None:
 
 
 def write(rows: list[dict], args) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    command = f"python benchmarks/lora_compare.py --threads {args.threads}"
-    (OUT / "lora_compare.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
-    from compress.tables import markdown_table
+    from _harness import write_results
 
-    md = OUT / "lora_compare.md"
-    keep = md.read_text().split("## Reading", 1)[1] if md.exists() and "## Reading" in md.read_text() else "\n"
-    head = (f"# Low-rank corrections of GPTQ: quality per byte\n\nCommand: `{command}`\n\n"
-            f"- calibration: {args.windows} windows of 256 tokens of the pydoc calibration split; evaluation: the "
-            f"first {args.max_windows} windows of 256 tokens per text, never trained on\n"
-            f"- training: AdamW on A and B, {args.steps} steps of {args.batch_size} windows, lr {args.lr:g}, KL to "
-            "the dense model's top 64 tokens plus the rest's mass\n"
-            "- total bits/weight: codes + 16-bit scales + 16-bit adapter numbers, per quantized weight\n"
-            "- seconds: the correction pass (fit, training, held-in KL) on the shared 2-core machine\n\n")
-    md.write_text(head + markdown_table(rows) + "\n\n## Reading" + keep)
+    write_results(OUT / "lora_compare", "Low-rank corrections of GPTQ: quality per byte", __file__,
+                  {"calibration": f"{args.windows} windows of 256 tokens of the pydoc calibration split",
+             "evaluation": f"the first {args.max_windows} windows of 256 tokens per text, never trained on",
+             "training": f"AdamW on A and B, {args.steps} steps of {args.batch_size} windows, lr {args.lr:g}, KL to "
+                         "the dense model's top 64 tokens plus the rest's mass",
+             "total bits/weight": "codes + 16-bit scales + 16-bit adapter numbers, per quantized weight",
+             "seconds": "the correction pass (fit, training, held-in KL) on the shared 2-core machine"}, rows)
 
 
 if __name__ == "__main__":
