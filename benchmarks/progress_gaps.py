@@ -4,6 +4,7 @@ silences and what was on screen before each. Issue 13's bar: no gap over 10 s on
 
     python benchmarks/progress_gaps.py                       # recipes/llama-30pct.yaml, 2 threads
     python benchmarks/progress_gaps.py --recipe recipes/llama-w4.yaml
+    python benchmarks/progress_gaps.py --keep artifacts/llama-30pct  # and keep the artifact (its report, its card)
 
 Writes docs/results/progress_gaps.{json,md}; the model must be fetched already (the first fetch prints a heartbeat
 every 5 s, but its time depends on the network)."""
@@ -50,6 +51,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=8, help="longest gaps listed")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "progress_gaps"))
+    ap.add_argument("--keep", default=None, metavar="DIR",
+                    help="write the artifact here (it must not exist) and keep it, instead of a temporary folder")
     args = ap.parse_args()
     from _harness import write_results
 
@@ -57,7 +60,8 @@ def main() -> int:
     env.pop("TQDM_DISABLE", None)
     compress = str(Path(sys.executable).with_name("compress"))
     with tempfile.TemporaryDirectory() as tmp:
-        pieces, rc = timed_output([compress, "run", "--recipe", args.recipe, "--out", str(Path(tmp) / "art")], env)
+        art = Path(args.keep) if args.keep else Path(tmp) / "art"
+        pieces, rc = timed_output([compress, "run", "--recipe", args.recipe, "--out", str(art)], env)
     if rc != 0:
         print("\n".join(p for _, p in pieces[-20:]))
         raise SystemExit(f"compress run exited {rc}")

@@ -47,6 +47,15 @@ def reset_peak_memory() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
+def resident_memory_mb() -> float:
+    """Resident memory (MB) of this process now (Linux VmRSS; elsewhere 0.0, as unknown)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def peak_memory_mb() -> float:
     """Peak resident memory (MB) since the last reset_peak_memory (Linux VmHWM); where the kernel cannot reset it,
     the process's peak so far (getrusage)."""
@@ -158,6 +167,7 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     model files or the calibration tokens differ from the interrupted run's."""
     t0, phase = time.perf_counter(), Phases(log)
     reset_peak_memory()
+    resident_at_start = resident_memory_mb()  # what the process held before (a notebook's, a test session's)
     out = Path(out) if out is not None else Path("artifacts") / recipe.name
     device = resolve_device(recipe.device)
     with _refused_as_input(), phase("checking the output folder and the model files"):
@@ -192,7 +202,7 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
         with phase("reloading the artifact and comparing logits"):
             verify = _compare_reload(model, folder, calib[:2])
         return {"verify": verify, "seconds": round(time.perf_counter() - t0, 1), "phases": phase.seconds,
-                "peak_memory_mb": round(peak_memory_mb(), 1)}
+                "peak_memory_mb": round(peak_memory_mb(), 1), "resident_at_start_mb": round(resident_at_start, 1)}
 
     provenance = export.Provenance(folder=source.path, source=report["source"],
                                    config=llama.as_causal_lm(model).config.to_dict(), recipe=report["recipe"],

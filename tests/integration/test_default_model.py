@@ -60,7 +60,9 @@ def test_adaptive_removes_30_percent_and_shrinks_the_file(adaptive_run):
     assert abs(rep["decoder_params"]["removed"] - 0.30) <= 0.01
     assert rep["weights_bytes"]["compressed"] <= 0.8 * rep["weights_bytes"]["dense"]
     assert rep["verify"]["max_abs_logit_diff"] < 1e-4
-    assert rep["peak_memory_mb"] < 3000
+    # the run's own growth: the test session already holds what earlier tests left (1.4 GB in a full CI run)
+    assert 0 < rep["resident_at_start_mb"] < rep["peak_memory_mb"]
+    assert rep["peak_memory_mb"] - rep["resident_at_start_mb"] < 2500
     assert export.verify(adaptive_run.artifact) == []
     # the default model is hard to prune at this size: held-out perplexity goes from ~15 to ~45; a ceiling
     # well above today's figure catches a broken pass without flaking on thread-count noise

@@ -36,6 +36,7 @@ REPORT_VARYING = [
     ("seconds",),  # timings
     ("phases",),
     ("peak_memory_mb",),
+    ("resident_at_start_mb",),
     ("passes", "*", "seconds"),
 ]
 # the model card's pass headings carry the pass's wall time in seconds: "## passes[1]: gptq (1 s)"
