@@ -1,0 +1,172 @@
+"""Draft-and-verify decoding (speculative decoding) on a loaded model, batch 1, KV cache.
+
+Medusa heads (export.medusa) draft a chain of K tokens from the hidden state of the last accepted position; the model
+reads [its last token, the K drafts] in one forward, the cache is rolled back past the first rejected draft, and the
+step keeps the accepted drafts plus one token of the model's own. Greedy: a draft is accepted when it equals the
+model's argmax, so the output is plain greedy's token for token. Sampling: the rejection rule of Leviathan et al.
+(2023) / Chen et al. (2023), so the output is distributed as the model's own samples.
+
+The two baselines come from transformers' generate, not from here: n-gram (prompt-lookup) drafting
+(`prompt_lookup_num_tokens`) and a draft model (`assistant_model`); `library_generate` runs them and counts, from
+the model's forward calls, what they drafted and kept."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from export.generate import Generation, generate
+from export.medusa import MedusaHeads
+
+PROMPT_LOOKUP_TOKENS = 4  # n-gram drafts per step (prompt-lookup), as many as the default number of heads
+
+
+@dataclass(frozen=True)
+class DraftCounts:
+    """What drafting did in one generation. `steps`: the model's forwards after the prompt's (each verifies one draft
+    and adds one token of the model's own); `drafted` / `accepted`: draft tokens verified / kept."""
+
+    steps: int
+    drafted: int
+    accepted: int
+
+    @property
+    def mean_accepted(self) -> float:
+        """Draft tokens accepted per verifying forward (tokens per forward is one more)."""
+        return self.accepted / self.steps if self.steps else 0.0
+
+
+def warp(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+         top_p: float | None = None) -> torch.Tensor:
+    """(..., V) logits -> (..., V) probabilities, after temperature, top-k and top-p (nucleus) as transformers
+    applies them (top-k first; top-p keeps the smallest set of likeliest tokens whose mass reaches top_p)."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs  # (..., V): mass of the likelier tokens
+        drop = (mass_before >= top_p).scatter(-1, order, mass_before >= top_p)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def rejection_step(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
+                   generator: torch.Generator | None = None) -> tuple[int, int]:
+    """The speculative sampling rule. p: (k + 1, V) the model's distributions after each verified prefix, q: (k, V)
+    the drafter's, drafts: (k,) tokens drawn from q. Draft i is kept with probability min(1, p_i(x) / q_i(x)); the
+    first one refused is replaced by a draw from norm(max(0, p_i - q_i)); when all are kept, one more token is drawn
+    from p_k. Returns (drafts kept n, the token that follows them): every token so chosen is distributed as p."""
+    k = int(drafts.shape[0])
+    u = torch.rand(k, generator=generator)  # (k,)
+    for i in range(k):
+        x = int(drafts[i])
+        if float(u[i]) * float(q[i, x]) < float(p[i, x]):  # u < p/q without dividing by a zero q
+            continue
+        residual = (p[i] - q[i]).clamp(min=0)  # (V,)
+        if float(residual.sum()) <= 0:  # p_i == q_i: nothing to correct (reached only by rounding)
+            residual = p[i]
+        return i, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+    return k, int(torch.multinomial(p[k], 1, generator=generator))
+
+
+def _decoder(model: nn.Module) -> tuple[Any, Any, str]:
+    """(the backbone returning final hidden states after the last norm, the lm_head, the backbone's name for the
+    KV cache argument: `cache` from transformers 5.x where `past_key_values` is deprecated, else the latter)."""
+    causal = cast(Any, model)
+    decoder = causal.get_decoder()
+    cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    return decoder, causal.get_output_embeddings(), cache_arg
+
+
+def _eos_ids(model: nn.Module) -> set[int]:
+    eos = getattr(model.config, "eos_token_id", None)  # int, list or None
+    return set() if eos is None else {int(e) for e in (eos if isinstance(eos, list) else [eos])}
+
+
+@torch.no_grad()
+def speculative_generate(model: nn.Module, heads: MedusaHeads, ids: torch.Tensor, max_new_tokens: int,
+                         do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                         top_p: float | None = None, generator: torch.Generator | None = None,
+                         ) -> tuple[list[int], DraftCounts]:
+    """Continue `ids` (1, T) by up to `max_new_tokens` tokens (exactly that many unless an end-of-text token, which
+    is kept, comes first), drafting with `heads`; greedy unless `do_sample` (then temperature / top_k / top_p as in
+    transformers, drawn from `generator`). Returns (new token ids, draft counts)."""
+    from transformers import DynamicCache
+
+    decoder, lm_head, cache_arg = _decoder(model)
+    eos = _eos_ids(model)
+    heads = heads.to(dtype=lm_head.weight.dtype)
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:  # (n, V) -> (n,) greedy picks or samples
+        if not do_sample:
+            return logits.argmax(-1)
+        return torch.multinomial(warp(logits, temperature, top_k, top_p), 1, generator=generator)[:, 0]
+
+    cache = DynamicCache(config=cast(Any, model).config)
+    hidden = decoder(input_ids=ids, use_cache=True, **{cache_arg: cache}).last_hidden_state[0, -1:]  # (1, H)
+    out = [int(choose(lm_head(hidden))[0])]
+    steps = drafted = accepted = 0
+    while len(out) < max_new_tokens and out[-1] not in eos:
+        k = min(heads.num_heads, max_new_tokens - len(out) - 1)  # the step adds at most k + 1 tokens
+        head_logits = heads(hidden[0], lm_head)[:k]  # (k, V): head i guesses the token i + 1 after out[-1]
+        q = warp(head_logits, temperature, top_k, top_p) if do_sample else None
+        drafts = choose(head_logits)  # (k,)
+        step_ids = torch.tensor([[out[-1], *drafts.tolist()]])  # (1, 1 + k)
+        verified = decoder(input_ids=step_ids, use_cache=True, **{cache_arg: cache}).last_hidden_state[0]  # (1+k, H)
+        logits = lm_head(verified)  # (1 + k, V): row i is the model's next token after step_ids[0, :i + 1]
+        if q is None:
+            picks = logits.argmax(-1)  # (1 + k,)
+            n = next((i for i in range(k) if int(drafts[i]) != int(picks[i])), k)
+            token = int(picks[n])
+        else:
+            n, token = rejection_step(warp(logits, temperature, top_k, top_p), q, drafts, generator)
+        cache.crop(-(k - n))  # keep out[-1] and the n accepted drafts; the refused drafts' keys and values go
+        steps, drafted, accepted = steps + 1, drafted + k, accepted + n
+        new = [*drafts[:n].tolist(), token]
+        stop = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))  # an end of text ends the output
+        out += new[:stop]
+        hidden = verified[n:n + 1]  # (1, H): the state that predicted `token`
+    return out, DraftCounts(steps, drafted, accepted)
+
+
+def timed_speculative(model: nn.Module, heads: MedusaHeads, tokenizer: Any, ids: torch.Tensor, max_new_tokens: int,
+                      **sampling: Any) -> tuple[Generation, DraftCounts]:
+    """speculative_generate, timed, as a Generation (first_token_seconds: nan; tokens come a step at a time)."""
+    t0 = time.perf_counter()
+    new, counts = speculative_generate(model, heads, ids, max_new_tokens, **sampling)
+    seconds = time.perf_counter() - t0
+    return Generation(tokenizer.decode(new, skip_special_tokens=True), new, int(ids.shape[1]), seconds,
+                      float("nan")), counts
+
+
+def library_generate(model: nn.Module, tokenizer: Any, ids: torch.Tensor, max_new_tokens: int, pad_token_id: int,
+                     draft: str | nn.Module, **sampling: Any) -> tuple[Generation, DraftCounts]:
+    """transformers' generate with its own drafting: `draft` "ngram" (prompt lookup, PROMPT_LOOKUP_TOKENS a step) or
+    a draft model (assisted generation; same tokenizer). Counts come from the model's forward calls (each reads the
+    tokens its cache lacks: the prompt, or the last token, then that call's drafts): steps = calls after the first,
+    drafted = tokens read beyond the prompt and one a step, accepted = new tokens - calls (each call adds one token
+    of the model's own; exact unless the last call was cut short by max_new_tokens or an end of text)."""
+    lengths: list[int] = []
+
+    def note(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        step_ids = kwargs.get("input_ids", args[0] if args else None)
+        lengths.append(int(step_ids.shape[1]) if step_ids is not None else 1)
+
+    extra: dict[str, Any] = ({"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS} if draft == "ngram"
+                             else {"assistant_model": draft})
+    handle = model.register_forward_pre_hook(note, with_kwargs=True)
+    try:
+        gen = generate(model, tokenizer, ids, max_new_tokens, pad_token_id, **extra, **sampling)
+    finally:
+        handle.remove()
+    drafted = sum(lengths) - int(ids.shape[1]) - (len(lengths) - 1)
+    return gen, DraftCounts(len(lengths) - 1, drafted, max(0, min(drafted, gen.new_tokens - len(lengths))))
