@@ -4,8 +4,7 @@ infers a decision again from module shapes or tensor names.
 
 Per block: its widths as the passes left them, and what each pruning pass kept (key-value groups, MLP channels,
 indices into the widths before that pass). Per module (full name, `model.layers.3.mlp.up_proj`): its quantization
-record and its low-rank correction. Per model: a slot for drafter heads (empty until the pass that fills it
-exists)."""
+record and its low-rank correction. Per model: the drafter heads (compress/passes/medusa.py), or None."""
 
 from __future__ import annotations
 
@@ -58,9 +57,13 @@ class LowRank:
 
 @dataclass
 class DrafterHeads:
-    """Drafter heads over the final hidden states: per head, its tensors by name. Empty slot for now."""
+    """Medusa drafter heads over the final hidden states (export.medusa.MedusaHeads, filled by the medusa pass):
+    their tensors by vLLM's names, blocks.{h}.layers.{l}.weight (hidden, hidden) and .bias (hidden,), float32 on the
+    CPU; `num_heads` heads of `num_layers` residual layers each."""
 
-    heads: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    tensors: dict[str, torch.Tensor]
+    num_heads: int
+    num_layers: int
 
 
 @dataclass

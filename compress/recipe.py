@@ -16,6 +16,7 @@ from compress.patterns import Pattern
 
 # re-exported: compress/passes/quantize.py imports pattern_search from here
 from compress.patterns import pattern_search as pattern_search  # noqa: F401
+from export.medusa import MAX_HEADS
 
 # Bounds: generous, but finite, so that a typo (an extra zero, `.inf`, 2**70) is refused by name before any work.
 MAX_RECIPE_BYTES = 2**20  # a recipe is a few KB; read before parsing, so a huge file costs nothing
@@ -355,9 +356,67 @@ class LoraConfig(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
-PassConfig = Annotated[FlapConfig | WandaSpConfig | CfspConfig | TyrConfig | GptqConfig | RtnConfig | LoraConfig,
-                       Field(discriminator="pass_")]
+MAX_HEAD_LAYERS = 8  # residual layers per drafter head (the paper uses one; each adds hidden^2 weights per head)
+
+
+class SelfGenerated(_Strict):
+    """Continuations the model generates itself (greedy) from the first `prompt_tokens` tokens of calibration
+    windows, up to the calibration's seq_len, added as training windows: on them the token after each position is
+    the model's own choice, as in decoding (Medusa-2's self-distillation)."""
+
+    windows: int = Field(16, ge=1, le=MAX_WINDOWS, description="training windows whose starts are continued")
+    prompt_tokens: int = Field(32, ge=1, le=MAX_TOKENS, description="tokens of each window kept as the prompt")
+
+
+class MedusaTrainConfig(_Strict):
+    """Training of the heads alone (backbone and lm_head frozen): AdamW, `steps` batches of `batch_size` positions
+    drawn (seeded, without replacement per epoch) from the training windows, learning rate warmed up over the first
+    5% of the steps and decayed to 0 by a cosine; the loss is each head's KL from the model's own top `top_k`
+    distribution at its offset (compress.ops.medusa), head k weighted by `decay`**k (Medusa-1's lambda_k)."""
+
+    steps: int = Field(150, ge=0, le=MAX_STEPS)
+    lr: float = Field(1e-3, gt=0, le=1)
+    batch_size: int = Field(256, ge=1, le=MAX_WINDOWS * 64, description="positions per step")
+    top_k: int = Field(32, ge=1, le=MAX_TOP_K, description="teacher tokens kept per position")
+    decay: float = Field(0.8, gt=0, le=1, description="weight of head k in the loss is decay**k")
+
+
+class MedusaConfig(_Strict):
+    """Medusa drafter heads (Cai et al., 2024; METHODS.md): `num_heads` residual blocks on the final hidden state
+    over the model's own lm_head, head k guessing the token k + 2 positions ahead, trained by self-distillation on
+    the model being exported (the last pass's). The last `held_out` calibration windows are not trained on: each
+    head's top-1 accuracy against the model's own choice is measured on them."""
+
+    role: ClassVar[Role] = "draft"
+    pass_: Literal["medusa"] = Field("medusa", alias="pass")
+    num_heads: int = Field(4, ge=1, le=MAX_HEADS)
+    num_layers: int = Field(1, ge=1, le=MAX_HEAD_LAYERS, description="residual layers per head")
+    held_out: int = Field(8, ge=1, le=MAX_WINDOWS, description="last calibration windows kept out of training")
+    train: MedusaTrainConfig = MedusaTrainConfig()
+    generate: SelfGenerated | None = None  # None: calibration text only
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+PassConfig = Annotated[FlapConfig | WandaSpConfig | CfspConfig | TyrConfig | GptqConfig | RtnConfig | LoraConfig
+                       | MedusaConfig, Field(discriminator="pass_")]
 PASS_CONFIGS = get_args(get_args(PassConfig)[0])  # the pass config classes, in the union's order
+
+
+def _medusa_fits(p: MedusaConfig, i: int, cal: CalibrationConfig) -> None:
+    """At least one calibration window left to train on; windows long enough for every head's target; prompts of
+    self-generated windows shorter than a window, and no more of them than the training windows."""
+    if p.held_out >= cal.windows:
+        raise ValueError(f"passes.{i}.held_out: {p.held_out} held-out windows leave none of calibration.windows "
+                         f"{cal.windows} to train on")
+    if cal.seq_len <= p.num_heads + 1:
+        raise ValueError(f"passes.{i}.num_heads: {p.num_heads} heads need windows longer than {p.num_heads + 1} "
+                         f"tokens; calibration.seq_len is {cal.seq_len}")
+    if p.generate is not None and p.generate.prompt_tokens >= cal.seq_len:
+        raise ValueError(f"passes.{i}.generate.prompt_tokens: {p.generate.prompt_tokens} leaves nothing to generate "
+                         f"in windows of calibration.seq_len {cal.seq_len}")
+    if p.generate is not None and p.generate.windows > cal.windows - p.held_out:
+        raise ValueError(f"passes.{i}.generate.windows: {p.generate.windows} prompts, but only "
+                         f"{cal.windows - p.held_out} calibration windows are trained on")
 
 
 class Recipe(_Strict):
@@ -410,6 +469,8 @@ class Recipe(_Strict):
             if isinstance(p, LoraConfig) and p.train.windows is not None and p.train.windows > self.calibration.windows:
                 raise ValueError(f"passes.{i}.train.windows: {p.train.windows} windows to train on, but "
                                  f"calibration.windows is {self.calibration.windows}")
+            if isinstance(p, MedusaConfig):
+                _medusa_fits(p, i, self.calibration)
         return self
 
     @model_validator(mode="after")

@@ -94,7 +94,7 @@ def generation_rows(report: dict) -> list[dict]:
 
 def summary_rows(report: dict) -> list[dict]:
     """Dense vs compressed size: decoder and all parameters, weights MB, bits per quantized weight as stored (low-rank
-    corrections included), and the correction's adapter when there is one."""
+    corrections included), the correction's adapter and the drafter heads when there are any."""
     r = report
     return [
         {"": "decoder params", "dense": r["decoder_params"]["dense"], "compressed": r["decoder_params"]["compressed"]},
@@ -104,7 +104,9 @@ def summary_rows(report: dict) -> list[dict]:
     ] + ([{"": "bits per quantized weight", "dense": "", "compressed": r["bits_per_weight"]["stored"]}]
          if r.get("bits_per_weight") else []) + ([{"": "low-rank correction", "dense": "", "compressed": (
              f"{a['modules']} modules, rank {'/'.join(map(str, a['ranks']))}, {a['bytes'] / 2**20:.2f} MB in "
-             f"{a['path']}/ (PEFT LoRA)")}] if (a := r.get("adapter")) else [])
+             f"{a['path']}/ (PEFT LoRA)")}] if (a := r.get("adapter")) else []) + ([{"": "drafter heads", "dense": "",
+         "compressed": f"{h['num_heads']} Medusa heads x {h['num_layers']} layer(s), {h['bytes'] / 2**20:.2f} MB "
+                       f"in {h['path']}/ (vLLM Medusa drafter)"}] if (h := r.get("heads")) else [])
 
 
 def _card_passes(passes: list[dict]) -> list[str]:

@@ -10,6 +10,9 @@ An artifact folder holds:
   recipe.yaml, report.json, plan.json, README.md (model card)
   adapter/               only with a low-rank correction: a standard PEFT LoRA adapter (export/peft.py), which our
                          loader applies too; manifest `adapter` says which modules and ranks
+  medusa/                only with drafter heads: a vLLM Medusa drafter folder (export/medusa.py: config.json,
+                         model.safetensors with the heads and a copy of the lm_head); manifest `heads`;
+                         export.medusa.load_heads reads it, export.load leaves it alone
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from export.medusa import MAX_HEADS, SHARED_LM_HEAD, block_names
 from export.peft import tensor_names
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -179,6 +183,17 @@ class AdapterRecord(_Record):
     modules: dict[str, AdapterModule]  # full module name -> rank and base shape, in plan order
 
 
+class HeadsRecord(_Record):
+    """manifest.heads: Medusa drafter heads over the final hidden states, stored once, as the vLLM Medusa drafter
+    folder `path` (export/medusa.py names its files and tensors), in `dtype`."""
+
+    format: Literal["vllm-medusa"] = "vllm-medusa"
+    path: ArtifactPath
+    dtype: Literal["float16", "bfloat16", "float32"]
+    num_heads: int = Field(ge=1, le=MAX_HEADS)
+    num_layers: int = Field(ge=1)
+
+
 class SourceRecord(_Record):
     name: str
     identity: str
@@ -199,6 +214,7 @@ class Manifest(_Record):
     architecture: Architecture
     quantization: dict[str, QuantScheme] = {}
     adapter: AdapterRecord | None = None  # absent from manifest.json when there is none
+    heads: HeadsRecord | None = None  # absent from manifest.json when there is none
     recipe: dict[str, Any]
     seed: int = 0
     tensors: dict[str, TensorRecord]
@@ -222,7 +238,21 @@ class Manifest(_Record):
                                      f"but its tensor is {list(got)}")
         if self.adapter is not None:
             self._adapter_consistent(self.adapter)
+        if self.heads is not None:
+            self._heads_consistent(self.heads, embed.shape)
         return self
+
+    def _heads_consistent(self, heads: HeadsRecord, embed: list[int]) -> None:
+        """Every head tensor (hidden, hidden) / (hidden,) and the shared lm_head (vocab, hidden), by the embeddings'
+        (vocab, hidden), is listed in the heads' folder with the heads' dtype."""
+        vocab, hidden = embed
+        want = {name: [hidden, hidden] if name.endswith(".weight") else [hidden]
+                for name in block_names(heads.num_heads, heads.num_layers)} | {SHARED_LM_HEAD: [vocab, hidden]}
+        for name, shape in want.items():
+            t = self.tensors.get(name)
+            if t is None or t.file.rpartition("/")[0] != heads.path or (t.shape, t.dtype) != (shape, heads.dtype):
+                raise ValueError(f"heads: tensors.{name} must be listed in {heads.path}/ with shape {shape} and "
+                                 f"dtype {heads.dtype}")
 
     def _adapter_consistent(self, adapter: AdapterRecord) -> None:
         """Each corrected module's base shape is its layer's, and its A (rank, in) and B (out, rank) are listed in
@@ -245,10 +275,12 @@ class Manifest(_Record):
 
     @model_serializer(mode="wrap")
     def _adapter_only_when_present(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """No `adapter` key without a correction: manifests of other artifacts stay as they were."""
+        """No `adapter` key without a correction, no `heads` key without drafter heads: manifests of other artifacts
+        stay as they were."""
         data = handler(self)
-        if data.get("adapter") is None:
-            data.pop("adapter", None)
+        for key in ("adapter", "heads"):
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
     def dumps(self) -> str:

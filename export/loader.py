@@ -145,6 +145,12 @@ def _check(path: Path, manifest: Manifest, hashes: bool) -> list[str]:
     return problems
 
 
+def check_files(path: Path, manifest: Manifest) -> list[str]:
+    """Problems of the folder against its manifest without reading the files' contents (listed, present, sizes,
+    tensor names, shapes and dtypes); [] if none."""
+    return _check(path, manifest, hashes=False)
+
+
 def verify(path: str | Path) -> list[str]:
     """Every problem with an artifact folder (a malformed manifest, a path leaving the folder, a missing, truncated or
     altered file, a missing or extra tensor, NaN or Inf values), each naming the field, file or tensor; [] if none."""
@@ -231,7 +237,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         raise ArtifactError(f"{path}: {err}") from None
     state: dict[str, torch.Tensor] = {}
     adapter = _adapter_names(manifest)  # PEFT name -> the name LoRALinear loads
+    heads_folder = None if manifest.heads is None else f"{manifest.heads.path}/"  # read by export.medusa.load_heads
     for fname in sorted({m.file for m in manifest.tensors.values()}):
+        if heads_folder is not None and fname.startswith(heads_folder):
+            continue
         state.update({adapter.get(k, k): t for k, t in load_file(path / fname).items()})
     bad = {name: n for name, t in state.items() if (n := _non_finite(t))}
     if bad:

@@ -13,6 +13,7 @@ from typing import Literal, Protocol
 
 import torch
 
+from export import medusa
 from export.format import ATTN
 from export.interop import (
     REMOTE_CODE_FILE,
@@ -31,6 +32,7 @@ from export.target import check_apart, check_target, recover_leftovers
 from export.writer import ArtifactWriter, source_files
 
 QuantFormat = Literal["compressed-tensors", "gptq"]
+LM_HEAD = "lm_head"  # the output projection's module name in the Llama family
 BLOCK_MODULE = re.compile(r"model\.layers\.(\d+)\.")  # a module of decoder block i
 
 
@@ -48,9 +50,22 @@ class LowRankRecord(Protocol):
     def B(self) -> torch.Tensor: ...
 
 
+class HeadsPlan(Protocol):
+    """Medusa drafter heads: their tensors by export.medusa.block_names, and how many heads of how many layers."""
+
+    @property
+    def tensors(self) -> Mapping[str, torch.Tensor]: ...
+
+    @property
+    def num_heads(self) -> int: ...
+
+    @property
+    def num_layers(self) -> int: ...
+
+
 class ArtifactPlan(Protocol):
     """What export reads of the plan: each block's widths, each quantized linear's record, each corrected linear's
-    low-rank pair, and the plan's own informational form (plan.json)."""
+    low-rank pair, the drafter heads (None: none), and the plan's own informational form (plan.json)."""
 
     @property
     def widths(self) -> list[BlockWidths]: ...
@@ -60,6 +75,9 @@ class ArtifactPlan(Protocol):
 
     @property
     def adapters(self) -> Mapping[str, LowRankRecord]: ...
+
+    @property
+    def heads(self) -> HeadsPlan | None: ...
 
     def to_dict(self) -> dict: ...
 
@@ -152,6 +170,9 @@ def write(out: Path, tensors: Iterable[tuple[str, dict[str, torch.Tensor]]], pla
     config["dtype"] = str(settings.dtype).removeprefix("torch.")
     views = _non_uniform_views(config, layers, why_not_stock, settings.remote_code)
     bits = _BitsTally()
+    lm_head: dict[str, torch.Tensor] = {}  # the lm_head's weight as it streams by, for the drafter folder
+    if plan.heads is not None:
+        tensors = _keeping(tensors, LM_HEAD, lm_head)
     report.update({"stock_config": why_not_stock is None, "stock_config_reason": why_not_stock or "", **views,
                    "export_dtype": str(settings.dtype).removeprefix("torch."), "bits_per_weight": None})
     with ArtifactWriter(out, overwrite=overwrite) as w:
@@ -164,13 +185,17 @@ def write(out: Path, tensors: Iterable[tuple[str, dict[str, torch.Tensor]]], pla
         report["bits_per_weight"] = bits.summary()
         if adapter is not None:
             report["adapter"] = adapter.pop("report")
+        heads = _write_heads(w, plan.heads, lm_head.get(f"{LM_HEAD}.weight"), settings.dtype)
+        if heads is not None:
+            report["heads"] = heads.pop("report")
         w.copy_tokenizer(provenance.folder)
         w.write_text("recipe.yaml", provenance.recipe_yaml)
         w.write_json("plan.json", plan.to_dict())
         w.write_manifest(source=provenance.source,
                          architecture={"base_model_type": provenance.config["model_type"], "layers": layers},
                          quantization=schemes, recipe=provenance.recipe, seed=provenance.seed,
-                         **({} if adapter is None else {"adapter": adapter}))
+                         **({} if adapter is None else {"adapter": adapter}),
+                         **({} if heads is None else {"heads": heads}))
         report.update(check(w.tmp))
         report["weights_bytes"] = {"dense": weights_bytes(provenance.folder), "compressed": weights_bytes(w.tmp)}
         w.write_json("report.json", report)
@@ -247,6 +272,40 @@ def _write_adapter(w: ArtifactWriter, plan: ArtifactPlan, settings: ExportSettin
             "report": {"path": ADAPTER_DIR, "format": "peft-lora", "dtype": dtype_name, "modules": len(modules),
                        "ranks": sorted(set(ranks.values())),
                        "parameters": sum(A.numel() + B.numel() for A, B in pairs.values()), "bytes": stored}}
+
+
+def _keeping(tensors: Iterable[tuple[str, dict[str, torch.Tensor]]], module: str, kept: dict[str, torch.Tensor]
+             ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """The stream as it is, with the tensors of `module` also put in `kept` (references, no copy)."""
+    for name, parts in tensors:
+        if name == module:
+            kept.update(parts)
+        yield name, parts
+
+
+def _write_heads(w: ArtifactWriter, heads: HeadsPlan | None, lm_head: torch.Tensor | None,
+                 dtype: torch.dtype) -> dict | None:
+    """The drafter heads as the vLLM Medusa folder (export/medusa.py), in the export `dtype`, with a copy of the
+    model's lm_head (vocab, hidden); returns the manifest's heads record with a `report` entry for report.json
+    (popped by the caller), or None when the plan has none. Raises ValueError when the lm_head never arrived."""
+    if heads is None:
+        return None
+    if lm_head is None:
+        raise ValueError(f"drafter heads: the model's tensors hold no {LM_HEAD}.weight for the heads to share")
+    names = medusa.block_names(heads.num_heads, heads.num_layers)
+    if sorted(heads.tensors) != sorted(names):
+        raise ValueError(f"drafter heads: tensors {sorted(heads.tensors)[:4]}..., expected {names[:4]}... "
+                         f"({heads.num_heads} heads of {heads.num_layers} layers)")
+    tensors = medusa.drafter_tensors(dict(heads.tensors), lm_head, dtype)
+    stored = w.write_tensors(medusa.DRAFTER_WEIGHTS, tensors)
+    dtype_name = str(dtype).removeprefix("torch.")
+    vocab, hidden = lm_head.shape
+    w.write_json(medusa.DRAFTER_CONFIG, medusa.drafter_config(hidden, vocab, heads.num_heads, heads.num_layers,
+                                                              dtype_name))
+    record = {"format": "vllm-medusa", "path": medusa.DRAFTER_DIR, "dtype": dtype_name, "num_heads": heads.num_heads,
+              "num_layers": heads.num_layers}
+    return {**record, "report": {**record, "parameters": sum(t.numel() for t in heads.tensors.values()),
+                                 "bytes": stored}}
 
 
 class _Arrival:

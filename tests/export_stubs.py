@@ -24,6 +24,7 @@ class StubPlan:
     widths: list[BlockWidths]
     quantized: dict[str, QuantRecord] = field(default_factory=dict)
     adapters: dict[str, LowRankPair] = field(default_factory=dict)
+    heads: None = None  # no drafter heads
 
     def to_dict(self) -> dict:
         return {"passes": ["test"]}

@@ -5,16 +5,26 @@ from __future__ import annotations
 
 from compress.passes.base import Pass, PassContext
 from compress.passes.lora import LoraPass
+from compress.passes.medusa import MedusaPass
 from compress.passes.prune_cfsp import CfspPass
 from compress.passes.prune_flap import FlapPass
 from compress.passes.prune_tyr import TyrPass
 from compress.passes.prune_wanda import WandaSpPass
 from compress.passes.quantize import QuantizePass
-from compress.recipe import CfspConfig, FlapConfig, GptqConfig, LoraConfig, RtnConfig, TyrConfig, WandaSpConfig
+from compress.recipe import (
+    CfspConfig,
+    FlapConfig,
+    GptqConfig,
+    LoraConfig,
+    MedusaConfig,
+    RtnConfig,
+    TyrConfig,
+    WandaSpConfig,
+)
 
 PASSES: dict[type, type[Pass]] = {FlapConfig: FlapPass, WandaSpConfig: WandaSpPass, CfspConfig: CfspPass,
                                   TyrConfig: TyrPass, GptqConfig: QuantizePass, RtnConfig: QuantizePass,
-                                  LoraConfig: LoraPass}
+                                  LoraConfig: LoraPass, MedusaConfig: MedusaPass}
 
 
 def make_pass(config) -> Pass:
