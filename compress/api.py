@@ -34,6 +34,7 @@ from compress.recipe import Recipe, RecipeError, load_recipe  # noqa: E402
 from compress.tables import html_table, text_table  # noqa: E402
 from export.format import MAX_DETAIL, Manifest  # noqa: E402
 from export.generate import Generation  # noqa: E402
+from export.speculative import DraftCounts  # noqa: E402
 
 PROMPT_TOKENS = 16  # tokens of the prompt `eval` measures generation speed from (batch 1): a short user turn
 
@@ -299,15 +300,22 @@ def eval(artifact: str | Path, max_windows: int | None = None, new_tokens: int =
 
 @dataclass(frozen=True)
 class GenerateResult(Generation):
-    """A generation (export.generate.Generation: text, new token ids, timings) with what it was asked for."""
+    """A generation (export.generate.Generation: text, new token ids, timings) with what it was asked for, and with
+    a drafter what drafting did (export.speculative.DraftCounts)."""
 
     artifact: Path = Path()
     prompt: str = ""
     kernels: dict[str, int] = field(default_factory=dict)  # how many quantized linears took each compute path
+    draft: str = "none"
+    counts: DraftCounts | None = None  # None without a drafter
 
     def speed_line(self) -> str:
-        return (f"{self.new_tokens} new tokens in {self.seconds:.2f} s ({self.tokens_per_second:.1f} tokens/s; "
+        line = (f"{self.new_tokens} new tokens in {self.seconds:.2f} s ({self.tokens_per_second:.1f} tokens/s; "
                 f"first token after {self.first_token_seconds:.2f} s, prompt {self.prompt_tokens} tokens)")
+        if self.counts is not None:
+            line += (f"\ndraft {self.draft}: {self.counts.accepted} of {self.counts.drafted} drafted tokens accepted, "
+                     f"{self.counts.mean_accepted:.2f} a step over {self.counts.steps} steps")
+        return line
 
     def __str__(self) -> str:
         return f"{self.text}\n\n{self.speed_line()}"
@@ -317,35 +325,96 @@ class GenerateResult(Generation):
                             "tokens/s": round(self.tokens_per_second, 1)}], title=str(self.artifact))
 
     def to_dict(self) -> dict:
-        return {"artifact": str(self.artifact), "text": self.text, "token_ids": self.token_ids,
-                "new_tokens": self.new_tokens, "prompt_tokens": self.prompt_tokens, "seconds": round(self.seconds, 4),
-                "first_token_seconds": round(self.first_token_seconds, 4),
-                "tokens_per_second": round(self.tokens_per_second, 2), "kernels": self.kernels}
+        out = {"artifact": str(self.artifact), "text": self.text, "token_ids": self.token_ids,
+               "new_tokens": self.new_tokens, "prompt_tokens": self.prompt_tokens, "seconds": round(self.seconds, 4),
+               "first_token_seconds": round(self.first_token_seconds, 4),
+               "tokens_per_second": round(self.tokens_per_second, 2), "kernels": self.kernels, "draft": self.draft}
+        if self.counts is not None:
+            out.update({"drafted": self.counts.drafted, "accepted": self.counts.accepted, "steps": self.counts.steps,
+                        "mean_accepted_length": round(self.counts.mean_accepted, 4)})
+        return out
+
+
+def _load_for_generate(path: Path, kernel: str, field_name: str) -> torch.nn.Module:
+    """An artifact (export.load with `kernel`), or a dense source: a packaged model name or a Hugging Face folder
+    without a manifest (float32). ArtifactError / InputError naming `field_name` and the path."""
+    import export
+    from compress.models import load_model, resolve_model
+
+    if str(path) in DEFAULT_MODELS or (path.is_dir() and not (path / "manifest.json").exists()
+                                       and (path / "config.json").is_file()):
+        return load_model(resolve_model(str(path)))[0]
+    if not path.exists():
+        raise InputError(f"{field_name}: {path}: no such artifact folder")
+    return export.load(path, kernel=kernel)  # type: ignore[arg-type]  # the caller checked it against KERNELS
+
+
+def _tokenizer_path(path: Path) -> Path:
+    from compress.models.default import packaged_model_path
+
+    return packaged_model_path(str(path)) if str(path) in DEFAULT_MODELS else path
+
+
+def _drafter(draft: str, artifact: Path, tokenizer: Any, kernel: str) -> Any:
+    """What `draft` names: None ("none"), "ngram", MedusaHeads ("heads": the artifact's own), or a draft model
+    ("model:PATH", same vocabulary as the artifact's tokenizer). InputError naming the field or file."""
+    if draft in ("none", "ngram"):
+        return None if draft == "none" else "ngram"
+    if draft == "heads":
+        from export import medusa
+
+        load_heads = getattr(medusa, "load_heads", None)  # TODO(M2): import directly once the heads storage lands
+        heads = load_heads(artifact) if load_heads and (artifact / "manifest.json").is_file() else None
+        if heads is None:
+            raise InputError(f"draft: heads: {artifact} has no drafter heads (a recipe with a medusa pass adds them); "
+                             "use --draft ngram, model:PATH or none")
+        return heads
+    if not draft.startswith("model:") or not draft[len("model:"):]:
+        raise InputError(f"draft: {draft!r}; expected heads, ngram, none or model:PATH")
+    path = Path(draft[len("model:"):]).expanduser()
+    if str(path) not in DEFAULT_MODELS and not path.is_dir():
+        raise InputError(f"draft: model:{path}: no such folder")
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(_tokenizer_path(path))
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise InputError(f"draft: {_tokenizer_path(path) / 'tokenizer.json'}: another tokenizer than {artifact}'s "
+                         f"({len(theirs)} tokens against {len(tokenizer)}, or the same count mapped differently); "
+                         "a draft model must share the model's vocabulary")
+    return _load_for_generate(path, kernel, "draft")
 
 
 @_python_names
 def generate(artifact: str | Path, prompt: str, max_new_tokens: int = 64, chat: bool = False,
              do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
-             top_p: float | None = None, seed: int = 0, kernel: str = "auto") -> GenerateResult:
+             top_p: float | None = None, seed: int = 0, kernel: str = "auto", draft: str = "none") -> GenerateResult:
     """Continue `prompt` with the artifact (greedy unless do_sample; sampling seeded by `seed`, options named as in
-    transformers), on CPU, its quantized linears through `kernel` (export.load). InputError for max_new_tokens < 1,
-    --chat without a chat template, or a prompt that with max_new_tokens exceeds the model's context; ArtifactError
-    for a folder that is not a loadable artifact."""
-    import export
+    transformers), on CPU, its quantized linears through `kernel` (export.load). `artifact` may also be a dense
+    source (a packaged model name or a Hugging Face folder). `draft` speculates: "heads" (the artifact's Medusa
+    heads, export.speculative), "ngram" (transformers' prompt lookup), "model:PATH" (transformers' assisted
+    generation with that artifact or model drafting) or "none"; greedy output is the same with any of them.
+    InputError for max_new_tokens < 1, --chat without a chat template, a prompt that with max_new_tokens exceeds the
+    model's context, an unknown draft, heads the artifact lacks, a draft model that is missing or has another
+    tokenizer; ArtifactError for a folder that is not a loadable artifact."""
     from compress.evaluate import pad_token_id
     from export.generate import generate as run_generate
     from export.generate import prompt_ids
+    from export.medusa import MedusaHeads
     from export.qlinear import KERNELS, QuantLinear
+    from export.speculative import library_generate, timed_speculative
 
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens: {max_new_tokens}; at least 1 new token")
     if kernel not in KERNELS:
         raise InputError(f"kernel: {kernel!r}; expected one of {', '.join(KERNELS)}")
     artifact = Path(artifact)
-    model = export.load(artifact, kernel=kernel)  # type: ignore[arg-type]  # checked against KERNELS above
+    if str(artifact) not in DEFAULT_MODELS and not artifact.exists():
+        raise InputError(f"artifact: {artifact}: no such artifact folder")
+    model = _load_for_generate(artifact, kernel, "artifact")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(artifact)
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_path(artifact))
+    drafter = _drafter(draft, artifact, tokenizer, kernel)
     try:
         ids = prompt_ids(tokenizer, prompt, chat)
     except ValueError as err:
@@ -354,7 +423,7 @@ def generate(artifact: str | Path, prompt: str, max_new_tokens: int = 64, chat: 
     if context and ids.shape[1] + max_new_tokens > context:
         raise InputError(f"prompt: {ids.shape[1]} tokens + max_new_tokens {max_new_tokens} exceed the model's context "
                          f"of {context} tokens; shorten the prompt or ask for fewer new tokens")
-    sampling: dict[str, object] = {"do_sample": do_sample}
+    sampling: dict[str, Any] = {"do_sample": do_sample}
     if do_sample:
         sampling.update({k: v for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
                          if v is not None})
@@ -362,7 +431,14 @@ def generate(artifact: str | Path, prompt: str, max_new_tokens: int = 64, chat: 
     for module in model.modules():
         if isinstance(module, QuantLinear):
             kernels[module.kernel] = kernels.get(module.kernel, 0) + 1
+    counts = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        out = run_generate(model, tokenizer, ids, max_new_tokens, pad_token_id(model), **sampling)
-    return GenerateResult(**vars(out), artifact=artifact, prompt=prompt, kernels=kernels)
+        if drafter is None:
+            out = run_generate(model, tokenizer, ids, max_new_tokens, pad_token_id(model), **sampling)
+        elif isinstance(drafter, MedusaHeads):
+            out, counts = timed_speculative(model, drafter, tokenizer, ids, max_new_tokens, **sampling)
+        else:
+            out, counts = library_generate(model, tokenizer, ids, max_new_tokens, pad_token_id(model), drafter,
+                                           **sampling)
+    return GenerateResult(**vars(out), artifact=artifact, prompt=prompt, kernels=kernels, draft=draft, counts=counts)

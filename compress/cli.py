@@ -161,13 +161,17 @@ def verify(artifact, as_json) -> None:
 @click.option("--kernel", type=click.Choice(["auto", "cpu", "dense", "reference"]), default="auto",
               show_default=True, help="Compute path of the quantized linears: cpu (torch's int4 kernel, bfloat16), "
               "reference (the oracle: dequantizes at every call), dense (the oracle's weights, kept dequantized).")
+@click.option("--draft", default="none", show_default=True, help="Speculate: heads (the artifact's Medusa heads), "
+              "ngram (prompt lookup), model:PATH (an artifact or model with the same tokenizer drafts) or none; "
+              "greedy output is unchanged, --json adds drafted, accepted and mean_accepted_length.")
 @_json
 @_errors
-def generate(artifact, prompt, max_new_tokens, chat, do_sample, temperature, top_k, top_p, seed, kernel,
+def generate(artifact, prompt, max_new_tokens, chat, do_sample, temperature, top_k, top_p, seed, kernel, draft,
              as_json) -> None:
-    """Continue a prompt with an artifact on CPU; prints the text and tokens per second."""
+    """Continue a prompt with an artifact (or a dense source model) on CPU; prints the text and tokens per second."""
     _emit(api.generate(artifact, prompt, max_new_tokens=max_new_tokens, chat=chat, do_sample=do_sample,
-                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, kernel=kernel), as_json)
+                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, kernel=kernel, draft=draft),
+          as_json)
 
 
 def main() -> None:
