@@ -6,8 +6,9 @@ so peak memory does not grow with depth."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -66,6 +67,18 @@ class LinearStats:
     def sq_norm(self) -> torch.Tensor:
         """Squared L2 norm of each input channel over all tokens."""
         return self._sums()[1]
+
+
+STREAM_ATTR = "_compress_stream"  # a streamed skeleton model carries its Streamed source under this attribute
+
+
+class Streamed(Protocol):
+    """Where a streamed model's weights come from (compress.models.streaming.StreamedModel): the engine materializes
+    the embeddings while it captures block 0's inputs, and each block for its turn (released after)."""
+
+    def embedding(self) -> AbstractContextManager[None]: ...
+
+    def block(self, i: int) -> AbstractContextManager[nn.Module]: ...
 
 
 class _StopForward(Exception):
@@ -164,16 +177,22 @@ def for_each_block(
     device: where the block under work computes (compress.device). The model stays where it is (the CPU) and block 0's
     inputs are captured there; the hidden states then live on `device`, each block is moved there for its turn (with
     its keyword arguments) and back to the CPU after `visit`, and the stats visit received are moved to the CPU then
-    too, so whatever a pass keeps from a block is on the CPU."""
-    inputs = capture_block_inputs(model, layers, input_ids, batch_size)
+    too, so whatever a pass keeps from a block is on the CPU.
+
+    A streamed model (one carrying a Streamed source under STREAM_ATTR) has its parameters on the meta device: its
+    embeddings are materialized for the capture and each block for its turn, released after."""
+    stream: Streamed | None = getattr(model, STREAM_ATTR, None)
+    with stream.embedding() if stream else nullcontext():
+        inputs = capture_block_inputs(model, layers, input_ids, batch_size)
     inputs.hidden = to_device(inputs.hidden, device)
     for i in tqdm(range(len(layers)), desc=desc, unit="block"):
-        block = layers[i]
-        move(block, device)
-        try:
-            _visit_block(i, block, inputs, visit, watch, want_xtx, device)
-        finally:
-            move(block, CPU)
+        with stream.block(i) if stream else nullcontext():
+            block = layers[i]
+            move(block, device)
+            try:
+                _visit_block(i, block, inputs, visit, watch, want_xtx, device)
+            finally:
+                move(block, CPU)
     del inputs
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any, cast
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from compress.errors import InputError
-from compress.models import load_model, resolve_model
+from compress.models import llama, load_model, resolve_model
 from compress.models.synthetic import SyntheticLlama, main, write_synthetic
 from export.format import SINGLE_WEIGHTS, WEIGHTS_INDEX
 
@@ -63,16 +64,17 @@ def test_architecture_shapes_and_values(sharded):
 def test_loads_in_transformers_and_compress(sharded):
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(sharded, output_loading_info=True)
+    loaded = AutoModelForCausalLM.from_pretrained(sharded, output_loading_info=True)
+    model, info = cast(tuple[Any, dict], loaded)
     assert all(not v for v in info.values()), info
     assert model.config.num_hidden_layers == 3 and model.config.num_key_value_heads == 2
     ours, tokenizer = load_model(resolve_model(str(sharded)))  # every header and tensor checked
-    ids = torch.tensor(tokenizer("def f(x): return x")["input_ids"])[None]
-    logits = ours(input_ids=ids).logits
+    ids = torch.tensor(cast(Any, tokenizer)("def f(x): return x")["input_ids"])[None]
+    logits = cast(Any, ours)(input_ids=ids).logits
     assert logits.shape == (1, ids.shape[1], 49152)
     assert torch.isfinite(logits).all()
     stored = _tensors(sharded)["model.layers.2.mlp.up_proj.weight"]
-    assert torch.equal(ours.model.layers[2].mlp.up_proj.weight, stored.float())
+    assert torch.equal(llama.as_block(llama.blocks(ours)[2]).mlp.up_proj.weight, stored.float())
 
 
 def test_values_do_not_depend_on_sharding(sharded, tmp_path):
