@@ -13,25 +13,42 @@ What is counted: `resident_bytes` is the bytes of materialized parameters now, `
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import itertools
+import math
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from calibration.capture import STREAM_ATTR
+from calibration.capture import STREAM_ATTR, for_each_block
 from compress.errors import InputError
 from compress.models import llama
 from compress.models.checks import checkpoint_tensors
+from export.records import QuantRecord
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from export import ExportSettings
+
 BlockDone = Callable[[int, nn.Module], None]
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What the artifact stores, for `StreamedModel.read` to materialize instead of the source: every tensor rounded
+    through the export dtype, each quantized linear's weight rebuilt from its record (pipeline._round_to_export's
+    rules: scales in settings.scale_dtype, the product rounded to settings.dequantized_dtype)."""
+
+    dtype: torch.dtype
+    dequantized_dtype: torch.dtype
+    quantized: Mapping[str, QuantRecord]  # module name -> its record
 
 
 @dataclass
@@ -44,6 +61,7 @@ class StreamedModel:
     files: dict[str, Path]  # tensor name -> the shard that holds it
     tied: dict[str, str]  # tensor name the checkpoint may omit -> the name it is read from (lm_head -> embeddings)
     on_block_done: list[BlockDone] = field(default_factory=list)
+    exported: Exported | None = None  # set by as_exported: read() gives what the artifact stores
     resident_bytes: int = 0
     peak_bytes: int = 0
     _handles: dict[Path, object] = field(default_factory=dict)
@@ -70,12 +88,73 @@ class StreamedModel:
         return streamed
 
     def read(self, name: str) -> torch.Tensor:
-        """Tensor `name` read from its memory-mapped shard, in the compute dtype (a tied name reads its source)."""
+        """Tensor `name` read from its memory-mapped shard, in the compute dtype (a tied name reads its source); after
+        as_exported, the tensor as the artifact stores it (a quantized weight rebuilt from its record)."""
+        module, _, leaf = name.rpartition(".")
+        if self.exported is not None and leaf == "weight" and module in self.exported.quantized:
+            return self.exported.quantized[module].dequantize(self.exported.dequantized_dtype).to(self.dtype)
         source = self.tied.get(name, name)
         path = self.files[source]
         if path not in self._handles:
             self._handles[path] = safe_open(path, framework="pt")
-        return self._handles[path].get_tensor(source).to(self.dtype)  # type: ignore[attr-defined]
+        value = self._handles[path].get_tensor(source)  # type: ignore[attr-defined]
+        if self.exported is not None:
+            value = value.to(self.exported.dtype)
+        return value.to(self.dtype)
+
+    def as_exported(self, quantized: Mapping[str, QuantRecord], settings: ExportSettings) -> None:
+        """From now on materialize what the artifact stores: `quantized` (the plan's records, their scales rounded to
+        settings.scale_dtype here, in place, as the in-memory path rounds them) and every other tensor rounded
+        through settings.dtype."""
+        for record in quantized.values():
+            record.scale = record.scale.to(settings.scale_dtype)
+        self.exported = Exported(settings.dtype, settings.dequantized_dtype, quantized)
+
+    def module_tensors(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        """The model's tensors module by module in state-dict order, (module name, {tensor name: tensor}), each read
+        when its turn comes (export.write's input; one module in memory at a time)."""
+        names = list(self.model.state_dict())  # meta tensors: names only, no memory
+
+        def module_of(name: str) -> str:
+            return name.rpartition(".")[0]
+
+        for module, group in itertools.groupby(names, key=module_of):
+            yield module, {name: self.read(name) for name in group}
+
+    def final_hidden(self, input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+        """The last block's outputs, per batch (B, T, H), for windows `input_ids` (N, T), through the block engine."""
+        layers = llama.blocks(self.model)
+        last: list[torch.Tensor] = []
+
+        def keep_last(i: int, _block, _inputs, outputs: list[torch.Tensor], _stats) -> None:
+            if i == len(layers) - 1:
+                last.extend(outputs)
+
+        for_each_block(self.model, layers, input_ids, keep_last, batch_size=batch_size, desc="streamed forward")
+        return last
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Logits (N, T, vocab) float32 of windows `input_ids` (N, T), the model never materialized whole."""
+        lm = llama.as_causal_lm(self.model)
+        hidden = self.final_hidden(input_ids, batch_size)
+        with self.loaded(lm.model.norm, lm.lm_head):
+            return torch.cat([lm.lm_head(lm.model.norm(h)).float() for h in hidden])
+
+    @torch.no_grad()
+    def perplexity(self, windows: torch.Tensor, batch_size: int) -> float:
+        """exp(mean next-token NLL) over windows (N, T), as compress.evaluate.perplexity computes it (each window on
+        its own), with logits made `batch_size` windows at a time after the last block."""
+        lm = llama.as_causal_lm(self.model)
+        hidden = torch.cat(self.final_hidden(windows, batch_size))  # (N, T, H)
+        nll, count = 0.0, 0
+        with self.loaded(lm.model.norm, lm.lm_head):
+            for start in range(0, windows.shape[0], batch_size):
+                ids = windows[start : start + batch_size]
+                logits = lm.lm_head(lm.model.norm(hidden[start : start + batch_size])).float()  # (B, T, V)
+                nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+                count += ids[:, 1:].numel()
+        return math.exp(nll / count)
 
     def load(self, module: nn.Module) -> None:
         """Materialize every parameter of `module` (a submodule of the model) from the checkpoint."""
