@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import export
 from compress import api
 from compress.cli import cli
 from compress.errors import RecipeError
+from compress.models import llama
 from compress.ops.medusa import head_hits, head_kl, teacher_rows, untrained_hits
 from compress.passes.medusa import evaluate_heads, positions, self_distillation
 from compress.recipe import load_recipe
@@ -23,7 +25,8 @@ from export.medusa import MAX_HEADS, SHARED_LM_HEAD, MedusaHeads, block_names, l
 from tests.passes.conftest import BATCH, SEQ, build_model, calibration, logits, run_pass
 from tests.tiny import VOCAB
 
-SPEC = {"pass": "medusa", "num_heads": 3, "held_out": 2, "train": {"steps": 80, "batch_size": 64, "lr": 0.01}}
+TRAIN: dict[str, Any] = {"steps": 80, "batch_size": 64, "lr": 0.01}
+SPEC: dict[str, Any] = {"pass": "medusa", "num_heads": 3, "held_out": 2, "train": TRAIN}
 
 
 def cyclic(seed: int = 0, windows: int = 8, period: int = 12) -> torch.Tensor:
@@ -72,7 +75,7 @@ def test_the_hidden_states_are_what_lm_head_reads():
     data = self_distillation(model, calib, top_k=8, batch_size=BATCH)
     full = logits(model, calib)
     assert data.hidden.shape == (len(calib), SEQ, 64)
-    assert torch.allclose(model.lm_head(data.hidden), full, atol=1e-5)
+    assert torch.allclose(llama.as_causal_lm(model).lm_head(data.hidden), full, atol=1e-5)
     assert torch.equal(data.teacher.ids[..., 0].long(), full.argmax(-1))
 
 
@@ -100,9 +103,10 @@ def test_the_trained_heads_are_closer_to_the_model_on_held_out_windows_than_untr
     data = self_distillation(model, cyclic(), top_k=32, batch_size=BATCH)
     held = positions(6, 2, SEQ, 3)
     heads = MedusaHeads(64, 3)
-    lm_head = model.lm_head.weight.detach()
+    lm_head = llama.as_causal_lm(model).lm_head.weight.detach()
     kl_untrained, top1_untrained = evaluate_heads(heads, lm_head, data, held, chunk=17)
     assert top1_untrained == pytest.approx([r["top1_untrained"] for r in trained.report.rows], abs=1e-4)
+    assert plan.heads is not None
     heads.load_state_dict(plan.heads.tensors)
     kl, top1 = evaluate_heads(heads, lm_head, data, held, chunk=17)
     assert top1 == pytest.approx(s["heldout_top1"], abs=1e-4)
@@ -124,14 +128,15 @@ def test_the_pass_changes_only_the_heads(trained):
 
 
 def test_training_is_seeded():
-    again = run_pass({**SPEC, "train": {**SPEC["train"], "steps": 5}})
-    same = run_pass({**SPEC, "train": {**SPEC["train"], "steps": 5}})
+    again = run_pass({**SPEC, "train": {**TRAIN, "steps": 5}})
+    same = run_pass({**SPEC, "train": {**TRAIN, "steps": 5}})
     assert again.report.summary["losses"] == same.report.summary["losses"]
+    assert again.plan.heads is not None and same.plan.heads is not None
     assert all(torch.equal(t, same.plan.heads.tensors[k]) for k, t in again.plan.heads.tensors.items())
 
 
 def test_self_generated_continuations_add_training_windows_and_a_second_accuracy():
-    ran = run_pass({**SPEC, "train": {**SPEC["train"], "steps": 10}, "generate": {"windows": 3, "prompt_tokens": 8}})
+    ran = run_pass({**SPEC, "train": {**TRAIN, "steps": 10}, "generate": {"windows": 3, "prompt_tokens": 8}})
     s = ran.report.summary
     assert s["generated_windows"] == 3 and s["train_positions"] == (6 + 3) * (SEQ - 3)
     assert len(s["heldout_top1_generated"]) == 3
@@ -220,7 +225,8 @@ def test_load_heads_returns_the_trained_tensors(artifact):
     assert all(torch.equal(state[k], t) for k, t in planned.tensors.items())
     model = export.load(res.artifact)
     hidden = torch.randn(3, 96, generator=torch.Generator().manual_seed(0))
-    assert heads(hidden, model.lm_head).shape == (3, 2, model.config.vocab_size)
+    lm = llama.as_causal_lm(model)
+    assert heads(hidden, lm.lm_head).shape == (3, 2, 384)
 
 
 def test_load_heads_is_none_without_heads_and_refuses_an_altered_file(artifact, tiny_llama, tmp_path):
