@@ -165,6 +165,11 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
 
     resume: continue an interrupted run of the same artifact, refusing (with what changed) when the recipe, the
     model files or the calibration tokens differ from the interrupted run's."""
+    from compress.models import streaming
+
+    if streaming.wants_stream(recipe):  # execution: stream (or auto, for a model larger than memory)
+        return streaming.run(recipe, out if out is not None else Path("artifacts") / recipe.name, overwrite, log,
+                             resume)
     t0, phase = time.perf_counter(), Phases(log)
     reset_peak_memory()
     resident_at_start = resident_memory_mb()  # what the process held before (a notebook's, a test session's)

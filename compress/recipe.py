@@ -430,6 +430,10 @@ class Recipe(_Strict):
     export: ExportConfig = ExportConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     trust_remote_code: bool = False
+    # memory: the model in memory; stream: blocks read from the source's safetensors on demand, for models larger
+    # than memory (compress.models.streaming; gptq at fixed bits for now); auto: stream when the float32 weights
+    # exceed half of the available memory and the recipe streams
+    execution: Literal["auto", "memory", "stream"] = "memory"
 
     @model_validator(mode="after")
     def _remote_code_fits(self) -> Recipe:
@@ -490,8 +494,12 @@ class Recipe(_Strict):
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data as it would be written in YAML (`pass:` keys, not `pass_`)."""
-        return self.model_dump(mode="json", by_alias=True)
+        """Plain data as it would be written in YAML (`pass:` keys, not `pass_`); execution only when not the default
+        memory (so recipes and artifacts written before the field existed read the same)."""
+        data = self.model_dump(mode="json", by_alias=True)
+        if data["execution"] == "memory":
+            del data["execution"]
+        return data
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

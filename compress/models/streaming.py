@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -35,6 +38,8 @@ from export.records import QuantRecord
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from compress.recipe import Recipe
+    from compress.report import RunResult
     from export import ExportSettings
 
 BlockDone = Callable[[int, nn.Module], None]
@@ -207,3 +212,151 @@ class StreamedModel:
             if candidate is module:
                 return f"{name}." if name else ""
         raise ValueError("StreamedModel: the module is not part of this model")
+
+
+def check_streamable(recipe: Recipe) -> None:
+    """Refuse (RecipeError naming the pass) a recipe the streamed run cannot do yet: only GPTQ at fixed bits streams
+    (its passes read weights only through the block engine); pruning, searches and round-to-nearest read or change
+    weights outside it."""
+    from compress.errors import RecipeError
+    from compress.recipe import GptqConfig, MixedBits
+
+    for i, cfg in enumerate(recipe.passes):
+        if not isinstance(cfg, GptqConfig) or isinstance(cfg.bits, MixedBits):
+            raise RecipeError(f"passes.{i}: pass {cfg.pass_!r} does not stream yet; a streamed run takes gptq passes "
+                              "at fixed bits (use the in-memory run for this recipe)")
+
+
+def wants_stream(recipe: Recipe) -> bool:
+    """Whether `recipe` runs streamed: execution stream; or auto, when the recipe streams (check_streamable) and
+    the model's weights in float32 exceed half of the memory available now (Linux sysconf; elsewhere never)."""
+    if recipe.execution != "auto":
+        return recipe.execution == "stream"
+    from compress.errors import RecipeError
+    from compress.models import resolve_model
+
+    try:
+        check_streamable(recipe)
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (RecipeError, ValueError, OSError, AttributeError):
+        return False
+    weights = sum(e.numel for e in checkpoint_tensors(resolve_model(recipe.model).path).values())
+    return weights * torch.float32.itemsize > available / 2
+
+
+def run(recipe: Recipe, out: str | Path, overwrite: bool = False, log: Callable[[str], None] = print,
+        resume: bool = False) -> RunResult:
+    """`compress run` with the model never materialized whole: the skeleton is opened over the source's safetensors,
+    GPTQ runs block by block through the engine, dense and compressed perplexities are computed through it, and the
+    artifact is written module by module from the memory-mapped source and the plan. The report says
+    execution: stream. The written artifact is reloaded (export.load: packed codes, not float weights) and its
+    logits compared with the streamed model's, as the in-memory run does.
+    Not yet: evaluate.prompts (continuations are skipped and recorded), --resume, a recipe field choosing this path."""
+    import export
+    from compress import pipeline as pl
+    from compress.device import describe
+    from compress.device import resolve as resolve_device
+    from compress.errors import CompressError
+    from compress.models import resolve_model
+    from compress.models.checks import check_finite
+    from compress.plan import Plan
+    from compress.report import RunResult, model_card
+
+    if resume:
+        raise InputError("--resume: a streamed run (execution: stream) does not resume yet; run it again")
+    t0, phase = time.perf_counter(), pl.Phases(log)
+    pl.reset_peak_memory()
+    resident_at_start = pl.resident_memory_mb()
+    out, device = Path(out), resolve_device(recipe.device)
+    check_streamable(recipe)
+    with pl._refused_as_input(), phase("checking the output folder and the model files"):
+        export.check_out(out, overwrite, log)
+        source = resolve_model(recipe.model)
+        export.check_source(out, source.path)
+    with phase("opening the model (streamed)"):
+        from transformers import AutoTokenizer
+
+        streamed = StreamedModel.open(source.path)
+        model = streamed.model
+        check_finite(((name, streamed.read(name)) for name in streamed.files), str(source.path))  # one at a time
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=recipe.trust_remote_code)
+        pl._check_passes_fit(recipe, model)
+    with phase("reading the calibration and evaluation texts"):
+        calib, eval_sets, corpus_name = pl._texts(recipe, model, tokenizer, log)
+    log(f"model {source.identity}: {len(llama.blocks(model))} blocks, streamed; calibration {tuple(calib.shape)} "
+        f"tokens from {corpus_name}; computing on {describe(device)}")
+    with phase("hashing the model files"):
+        source_sha = {p.name: export.sha256_file(p) for p in sorted(source.path.glob("*.safetensors"))}
+    params = sum(p.numel() for n, p in model.named_parameters() if n not in streamed.tied)
+
+    def measured(label: str) -> pl._Measured:
+        with phase(f"evaluating the {label} model (streamed)"):
+            ppl = {name: streamed.perplexity(w, pl.EVAL_BATCH) for name, w in eval_sets.windows.items()}
+        return pl._Measured(ppl, params, pl.decoder_params(model), [])
+
+    dense = measured("dense")
+    plan = Plan.of(model)
+    reports = pl._run_passes(recipe, model, calib, plan, device, log, phase)
+    pl._check_plan(plan, model)
+    settings = pl._export_settings(recipe, source)
+    streamed.as_exported(plan.quantized, settings)
+    comp = measured("compressed")
+    report = pl._report(recipe, source, source_sha, reports, dense, comp, device)
+    report["execution"] = "stream"
+    if eval_sets.prompts:
+        report["fallbacks"].append("execution stream: evaluate.prompts not continued (no streamed generation yet)")
+
+    def check(folder: Path) -> dict:  # on the written folder, before it is committed
+        with phase("reloading the artifact and comparing logits (streamed)"):
+            ids = calib[:2]
+            want = streamed.logits(ids, recipe.calibration.batch_size)  # (2, T, vocab)
+            with torch.no_grad():
+                got = export.load(folder, dtype=torch.float32)(input_ids=ids, use_cache=False).logits
+            diff = float((want - got).abs().max())
+        if not diff < pl.LOGIT_TOLERANCE:
+            raise CompressError(f"reloaded artifact differs from the streamed model: max |logit diff| {diff:.3e} "
+                                f">= {pl.LOGIT_TOLERANCE}; not writing it")
+        return {"verify": {"max_abs_logit_diff": diff, "windows": int(ids.shape[0]),
+                           "tolerance": pl.LOGIT_TOLERANCE},
+                "seconds": round(time.perf_counter() - t0, 1), "phases": phase.seconds,
+                "peak_memory_mb": round(pl.peak_memory_mb(), 1), "resident_at_start_mb": round(resident_at_start, 1),
+                "streamed_peak_weights_mb": round(streamed.peak_bytes / 2**20, 1)}
+
+    provenance = export.Provenance(folder=source.path, source=report["source"],
+                                   config=llama.as_causal_lm(model).config.to_dict(), recipe=report["recipe"],
+                                   recipe_yaml=recipe.to_yaml(), seed=recipe.seed)
+    try:
+        with phase("writing the artifact"):
+            notes = export.write(out, streamed.module_tensors(), plan, report, provenance, settings, check=check,
+                                 card=lambda rep: model_card(recipe, source.identity, rep), overwrite=overwrite)
+    except (export.ArtifactExistsError, export.UnwritableError) as err:
+        raise InputError(str(err)) from None
+    for message in notes:
+        log(f"note: {message}")
+    return RunResult(out, report)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m compress.models.streaming RECIPE --out OUT: the streamed run (until a recipe field selects it)."""
+    import argparse
+
+    from compress.errors import CompressError
+    from compress.recipe import load_recipe
+
+    ap = argparse.ArgumentParser(prog="python -m compress.models.streaming", description=run.__doc__)
+    ap.add_argument("recipe")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        result = run(load_recipe(args.recipe), args.out, args.overwrite)
+    except InputError as err:
+        raise SystemExit(f"error: {err}") from None
+    except CompressError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"{result.artifact}: peak {result.report['peak_memory_mb']} MB, {result.report['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
