@@ -21,7 +21,8 @@ from compress.errors import InputError
 
 Split = Literal["calibration", "heldout", "all"]
 HELDOUT_SHARE = 0.2  # share of characters held out for evaluation, by whole documents, never in calibration
-PACKAGED = ("pydoc", "licenses")
+PACKAGED = ("pydoc", "licenses", "news")
+LEE_CORPUS = "gensim/test/test_data/lee_background.cor"  # inside the gensim wheel
 CHUNK_CHARS = 1 << 16  # characters per tokenizer call (the tokenizer takes about 150 bytes per character while it runs)
 SEAM_CHARS = 64  # characters each side of a cut that must tokenize the same cut as whole
 SEAM_TRIES = 32  # cut candidates checked per chunk before cutting blindly (text without tokenizable whitespace)
@@ -163,15 +164,33 @@ def _licenses_corpus() -> Corpus:
     return Corpus("licenses", lambda: iter(docs))
 
 
+def _news_corpus() -> Corpus:
+    """News prose: the 300 ABC news articles of the Lee background corpus (Lee, Pincombe and Welsh, 2005) that ship in
+    gensim's wheel as test data, one article per line; a third domain, far from both code documentation and legal
+    text. Needs gensim installed (the `corpora` extra), which is not imported: the file is read from its wheel."""
+    try:
+        path = Path(str(importlib.metadata.distribution("gensim").locate_file(LEE_CORPUS)))
+    except importlib.metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise InputError("source 'news': it is read from the gensim package's test data, and gensim is not "
+                         "installed: pip install -c constraints.txt -e '.[corpora]' (or pip install gensim)")
+    docs = tuple(line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                 if line.strip())
+    return Corpus("news", lambda: iter(docs))
+
+
 def load_corpus(source: str, field: str | None = None, chat: ChatRender | None = None) -> Corpus:
-    """A packaged corpus by name ('pydoc', 'licenses') or a local .txt/.md/.jsonl/.parquet/.arrow file or a folder
-    of .txt/.md files. `field` names the text field of .jsonl/.parquet/.arrow rows; rows holding chat messages are
-    rendered by `chat` (see chat_renderer). The file is checked and its first document read now; the rest is read
-    as the corpus is used, and bad rows are refused when reached."""
+    """A packaged corpus by name ('pydoc', 'licenses', 'news') or a local .txt/.md/.jsonl/.parquet/.arrow file or a
+    folder of .txt/.md files. `field` names the text field of .jsonl/.parquet/.arrow rows; rows holding chat messages
+    are rendered by `chat` (see chat_renderer). The file is checked and its first document read now; the rest is
+    read as the corpus is used, and bad rows are refused when reached."""
     if source == "pydoc":
         return _pydoc_corpus()
     if source == "licenses":
         return _licenses_corpus()
+    if source == "news":
+        return _news_corpus()
     path = Path(source).expanduser()
     if not path.exists():
         raise InputError(f"calibration source {source!r}: no such file or folder "

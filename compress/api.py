@@ -80,17 +80,19 @@ def check_paths(recipe: Recipe) -> None:
     what only reading can tell (an unsupported architecture, an empty text) is refused by the run. InputError."""
     if recipe.model not in DEFAULT_MODELS:
         local_folder(recipe.model)
-    texts = [("calibration.source", recipe.calibration.source)]
+    c = recipe.calibration
+    texts = ([("calibration.source", c.source, c.field)] if isinstance(c.source, str) else
+             [(f"calibration.source.{i}.source", p.source, p.field) for i, p in enumerate(c.parts())])
     if recipe.evaluate.enabled:
-        texts += [(f"evaluate.extra.{i}", name) for i, name in enumerate(recipe.evaluate.extra)]
-    for where, name in texts:
+        texts += [(f"evaluate.extra.{i}", name, c.field) for i, name in enumerate(recipe.evaluate.extra)]
+    for where, name, rows in texts:
         if name in PACKAGED:
             continue
         path = Path(name).expanduser()
         if not path.exists():
             raise InputError(f"{where}: {name!r}: no such file or folder (packaged sources: {', '.join(PACKAGED)})")
         try:
-            reader(path, recipe.calibration.field, None, [])  # checks kinds, types and the field; reads nothing
+            reader(path, rows, None, [])  # checks kinds, types and the field; reads nothing
         except InputError as err:
             raise InputError(f"{where}: {err}") from None
 
@@ -361,10 +363,9 @@ def _drafter(draft: str, artifact: Path, tokenizer: Any, kernel: str) -> Any:
     if draft in ("none", "ngram"):
         return None if draft == "none" else "ngram"
     if draft == "heads":
-        from export import medusa
+        from export.medusa import load_heads
 
-        load_heads = getattr(medusa, "load_heads", None)  # TODO(M2): import directly once the heads storage lands
-        heads = load_heads(artifact) if load_heads and (artifact / "manifest.json").is_file() else None
+        heads = load_heads(artifact) if (artifact / "manifest.json").is_file() else None
         if heads is None:
             raise InputError(f"draft: heads: {artifact} has no drafter heads (a recipe with a medusa pass adds them); "
                              "use --draft ngram, model:PATH or none")

@@ -94,14 +94,16 @@ class EvalSets:
 
     @classmethod
     def build(cls, recipe: Recipe, tokenizer) -> EvalSets:
-        """The first evaluate.max_windows windows of the calibration source's held-out split and of each
+        """The first evaluate.max_windows windows of each calibration source's held-out split and of each
         evaluate.extra text (whose rows are read by calibration.field); only those tokens are read."""
         e, c = recipe.evaluate, recipe.calibration
         sets, chat, want = cls(), chat_renderer(tokenizer), e.max_windows * e.seq_len
-        corpus = load_corpus(c.source, c.field, chat)
-        label = f"{Path(corpus.name).name}-heldout"
-        sets.windows[label] = eval_windows(corpus.tokens(tokenizer, "heldout", want), e.seq_len, e.max_windows, label)
-        texts = [corpus]
+        texts = []
+        for part in c.parts():
+            texts.append(corpus := load_corpus(part.source, part.field, chat))
+            label = f"{Path(corpus.name).name}-heldout"
+            sets.windows[label] = eval_windows(corpus.tokens(tokenizer, "heldout", want), e.seq_len, e.max_windows,
+                                               label)
         for name in e.extra:
             texts.append(extra := load_corpus(name, c.field, chat))
             sets.windows[Path(name).name] = eval_windows(extra.tokens(tokenizer, "all", want), e.seq_len,
@@ -240,17 +242,25 @@ def _texts(recipe: Recipe, model, tokenizer, log) -> tuple[torch.Tensor, EvalSet
     seq_lens = {"calibration.seq_len": cal.seq_len,
                 **({"evaluate.seq_len": recipe.evaluate.seq_len} if recipe.evaluate.enabled else {})}
     check_fits(model, cal.windows, seq_lens)
-    corpus = load_corpus(cal.source, cal.field, chat_renderer(tokenizer))
-    drawn = draw_windows(corpus, tokenizer, cal.windows, cal.seq_len, recipe.seed,
-                         f"calibration source {corpus.name!r} (calibration split)")
-    for note in corpus.notes:
+    chat, windows, notes = chat_renderer(tokenizer), [], []
+    for part, n in zip(cal.parts(), cal.part_windows(), strict=True):
+        corpus = load_corpus(part.source, part.field, chat)
+        drawn = draw_windows(corpus, tokenizer, n, cal.seq_len, recipe.seed,
+                             f"calibration source {corpus.name!r} (calibration split)")
+        notes += [note for note in corpus.notes if note not in notes]
+        log(f"calibration: {drawn.describe(f'the calibration split of {corpus.name}')}")
+        windows.append(drawn.windows)
+    for note in notes:
         log(f"note: {note}")
-    log(f"calibration: {drawn.describe(f'the calibration split of {corpus.name}')}")
+    calib = windows[0]
+    if len(windows) > 1:  # interleaved, so that the first windows (which training reads first) mix the texts too
+        calib = torch.cat(windows)
+        calib = calib[torch.randperm(len(calib), generator=torch.Generator().manual_seed(recipe.seed))]
     eval_sets = EvalSets.build(recipe, tokenizer) if recipe.evaluate.enabled else EvalSets()
     for note in eval_sets.notes:
-        if note not in corpus.notes:  # said above
+        if note not in notes:  # said above
             log(f"note: {note}")
-    return drawn.windows, eval_sets, corpus.name
+    return calib, eval_sets, cal.describe() if len(windows) > 1 else corpus.name
 
 
 def _start_journal(recipe: Recipe, source: ModelSource, source_sha: dict[str, str], out: Path,

@@ -101,15 +101,68 @@ def check_order(passes: Sequence[HasRole]) -> None:
                          "quantization pass per recipe (use its targets and overrides for different settings)")
 
 
-class CalibrationConfig(_Strict):
-    """Where calibration text comes from and how it is cut into token windows."""
+class CalibrationPart(_Strict):
+    """One text of a calibration mixture: it gives `weight` / (the weights' sum) of calibration.windows."""
 
-    # packaged default corpus, or a local .txt/.jsonl/.parquet/.arrow file or folder
-    source: str = Field("pydoc", max_length=MAX_PATH)
+    source: str = Field(..., max_length=MAX_PATH)  # as calibration.source
+    weight: float = Field(1.0, gt=0, le=1e6)
+    field: str | None = Field(None, max_length=MAX_NAME)  # its rows' text field (default: calibration.field)
+
+
+class CalibrationConfig(_Strict):
+    """Where calibration text comes from and how it is cut into token windows. `source` is one text (a packaged
+    corpus, or a local .txt/.jsonl/.parquet/.arrow file or folder) or a mixture: a list of {source, weight, field}
+    whose windows are drawn from each text's calibration split in proportion to the weights (largest remainders) and
+    interleaved by a seeded shuffle; each text's held-out split is evaluated."""
+
+    source: (Annotated[str, Field(max_length=MAX_PATH)]
+             | Annotated[list[CalibrationPart], Field(min_length=1, max_length=MAX_ITEMS)]) = "pydoc"
     field: str | None = Field(None, max_length=MAX_NAME)  # the text field of .jsonl / parquet / arrow rows
     windows: int = Field(64, ge=1, le=MAX_WINDOWS)
     seq_len: int = Field(256, ge=8, le=MAX_TOKENS)
     batch_size: int = Field(8, ge=1, le=MAX_WINDOWS)
+
+    @field_validator("source")
+    @classmethod
+    def _mixture(cls, v: str | list[CalibrationPart]) -> str | list[CalibrationPart]:
+        if isinstance(v, list):
+            names = [p.source for p in v]
+            if len(set(names)) < len(names):
+                raise ValueError(f"a text appears twice in the mixture: {names}")
+        return v
+
+    @model_validator(mode="after")
+    def _every_part_gets_windows(self) -> CalibrationConfig:
+        for i, (part, n) in enumerate(zip(self.parts(), self.part_windows(), strict=True)):
+            if n < 1:
+                raise ValueError(f"source.{i} ({part.source!r}, weight {part.weight}) gets no window of the "
+                                 f"{self.windows}: raise its weight or calibration.windows")
+        return self
+
+    def parts(self) -> list[CalibrationPart]:
+        """The texts calibration draws from, each with its weight and its rows' field."""
+        if isinstance(self.source, str):
+            return [CalibrationPart(source=self.source, field=self.field)]
+        return [p if p.field is not None else p.model_copy(update={"field": self.field}) for p in self.source]
+
+    def part_windows(self) -> list[int]:
+        """Windows drawn from each text: `windows` split in proportion to the weights, by largest remainders (ties
+        to the earlier text), summing to `windows`."""
+        parts = self.parts()
+        total = sum(p.weight for p in parts)
+        shares = [self.windows * p.weight / total for p in parts]
+        counts = [int(s) for s in shares]
+        order = sorted(range(len(parts)), key=lambda i: (-(shares[i] - counts[i]), i))
+        for i in order[: self.windows - sum(counts)]:
+            counts[i] += 1
+        return counts
+
+    def describe(self) -> str:
+        """'pydoc' or 'pydoc 0.75 + licenses 0.25' (weights normalized)."""
+        if isinstance(self.source, str):
+            return self.source
+        total = sum(p.weight for p in self.source)
+        return " + ".join(f"{p.source} {p.weight / total:.2g}" for p in self.source)
 
 
 MAX_PROMPTS = 16  # generations shown side by side
@@ -374,7 +427,7 @@ class MedusaTrainConfig(_Strict):
     5% of the steps and decayed to 0 by a cosine; the loss is each head's KL from the model's own top `top_k`
     distribution at its offset (compress.ops.medusa), head k weighted by `decay`**k (Medusa-1's lambda_k)."""
 
-    steps: int = Field(150, ge=0, le=MAX_STEPS)
+    steps: int = Field(100, ge=0, le=MAX_STEPS)
     lr: float = Field(1e-3, gt=0, le=1)
     batch_size: int = Field(256, ge=1, le=MAX_WINDOWS * 64, description="positions per step")
     top_k: int = Field(32, ge=1, le=MAX_TOP_K, description="teacher tokens kept per position")
@@ -510,8 +563,9 @@ class Recipe(_Strict):
         from compress.tables import html_table
 
         c = self.calibration
-        head = {"model": self.model, "calibration": f"{c.source}: {c.windows} x {c.seq_len} tokens",
-                "evaluate": ", ".join([f"{c.source} held out", *self.evaluate.extra]) if self.evaluate.enabled
+        head = {"model": self.model, "calibration": f"{c.describe()}: {c.windows} x {c.seq_len} tokens",
+                "evaluate": ", ".join([*(f"{p.source} held out" for p in c.parts()), *self.evaluate.extra])
+                if self.evaluate.enabled
                 else "off", "seed": self.seed}
         passes = [{"": f"passes.{i}", "pass": p.pass_, "role": p.role,
                    "settings": yaml.safe_dump(p.model_dump(mode="json", exclude_defaults=True, exclude={"pass_"}),

@@ -64,7 +64,7 @@ CASES = [
     ("model-pickle-only", lambda p: {"model": str(p["pickle-only"])},
      "refused, it has only pickle weights (pytorch_model.bin)"),
     ("calibration-missing", lambda p: {"calibration": {"source": str(p["root"] / "notse.txt")}},
-     "calibration.source: '{root}/notse.txt': no such file or folder (packaged sources: pydoc, licenses)"),
+     "calibration.source: '{root}/notse.txt': no such file or folder (packaged sources: pydoc, licenses, news)"),
     ("calibration-unknown-name", lambda p: {"calibration": {"source": "pydocs"}},
      "calibration.source: 'pydocs': no such file or folder"),
     ("calibration-wrong-type", lambda p: {"calibration": {"source": str(p["root"] / "table.csv")}},

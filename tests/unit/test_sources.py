@@ -91,7 +91,7 @@ def test_default_model_tokenizer_if_present():
     folder = os.path.expanduser("~/.cache/compress/models/smollm2-135m")
     if not os.path.isdir(folder):
         pytest.skip("default model not in the cache")
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok, pydoc = AutoTokenizer.from_pretrained(folder), load_corpus("pydoc")
     for which in ("calibration", "heldout"):
@@ -393,3 +393,88 @@ def test_run_calibrates_on_chat_rows_and_evaluates_an_extra_jsonl(tmp_path, tiny
     assert res.output.count("chat.jsonl: field 'messages' holds chat messages") == 1
     report = json.loads((tmp_path / "art" / "report.json").read_text())
     assert [q["text"] for q in report["quality"]] == ["chat.jsonl-heldout", "other.jsonl"]
+
+
+def test_news_corpus_is_a_third_domain_read_from_gensims_wheel():
+    news = load_corpus("news")
+    assert len(news.documents) == 300  # the Lee background corpus: 300 ABC news articles, one per line
+    assert news.documents[0].startswith("Hundreds of people have been forced to vacate their homes")
+    held, cal = news.split("heldout"), news.split("calibration")
+    assert held and cal and held not in cal
+
+
+def test_news_without_gensim_names_the_extra(monkeypatch):
+    import importlib.metadata
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(InputError, match=r"source 'news'.*gensim is not installed.*\[corpora\]"):
+        load_corpus("news")
+
+
+@pytest.mark.parametrize("weights,windows,want", [
+    ([1], 64, [64]), ([3, 1], 8, [6, 2]), ([1, 1, 1], 8, [3, 3, 2]), ([0.5, 0.25, 0.25], 10, [5, 3, 2]),
+    ([2, 1], 7, [5, 2]),
+])
+def test_mixture_windows_follow_the_weights_and_sum_to_windows(weights, windows, want):
+    from compress.recipe import CalibrationConfig
+
+    names = ["pydoc", "licenses", "news"]
+    cal = CalibrationConfig(source=[{"source": names[i], "weight": w} for i, w in enumerate(weights)],
+                            windows=windows)
+    assert cal.part_windows() == want and sum(want) == windows
+    assert [p.source for p in cal.parts()] == names[: len(weights)]
+
+
+@pytest.mark.parametrize("source,message", [
+    ([], "List should have at least 1 item"),
+    ([{"source": "pydoc"}, {"source": "pydoc"}], "a text appears twice in the mixture"),
+    ([{"source": "pydoc", "weight": 100}, {"source": "licenses"}], r"source.1 \('licenses', weight 1.0\) gets no "
+     r"window of the 8: raise its weight or calibration.windows"),
+    ([{"source": "pydoc", "weight": 0}], "greater than 0"),
+    ([{"source": "pydoc", "wieght": 1}], "wieght"),
+])
+def test_bad_mixtures_are_refused_by_field(source, message):
+    from compress.errors import RecipeError
+    from compress.recipe import load_recipe
+
+    recipe = {"name": "m", "calibration": {"source": source, "windows": 8}, "passes": [{"pass": "rtn", "bits": 4}]}
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(recipe)
+
+
+def test_run_calibrates_on_a_mixture_and_evaluates_each_held_out_split(tmp_path, tiny_llama):
+    """Windows from each text in proportion, interleaved by the seed; each text's held-out split evaluated; a
+    missing mixture file named by its index before any work."""
+    from compress import api
+    from compress.errors import InputError as ApiInputError
+
+    docs = load_corpus("pydoc").documents
+    (tmp_path / "a.txt").write_text("\n\n".join(docs[:60]))
+    recipe = {"name": "mix", "model": str(tiny_llama), "passes": [{"pass": "rtn", "bits": 4, "group_size": 16}],
+              "calibration": {"source": [{"source": "licenses", "weight": 1}, {"source": str(tmp_path / "a.txt"),
+                                                                               "weight": 3}],
+                              "windows": 8, "seq_len": 32},
+              "evaluate": {"seq_len": 32, "max_windows": 2, "extra": [], "prompts": []}}
+    res = api.run(recipe, out=tmp_path / "art", log=lambda *_: None)
+    assert [q["text"] for q in res.report["quality"]] == ["licenses-heldout", "a.txt-heldout"]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compress.pipeline import _texts
+    from compress.recipe import load_recipe
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    calib, _, name = _texts(load_recipe(recipe), model, tok, lambda *_: None)
+    assert name == f"licenses 0.25 + {tmp_path / 'a.txt'} 0.75" and calib.shape == (8, 32)
+    streams = [load_corpus(src).tokens(tok, "calibration").unfold(0, 32, 1)
+               for src in ("licenses", str(tmp_path / "a.txt"))]
+    origin = [[bool((st == w).all(1).any()) for st in streams].index(True) for w in calib]
+    assert sorted(origin) == [0, 0, 1, 1, 1, 1, 1, 1] and origin != sorted(origin)  # 2 + 6 windows, interleaved
+    bad = {**recipe, "calibration": {**recipe["calibration"], "source": [{"source": "licenses"},
+                                                                         {"source": str(tmp_path / "nope.txt")}]}}
+    with pytest.raises(ApiInputError, match=r"calibration.source.1.source: '.*nope.txt': no such file"):
+        api.run(bad, out=tmp_path / "art2", log=lambda *_: None)
