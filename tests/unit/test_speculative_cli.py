@@ -43,7 +43,7 @@ def _heads(hidden: int) -> MedusaHeads:
 
 
 def test_every_draft_gives_plain_greedy_tokens_and_counts(quantized, tiny_llama, monkeypatch):
-    monkeypatch.setattr(medusa, "load_heads", lambda path: _heads(96), raising=False)  # until an artifact has heads
+    monkeypatch.setattr(medusa, "load_heads", lambda path: _heads(96))  # random heads: drafts kept and refused
     plain = _generate(str(quantized), "--kernel", "dense")
     assert plain["draft"] == "none" and "drafted" not in plain
     for draft in ("heads", "ngram", f"model:{quantized}"):
@@ -66,8 +66,8 @@ def test_compressed_artifact_drafts_for_its_dense_source(quantized, tiny_llama):
     assert api.generate(tiny_llama, PROMPT, 24, draft=f"model:{quantized}").token_ids == dense["token_ids"]
 
 
-def test_bad_drafts_exit_2_naming_field_or_file(quantized, tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setattr(medusa, "load_heads", lambda path: None, raising=False)  # an artifact without heads
+def test_bad_drafts_exit_2_naming_field_or_file(quantized, tiny_llama, tmp_path):
+    assert medusa.load_heads(quantized) is None  # an artifact without heads
     other = tmp_path / "other"
     shutil.copytree(tiny_llama, other)
     from transformers import AutoTokenizer
@@ -86,3 +86,16 @@ def test_bad_drafts_exit_2_naming_field_or_file(quantized, tiny_llama, tmp_path,
         assert message in res.output, (args, res.output)
     with pytest.raises(api.InputError, match="draft: 'medusa'"):
         api.generate(quantized, "x", 2, draft="medusa")
+
+
+def test_heads_stored_by_a_medusa_pass_draft_exactly(tiny_llama, tmp_path):
+    """An artifact from a recipe with a medusa pass (heads trained briefly, stored in the artifact): --draft heads
+    reads them and gives --draft none's tokens, some drafts accepted."""
+    passes = [{"pass": "medusa", "held_out": 2, "train": {"steps": 20, "batch_size": 64}}]
+    art = api.run({"name": "heads", "model": str(tiny_llama), "passes": passes}, out=tmp_path / "heads",
+                  overrides=SMALL, log=lambda *_: None).artifact
+    assert medusa.load_heads(art) is not None
+    plain = _generate(str(art))
+    out = _generate(str(art), "--draft", "heads")
+    assert out["token_ids"] == plain["token_ids"]
+    assert out["accepted"] > 0
