@@ -1,4 +1,4 @@
-"""A meta-device skeleton whose blocks are read from safetensors on demand (issue 16, streaming execution).
+"""A meta-device skeleton whose blocks are read from safetensors on demand, and the streamed run (issue 16).
 
 `StreamedModel.open(folder)` builds the model of a checked Llama-family folder with every parameter on the meta device
 (buffers such as the rotary tables are real: they are computed, not stored) and memory-maps its safetensors files.
@@ -6,9 +6,14 @@ A module is materialized for its turn in the compute dtype (`loaded(module)`) an
 so the weights in memory are those of the modules under work, never the model's. The block engine
 (calibration.capture.for_each_block) recognises a streamed model by the `STREAM_ATTR` attribute it sets, loads the
 embeddings while it captures block 0's inputs and each block for its own turn, and hands every finished block to the
-`on_block_done` callbacks before releasing it.
+`on_block_done` callbacks before releasing it. `resident_bytes` counts the materialized parameters now, `peak_bytes`
+their maximum since open.
 
-What is counted: `resident_bytes` is the bytes of materialized parameters now, `peak_bytes` its maximum since open.
+`run(recipe, out)` is `compress run` for `execution: stream` (pipeline.run dispatches to it): GPTQ at fixed bits
+through the engine, perplexities through the engine with the head applied per batch, the artifact written module by
+module from the source and the plan (`as_exported`, `module_tensors`). Not streamed yet: pruning passes, searches and
+round-to-nearest (refused by name), greedy continuations (skipped, recorded), --resume (refused); the plan's packed
+records stay in memory until export (about 0.56 bytes per quantized weight at 4 bits, groups of 128).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from safetensors import safe_open
 from torch import nn
 
 from calibration.capture import STREAM_ATTR, for_each_block
+from compress.device import CPU, move
 from compress.errors import InputError
 from compress.models import llama
 from compress.models.checks import checkpoint_tensors
@@ -126,8 +132,10 @@ class StreamedModel:
         for module, group in itertools.groupby(names, key=module_of):
             yield module, {name: self.read(name) for name in group}
 
-    def final_hidden(self, input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-        """The last block's outputs, per batch (B, T, H), for windows `input_ids` (N, T), through the block engine."""
+    def final_hidden(self, input_ids: torch.Tensor, batch_size: int, device: torch.device = CPU
+                     ) -> list[torch.Tensor]:
+        """The last block's outputs per batch (B, T, H), on `device`, for windows `input_ids` (N, T), through the block
+        engine (each block computed on `device`)."""
         layers = llama.blocks(self.model)
         last: list[torch.Tensor] = []
 
@@ -135,28 +143,36 @@ class StreamedModel:
             if i == len(layers) - 1:
                 last.extend(outputs)
 
-        for_each_block(self.model, layers, input_ids, keep_last, batch_size=batch_size, desc="streamed forward")
+        for_each_block(self.model, layers, input_ids, keep_last, batch_size=batch_size, desc="streamed forward",
+                       device=device)
         return last
 
-    @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Logits (N, T, vocab) float32 of windows `input_ids` (N, T), the model never materialized whole."""
+    @contextmanager
+    def _head(self, device: torch.device) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+        """The final norm and lm_head materialized on `device`: hidden (B, T, H) -> logits (B, T, vocab) float32."""
         lm = llama.as_causal_lm(self.model)
-        hidden = self.final_hidden(input_ids, batch_size)
         with self.loaded(lm.model.norm, lm.lm_head):
-            return torch.cat([lm.lm_head(lm.model.norm(h)).float() for h in hidden])
+            move(lm.model.norm, device)
+            move(lm.lm_head, device)
+            yield lambda hidden: lm.lm_head(lm.model.norm(hidden)).float()
 
     @torch.no_grad()
-    def perplexity(self, windows: torch.Tensor, batch_size: int) -> float:
+    def logits(self, input_ids: torch.Tensor, batch_size: int, device: torch.device = CPU) -> torch.Tensor:
+        """Logits (N, T, vocab) float32 on the CPU of windows `input_ids` (N, T), the model never materialized whole."""
+        hidden = self.final_hidden(input_ids, batch_size, device)
+        with self._head(device) as head:
+            return torch.cat([head(h).cpu() for h in hidden])
+
+    @torch.no_grad()
+    def perplexity(self, windows: torch.Tensor, batch_size: int, device: torch.device = CPU) -> float:
         """exp(mean next-token NLL) over windows (N, T), as compress.evaluate.perplexity computes it (each window on
         its own), with logits made `batch_size` windows at a time after the last block."""
-        lm = llama.as_causal_lm(self.model)
-        hidden = torch.cat(self.final_hidden(windows, batch_size))  # (N, T, H)
+        hidden = torch.cat(self.final_hidden(windows, batch_size, device))  # (N, T, H)
         nll, count = 0.0, 0
-        with self.loaded(lm.model.norm, lm.lm_head):
+        with self._head(device) as head:
             for start in range(0, windows.shape[0], batch_size):
-                ids = windows[start : start + batch_size]
-                logits = lm.lm_head(lm.model.norm(hidden[start : start + batch_size])).float()  # (B, T, V)
+                ids = windows[start : start + batch_size].to(device)
+                logits = head(hidden[start : start + batch_size])  # (B, T, vocab)
                 nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
                 count += ids[:, 1:].numel()
         return math.exp(nll / count)
@@ -291,7 +307,7 @@ def run(recipe: Recipe, out: str | Path, overwrite: bool = False, log: Callable[
 
     def measured(label: str) -> pl._Measured:
         with phase(f"evaluating the {label} model (streamed)"):
-            ppl = {name: streamed.perplexity(w, pl.EVAL_BATCH) for name, w in eval_sets.windows.items()}
+            ppl = {name: streamed.perplexity(w, pl.EVAL_BATCH, device) for name, w in eval_sets.windows.items()}
         return pl._Measured(ppl, params, pl.decoder_params(model), [])
 
     dense = measured("dense")
@@ -309,7 +325,7 @@ def run(recipe: Recipe, out: str | Path, overwrite: bool = False, log: Callable[
     def check(folder: Path) -> dict:  # on the written folder, before it is committed
         with phase("reloading the artifact and comparing logits (streamed)"):
             ids = calib[:2]
-            want = streamed.logits(ids, recipe.calibration.batch_size)  # (2, T, vocab)
+            want = streamed.logits(ids, recipe.calibration.batch_size, device)  # (2, T, vocab)
             with torch.no_grad():
                 got = export.load(folder, dtype=torch.float32)(input_ids=ids, use_cache=False).logits
             diff = float((want - got).abs().max())
