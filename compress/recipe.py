@@ -324,6 +324,9 @@ class _QuantBase(_Strict):
     group_size: int = Field(128, le=MAX_WIDTH,
                             description="input columns per scale; -1 for one scale per output row")
     sym: bool = True
+    # minmax: each group's scale spans its range; mse: the range shrunk to minimize the group's rounding error
+    # (compress.ops.quant.grid), which clips outliers
+    scale_search: Literal["minmax", "mse"] = "minmax"
     # regexes searched in module names (model.layers.3.mlp.up_proj), with pattern_search
     targets: list[Pattern] = Field([r"\.(self_attn|mlp)\."], max_length=MAX_ITEMS)
     ignore: list[Pattern] = Field([], max_length=MAX_ITEMS)

@@ -90,7 +90,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> Quantize
     n_groups = spec.groups(in_f)
     static = None
     if spec.act_order and spec.static_groups:  # group grids from the original column order, fixed up front
-        static = [grid(W[:, s : s + g], spec.bits, spec.sym) for s in range(0, in_f, g)]
+        static = [grid(W[:, s : s + g], spec.bits, spec.sym, spec.mse) for s in range(0, in_f, g)]
 
     perm = torch.argsort(torch.diag(H), descending=True) if spec.act_order else torch.arange(in_f, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
@@ -120,7 +120,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> Quantize
                 cur_s, cur_z = static[gid]
             elif col % g == 0:  # a new group starts: its grid from the (already updated) weights ahead
                 gid = col // g
-                cur_s, cur_z = grid(torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :g], spec.bits, spec.sym)
+                cur_s, cur_z = grid(torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :g], spec.bits, spec.sym,
+                                    spec.mse)
             scale[:, gid], zero[:, gid] = cur_s[:, 0], cur_z[:, 0]
             g_idx[col] = gid
             w = W1[:, i]

@@ -65,8 +65,9 @@ def spec_for(name: str, in_features: int, bits: int, cfg: GptqConfig | RtnConfig
                          f"pick one of {divisors or [in_features]} or -1{hint}")
     if isinstance(cfg, GptqConfig):
         return QuantSpec(bits=bits, group_size=group, sym=sym, act_order=cfg.act_order,
-                         static_groups=cfg.static_groups, damp=cfg.damp, block_size=cfg.block_size)
-    return QuantSpec(bits=bits, group_size=group, sym=sym)
+                         static_groups=cfg.static_groups, damp=cfg.damp, block_size=cfg.block_size,
+                         mse=cfg.scale_search == "mse")
+    return QuantSpec(bits=bits, group_size=group, sym=sym, mse=cfg.scale_search == "mse")
 
 
 def check_before_passes(model: nn.Module, quant: GptqConfig | RtnConfig, where_q: str,
