@@ -18,6 +18,8 @@ records stay in memory until export (about 0.56 bytes per quantized weight at 4 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
 import math
 import os
@@ -216,18 +218,28 @@ class StreamedModel:
 
     @contextmanager
     def block(self, i: int) -> Iterator[nn.Module]:
-        """Block i materialized for its turn; on a normal exit the on_block_done callbacks see it, then it is freed."""
+        """Block i materialized for its turn; on a normal exit the on_block_done callbacks see it, then it is freed
+        and the freed heap handed back to the system (give_back_freed)."""
         block = llama.blocks(self.model)[i]
         with self.loaded(block):
             yield block
             for done in self.on_block_done:
                 done(i, block)
+        give_back_freed()
 
     def _prefix(self, module: nn.Module) -> str:
         for name, candidate in self.model.named_modules():
             if candidate is module:
                 return f"{name}." if name else ""
         raise ValueError("StreamedModel: the module is not part of this model")
+
+
+def give_back_freed() -> None:
+    """Return freed heap memory to the system (glibc's malloc_trim; a no-op elsewhere). Without it a streamed run's
+    resident memory grows with depth although no tensor outlives its block: each block's freed buffers stay in the
+    heap, fragmented by the small records allocated between them (measured: 6.7 MB per 3 MB block at hidden 256)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def check_streamable(recipe: Recipe) -> None:
