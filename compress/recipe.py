@@ -391,6 +391,17 @@ class TrainConfig(_Strict):
         return min(available, max(self.steps * self.batch_size, HELD_IN_WINDOWS))
 
 
+class RankBudget(_Strict):
+    """Ranks per module chosen by a knapsack (compress.search.knapsack) over `choices`: each quantized module's
+    options cost their adapter bits (rank x (in + out) x 16) and are worth the error the fitted correction of that
+    rank leaves (compress.ops.lowrank.error_by_rank: output error with init eora, weight error with svd); the total
+    stays within `bits_per_weight` x the quantized weights. Rank 0 leaves a module uncorrected."""
+
+    bits_per_weight: float = Field(..., gt=0, le=16, description="adapter bits per quantized weight, on average")
+    choices: list[Annotated[int, Field(ge=0, le=MAX_WIDTH)]] = Field([0, 4, 8, 16, 32, 64], min_length=1,
+                                                                      max_length=MAX_CHOICES)
+
+
 class LoraConfig(_Strict):
     """Low-rank correction (LoRC / EoRA / INT2.1 / RILQ; METHODS.md): every targeted linear gets y += (x A^T) B^T
     with A (rank, in), B (out, rank), fitted to what quantization lost (`init`), then trained so that the whole
@@ -400,7 +411,7 @@ class LoraConfig(_Strict):
 
     role: ClassVar[Role] = "correct"
     pass_: Literal["lora"] = Field("lora", alias="pass")
-    rank: int = Field(16, ge=1, le=MAX_WIDTH)
+    rank: Annotated[int, Field(ge=1, le=MAX_WIDTH)] | RankBudget = 16  # one rank, or ranks chosen per module
     # quantized modules: svd = SVD of W - Q(W) (LoRC); eora = SVD in the eigenspace of the inputs' X^T X (EoRA);
     # zero = B = 0. Modules that are not quantized always start from B = 0 (nothing was lost in their weights).
     init: Literal["svd", "eora", "zero"] = "svd"

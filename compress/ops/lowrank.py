@@ -77,6 +77,26 @@ def qera_diag_fit(E: torch.Tensor, xtx: torch.Tensor, rank: int, n: int) -> tupl
     return A.float(), B.float()
 
 
+def error_by_rank(E: torch.Tensor, ranks: list[int], xtx: torch.Tensor | None = None, n: int = 1) -> list[float]:
+    """The error the best rank-r correction of E (out, in) leaves, for each r in `ranks` (0 allowed: no correction),
+    from one SVD in float64: without xtx, ||E - BA||_F^2 (svd_fit's optimum: the tail of E's squared singular
+    values); with xtx = X^T X over n tokens, the mean output error per token ||X (E - BA)^T||_F^2 / n at eora_fit's
+    optimum (the tail of E Q diag(sqrt l)'s squared singular values; the directions eigen_floor drops add the same
+    small amount to every rank and are left out). Raises ValueError for a rank outside 0..min(out, in)."""
+    k = min(E.shape)
+    if any(not 0 <= r <= k for r in ranks):
+        raise ValueError(f"error_by_rank: ranks {ranks} must lie in 0..{k} for E of shape {tuple(E.shape)}")
+    M = E.to(torch.float64)
+    if xtx is not None:
+        C = xtx.to(torch.float64) / n
+        l, Q = torch.linalg.eigh((C + C.T) / 2)  # (in,), (in, in)
+        keep = l > eigen_floor(l, xtx.dtype)
+        M = M @ Q[:, keep] * l[keep].sqrt()  # (out, kept)
+    S2 = torch.linalg.svdvals(M) ** 2  # descending
+    tail = torch.cat([S2.flip(0).cumsum(0).flip(0), S2.new_zeros(1)])  # tail[r] = sum of S2[r:]
+    return [float(tail[min(r, S2.numel())]) for r in ranks]
+
+
 def output_error(E: torch.Tensor, A: torch.Tensor, B: torch.Tensor, xtx: torch.Tensor) -> float:
     """||X (E - BA)^T||_F^2 = tr((E - BA) xtx (E - BA)^T) from xtx = X^T X (in, in), in float64: the squared output
     error a correction leaves, summed over the tokens of X."""

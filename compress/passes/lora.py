@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -19,10 +21,11 @@ from compress.errors import CompressError, InputError
 from compress.ops.distill import top_k_kl
 from compress.passes.base import Earlier, PassContext
 from compress.passes.targets import select_modules
-from compress.recipe import HELD_IN_WINDOWS, LoraConfig, TrainConfig
+from compress.recipe import HELD_IN_WINDOWS, LoraConfig, RankBudget, TrainConfig, _QuantBase
 from compress.report import PassReport
 from export.lowrank import adapters, unwrap, wrap
 
+ADAPTER_BITS = 16  # A and B are stored in 16 bits (bf16 / fp16) and counted so
 
 @dataclass
 class TrainLog:
@@ -123,9 +126,21 @@ class LoraPass:
             if cfg.init == "eora" and (p.pass_ != "gptq" or getattr(bits, "allocator", "rank") != "rank"):
                 raise InputError(f"{where}.init: eora needs the inputs' X^T X that {w} ({p.pass_}, searched or "
                                  "round-to-nearest) does not keep; use init: svd")
-        self._check_rank(select_modules(model, cfg.targets, cfg.ignore, where), where)
+        modules = select_modules(model, cfg.targets, cfg.ignore, where)
+        self._check_rank(modules, where)
+        if isinstance(cfg.rank, RankBudget):
+            if cfg.init == "zero":
+                raise InputError(f"{where}.rank: a rank budget ranks the fitted corrections of quantized modules, and "
+                                 "init zero fits none; use init svd or eora, or one rank")
+            quantizers = [(cast(_QuantBase, p), w) for p, w in quantized]
+            covered = set().union(*(select_modules(model, p.targets, p.ignore, w) for p, w in quantizers))
+            if missing := [n for n in modules if n not in covered]:
+                raise InputError(f"{where}.targets: a rank budget spreads adapter bits over quantized modules, and "
+                                 f"{missing[0]} is not quantized ({len(missing)} such); ignore them or use one rank")
 
     def _check_rank(self, modules, where: str) -> None:
+        if isinstance(self.config.rank, RankBudget):
+            return  # each module's choices are cut to what fits it
         for name, (_, _, lin) in modules.items():
             if self.config.rank > min(lin.in_features, lin.out_features):
                 raise InputError(f"{where}.rank: {self.config.rank} is larger than {name}'s smaller side "
@@ -139,32 +154,75 @@ class LoraPass:
         modules = select_modules(model, cfg.targets, cfg.ignore, where)
         self._check_rank(modules, where)  # the widths pruning left
         generator = torch.Generator().manual_seed(ctx.seed)
+        ranks = (self._searched_ranks(modules, ctx, where) if isinstance(cfg.rank, RankBudget)
+                 else dict.fromkeys(modules, cfg.rank))
         A_by_name, B_by_name, inits = {}, {}, dict[str, str]()
         for name, (_, _, lin) in modules.items():
-            original = ctx.originals.get(name) if ctx.originals is not None else None
-            if name in ctx.plan.quantized and cfg.init != "zero":
-                if original is None:
-                    raise CompressError(f"{where}: the weights {name} had before quantization were not kept")
-                A, B = _fitted(cfg.init, original.weight - lin.weight.detach(), original, cfg.rank)
+            if ranks[name] == 0:
+                inits[name] = "none"
+                continue
+            original = self._original(ctx, name, where) if name in ctx.plan.quantized and cfg.init != "zero" else None
+            if original is not None:
+                A, B = _fitted(cfg.init, original.weight - lin.weight.detach(), original, ranks[name])
                 inits[name] = cfg.init
             else:
-                A, B = _zero_init(lin.out_features, lin.in_features, cfg.rank, generator)
+                A, B = _zero_init(lin.out_features, lin.in_features, ranks[name], generator)
                 inits[name] = "zero"
             A_by_name[name], B_by_name[name] = A.to(lin.weight.dtype), B.to(lin.weight.dtype)
-        wrap(model, list(modules), A_by_name, B_by_name)
+        wrap(model, list(A_by_name), A_by_name, B_by_name)
         with on_device(model, ctx.device):
             log = train_adapters(model, ctx.teacher, cfg.train, ctx.seed)
         merged = self._finish(model, ctx, set(ctx.plan.quantized))
         report = PassReport(name="lora")
-        report.rows = _rows(modules, inits, merged)
-        report.summary = {"rank": cfg.rank, "modules": len(modules), "merged": len(merged),
-                          "adapter_parameters": sum(cfg.rank * (lin.in_features + lin.out_features)
+        report.rows = _rows(modules, inits, merged, ranks)
+        rank = (cfg.rank if isinstance(cfg.rank, int) else
+                {"bits_per_weight": cfg.rank.bits_per_weight,
+                 "chosen": {str(r): n for r, n in sorted(Counter(ranks.values()).items())}})
+        report.summary = {"rank": rank, "modules": len(modules), "merged": len(merged),
+                          "adapter_parameters": sum(ranks[n] * (lin.in_features + lin.out_features)
                                                     for n, (_, _, lin) in modules.items() if n not in merged),
                           "steps": cfg.train.steps, "train_windows": cfg.train.windows_used(len(ctx.teacher)),
                           "held_in_kl_before": round(log.kl_before, 6), "held_in_kl_after": round(log.kl_after, 6),
                           "train_seconds": round(log.seconds, 1), "losses": log.losses}
         report.seconds = time.perf_counter() - t0
         return report
+
+    @staticmethod
+    def _original(ctx: PassContext, name: str, where: str):
+        original = ctx.originals.get(name) if ctx.originals is not None else None
+        if original is None:
+            raise CompressError(f"{where}: the weights {name} had before quantization were not kept")
+        return original
+
+    def _searched_ranks(self, modules, ctx: PassContext, where: str) -> dict[str, int]:
+        """Each module's rank from the knapsack over the rank budget: options cost rank x (in + out) x 16 bits and
+        are worth the error the fitted correction of that rank leaves (error_by_rank)."""
+        from compress.ops.lowrank import error_by_rank
+        from compress.search.base import Option, Unit, check_budget
+        from compress.search.knapsack import knapsack
+
+        budget = self.config.rank
+        assert isinstance(budget, RankBudget)
+        units, weights = [], 0
+        for name, (_, _, lin) in modules.items():
+            if name not in ctx.plan.quantized:
+                raise InputError(f"{where}.targets: {name} is not quantized; a rank budget spreads adapter bits over "
+                                 "quantized modules")
+            original = self._original(ctx, name, where)
+            choices = sorted({r for r in budget.choices if r <= min(lin.in_features, lin.out_features)})
+            if not choices:
+                raise InputError(f"{where}.rank.choices: none fits {name} ({lin.out_features} x {lin.in_features})")
+            E = (original.weight - lin.weight.detach()).float()
+            errors = error_by_rank(E, choices, original.xtx if self.config.init == "eora" else None, original.n)
+            units.append(Unit(name, tuple(Option(r, r * (lin.in_features + lin.out_features) * ADAPTER_BITS, e)
+                                          for r, e in zip(choices, errors, strict=True))))
+            weights += lin.in_features * lin.out_features
+        bits = budget.bits_per_weight * weights
+        try:
+            check_budget(units, bits, f"{budget.bits_per_weight:g} bits per weight ({bits:,.0f} bits)")
+        except ValueError as err:
+            raise InputError(f"{where}.rank.bits_per_weight: {err}") from None
+        return knapsack(units, bits).levels(units)
 
     def _finish(self, model: nn.Module, ctx: PassContext, quantized: set[str]) -> set[str]:
         """Merge B @ A into the weights of the modules that are not quantized (when `merge`), record the others'
@@ -196,13 +254,15 @@ def _fitted(init: str, E: torch.Tensor, original, rank: int) -> tuple[torch.Tens
     return lowrank.eora_fit(E.float(), original.xtx, rank, original.n)
 
 
-def _rows(modules, inits: dict[str, str], merged: set[str]) -> list[dict]:
-    """One row per layer: modules corrected, how they started, how many were merged into their weights."""
+def _rows(modules, inits: dict[str, str], merged: set[str], ranks: dict[str, int]) -> list[dict]:
+    """One row per layer: modules corrected, how they started, how many were merged into their weights, and each
+    module's rank (q_proj's as q, ...)."""
     rows: dict[int, dict] = {}
     for name, (i, _, _) in modules.items():
-        row = rows.setdefault(i, {"layer": i, "modules": 0, "init": inits[name], "merged": 0})
-        row["modules"] += 1
+        row = rows.setdefault(i, {"layer": i, "modules": 0, "init": inits[name], "merged": 0, "ranks": ""})
+        row["modules"] += ranks[name] > 0
         row["merged"] += name in merged
+        row["ranks"] = f"{row['ranks']} {name.rsplit('.', 1)[-1].removesuffix('_proj')}:{ranks[name]}".strip()
         if inits[name] not in row["init"].split("/"):
             row["init"] = f"{row['init']}/{inits[name]}"
     return [rows[i] for i in sorted(rows)]

@@ -164,3 +164,28 @@ def test_wrapper_state_dict_keeps_the_base_names_and_loads_back():
     assert not other.load_state_dict(state, strict=True).missing_keys
     x = torch.randn(5, 4, generator=g)
     assert torch.equal(other(x), model(x))
+
+
+@pytest.mark.parametrize("aware", [False, True])
+def test_error_by_rank_is_the_fitted_corrections_error(aware):
+    """The curve error_by_rank predicts from one SVD is what svd_fit / eora_fit leave at each rank; it falls with
+    the rank and reaches zero at full rank."""
+    from compress.ops.lowrank import error_by_rank
+
+    W, E, X = _layer(seed=3)
+    xtx, n = X.T @ X, X.shape[0]
+    ranks = [0, 1, 4, 16, 48]
+    curve = error_by_rank(E, ranks, xtx if aware else None, n)
+    for r, predicted in zip(ranks, curve, strict=True):
+        if r == 0:
+            zero = torch.zeros(1, 64), torch.zeros(48, 1)
+            fitted = output_error(E, *zero, xtx) / n if aware else float(E.double().square().sum())
+        elif aware:
+            fitted = output_error(E, *eora_fit(E, xtx, r, n), xtx) / n
+        else:
+            A, B = svd_fit(E, r)
+            fitted = float((E - B @ A).double().square().sum())
+        assert predicted == pytest.approx(fitted, rel=1e-3, abs=1e-6), r
+    assert curve == sorted(curve, reverse=True) and curve[-1] == pytest.approx(0, abs=1e-6)
+    with pytest.raises(ValueError, match=r"ranks \[49\] must lie in 0..48"):
+        error_by_rank(E, [49])
