@@ -77,7 +77,6 @@ class StreamedModel:
     exported: Exported | None = None  # set by as_exported: read() gives what the artifact stores
     resident_bytes: int = 0
     peak_bytes: int = 0
-    _handles: dict[Path, object] = field(default_factory=dict)
 
     @classmethod
     def open(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> StreamedModel:
@@ -107,10 +106,10 @@ class StreamedModel:
         if self.exported is not None and leaf == "weight" and module in self.exported.quantized:
             return self.exported.quantized[module].dequantize(self.exported.dequantized_dtype).to(self.dtype)
         source = self.tied.get(name, name)
-        path = self.files[source]
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
-        value = self._handles[path].get_tensor(source)  # type: ignore[attr-defined]
+        # opened per read (a header parse, microseconds): a mapping kept open would keep every page read so far
+        # resident (file-backed, but counted), growing with depth
+        with safe_open(self.files[source], framework="pt") as shard:
+            value = shard.get_tensor(source)  # a copy, owned by the tensor
         if self.exported is not None:
             value = value.to(self.exported.dtype)
         return value.to(self.dtype)
