@@ -128,13 +128,14 @@ def write(rows: list[dict], args) -> None:
     fig, axes = plt.subplots(1, len(texts), figsize=(4.2 * len(texts), 4.2), sharey=True)
     labels = [r["method"] for r in rows[1:]]
     for ax, k in zip(axes, texts, strict=True):
-        vals = [r[k] for r in rows[1:]]
-        ax.barh(range(len(vals)), vals, color=["#999" if "RTN" in lab else "#1f77b4" for lab in labels])
-        ax.axvline(rows[0][k], color="k", lw=1, ls="--", label="dense")
+        vals = [r[k] / rows[0][k] for r in rows[1:]]
+        ax.barh(range(len(vals)), [v - 1 for v in vals], left=1,
+                color=["#999" if "RTN" in lab else "#1f77b4" for lab in labels])
         if rtn is not None:
-            ax.axvline(rtn[k], color="#d62728", lw=1, ls=":", label="RTN")
-        ax.set_title(k[4:])
-        ax.set_xlabel("perplexity (lower is better)")
+            ax.axvline(rtn[k] / rows[0][k], color="#d62728", lw=1, ls=":", label="RTN")
+        ax.set_xlim(left=1)
+        ax.set_title(f"{k[4:]} (dense {rows[0][k]:g})")
+        ax.set_xlabel("perplexity / dense (lower is better)")
         ax.set_yticks(range(len(labels)), labels)
         ax.invert_yaxis()
     axes[0].legend(loc="lower right")
