@@ -43,7 +43,7 @@ def held_in_kl(model: nn.Module, teacher: TeacherTargets, windows: int, batch_si
     """Mean KL (nats per position) of the model from the teacher on its first `windows` windows, where the model is."""
     device = next(model.parameters()).device
     total, n = 0.0, min(windows, len(teacher))
-    for start in range(0, n, batch_size):
+    for start in tqdm(range(0, n, batch_size), desc=f"lora: held-in KL ({n} windows)", unit="batch", leave=False):
         stop = min(start + batch_size, n)
         logits = model(input_ids=teacher.windows[start:stop].to(device), use_cache=False).logits
         total += top_k_kl(logits, teacher.logp[start:stop].to(device), teacher.ids[start:stop].to(device)).item() * (
