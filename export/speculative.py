@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -78,6 +80,67 @@ def rejection_step(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
     return k, int(torch.multinomial(p[k], 1, generator=generator))
 
 
+def _rowwise_attention(original: Callable[..., Any]) -> Callable[..., Any]:
+    """An attention function that gives each query of a forward over new tokens behind a cache (q > 1 queries, more
+    keys than queries: a verification) the output `original` gives it alone, as a one-token decoding step: query i
+    attends through `original` to the first L - q + 1 + i keys (contiguous, as the cache holds them), with no mask
+    unless its mask row hides something. Prefill (as many keys as queries) and one-token steps go to `original`."""
+
+    def attend(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        q, length = query.shape[2], key.shape[2]  # query (B, heads, q, D), key / value (B, kv heads, L, D)
+        if q == 1 or length == q:
+            return original(module, query, key, value, attention_mask, **kwargs)
+        rows = []
+        for i in range(q):
+            seen = length - q + 1 + i
+            mask = None if attention_mask is None else attention_mask[..., i:i + 1, :seen]
+            if mask is not None and bool(mask.all() if mask.dtype == torch.bool else (mask == 0).all()):
+                mask = None  # nothing hidden: a decoding step gets no mask either
+            rows.append(original(module, query[:, :, i:i + 1], key[:, :, :seen].contiguous(),
+                                 value[:, :, :seen].contiguous(), mask, **kwargs)[0])  # (B, 1, heads, D)
+        return torch.cat(rows, 1), None  # (B, q, heads, D)
+
+    return attend
+
+
+@contextmanager
+def exact_verification(model: nn.Module) -> Iterator[None]:
+    """Within: a forward over several new tokens behind a KV cache computes every row as a one-token forward (plain
+    decoding's) does: attention query by query (_rowwise_attention) and the lm_head row by row. Plain greedy and
+    draft-and-verify then see the same logits bit for bit wherever the linears are row-invariant (torch's CPU int4
+    kernel is; float32 matmuls are not, docs/speculative.md). Without it, a 4-bit model's verification rounded
+    differently from decoding (transformers' SDPA packs a lone query's GQA heads, several queries take another path;
+    1e-7 there, amplified by the int4 kernel's bfloat16 inputs to 0.2 in the logits) and a near-tie flipped. The
+    attention implementation and the lm_head are restored on exit."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    causal = cast(Any, model)
+    before = causal.config._attn_implementation
+    rowwise = f"rowwise_{before}"
+    swap = before in ALL_ATTENTION_FUNCTIONS.valid_keys()  # "eager" is the model's own function: left as it is
+    if swap:
+        AttentionInterface.register(rowwise, _rowwise_attention(ALL_ATTENTION_FUNCTIONS[before]))
+    lm_head = causal.get_output_embeddings()
+    whole = lm_head.forward
+
+    def by_row(states: torch.Tensor) -> torch.Tensor:  # (..., n, H) -> (..., n, V), one (..., 1, H) row at a time
+        if states.dim() < 2 or states.shape[-2] == 1:
+            return whole(states)
+        return torch.cat([whole(states[..., i:i + 1, :]) for i in range(states.shape[-2])], dim=-2)
+
+    if swap:
+        causal.set_attn_implementation(rowwise)
+    lm_head.forward = by_row
+    try:
+        yield
+    finally:
+        del lm_head.forward
+        if swap:
+            causal.set_attn_implementation(before)
+
+
 def _decoder(model: nn.Module) -> tuple[Any, Any, str]:
     """(the backbone returning final hidden states after the last norm, the lm_head, the backbone's name for the
     KV cache argument: `cache` from transformers 5.x where `past_key_values` is deprecated, else the latter)."""
@@ -112,23 +175,33 @@ def speculative_generate(model: nn.Module, heads: MedusaHeads, ids: torch.Tensor
         return torch.multinomial(warp(logits, temperature, top_k, top_p), 1, generator=generator)[:, 0]
 
     cache = DynamicCache(config=cast(Any, model).config)
+    with exact_verification(model):
+        return _draft_and_verify(decoder, lm_head, cache_arg, cache, heads, ids, max_new_tokens, eos, choose,
+                                 (temperature, top_k, top_p) if do_sample else None, generator)
+
+
+def _draft_and_verify(decoder: Any, lm_head: Any, cache_arg: str, cache: Any, heads: MedusaHeads, ids: torch.Tensor,
+                      max_new_tokens: int, eos: set[int], choose: Callable[[torch.Tensor], torch.Tensor],
+                      warping: tuple[float, int | None, float | None] | None, generator: torch.Generator | None,
+                      ) -> tuple[list[int], DraftCounts]:
+    """speculative_generate's loop (inside exact_verification); `warping` (temperature, top_k, top_p) when sampling."""
     hidden = decoder(input_ids=ids, use_cache=True, **{cache_arg: cache}).last_hidden_state[0, -1:]  # (1, H)
-    out = [int(choose(lm_head(hidden))[0])]
+    out = [int(choose(lm_head(hidden[None])[0])[0])]  # lm_head reads (1, 1, H) as in plain decoding
     steps = drafted = accepted = 0
     while len(out) < max_new_tokens and out[-1] not in eos:
         k = min(heads.num_heads, max_new_tokens - len(out) - 1)  # the step adds at most k + 1 tokens
         head_logits = heads(hidden[0], lm_head)[:k]  # (k, V): head i guesses the token i + 1 after out[-1]
-        q = warp(head_logits, temperature, top_k, top_p) if do_sample else None
+        q = None if warping is None else warp(head_logits, *warping)
         drafts = choose(head_logits)  # (k,)
         step_ids = torch.tensor([[out[-1], *drafts.tolist()]])  # (1, 1 + k)
         verified = decoder(input_ids=step_ids, use_cache=True, **{cache_arg: cache}).last_hidden_state[0]  # (1+k, H)
-        logits = lm_head(verified)  # (1 + k, V): row i is the model's next token after step_ids[0, :i + 1]
+        logits = lm_head(verified[None])[0]  # (1 + k, V): row i is the next token after step_ids[0, :i + 1]
         if q is None:
             picks = logits.argmax(-1)  # (1 + k,)
             n = next((i for i in range(k) if int(drafts[i]) != int(picks[i])), k)
             token = int(picks[n])
         else:
-            n, token = rejection_step(warp(logits, temperature, top_k, top_p), q, drafts, generator)
+            n, token = rejection_step(warp(logits, *cast(tuple, warping)), q, drafts, generator)
         cache.crop(-(k - n))  # keep out[-1] and the n accepted drafts; the refused drafts' keys and values go
         steps, drafted, accepted = steps + 1, drafted + k, accepted + n
         new = [*drafts[:n].tolist(), token]
@@ -165,7 +238,8 @@ def library_generate(model: nn.Module, tokenizer: Any, ids: torch.Tensor, max_ne
                              else {"assistant_model": draft})
     handle = model.register_forward_pre_hook(note, with_kwargs=True)
     try:
-        gen = generate(model, tokenizer, ids, max_new_tokens, pad_token_id, **extra, **sampling)
+        with exact_verification(model):  # the verifying forwards round as plain decoding's one-token forwards
+            gen = generate(model, tokenizer, ids, max_new_tokens, pad_token_id, **extra, **sampling)
     finally:
         handle.remove()
     drafted = sum(lengths) - int(ids.shape[1]) - (len(lengths) - 1)
