@@ -26,6 +26,9 @@ from export.generate import Generation, generate
 from export.medusa import MedusaHeads
 
 PROMPT_LOOKUP_TOKENS = 4  # n-gram drafts per step (prompt-lookup), as many as the default number of heads
+# what model.generate samples with when neither the call nor the model's generation_config sets a value
+# (transformers' GenerationConfig._get_default_generation_params; a test keeps them equal)
+SAMPLING_DEFAULTS: dict[str, Any] = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,23 @@ def warp(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = Non
         probs = probs.masked_fill(drop, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
+
+
+def sampling_settings(model: nn.Module, temperature: float | None = None, top_k: int | None = None,
+                      top_p: float | None = None) -> tuple[float, int | None, float | None]:
+    """(temperature, top_k, top_p) as model.generate samples: each argument, else the model's generation_config's
+    value, else SAMPLING_DEFAULTS (so top_k is 50 unless set: plain sampling's, which the rejection rule must keep);
+    top_k 0 and top_p 1 mean none, as in transformers."""
+    config = getattr(model, "generation_config", None)
+
+    def resolve(name: str, given: Any) -> Any:
+        for value in (given, getattr(config, name, None)):
+            if value is not None:
+                return value
+        return SAMPLING_DEFAULTS[name]
+
+    k, p = int(resolve("top_k", top_k)), float(resolve("top_p", top_p))
+    return float(resolve("temperature", temperature)), k or None, None if p >= 1.0 else p
 
 
 def rejection_step(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
@@ -157,17 +177,18 @@ def _eos_ids(model: nn.Module) -> set[int]:
 
 @torch.no_grad()
 def speculative_generate(model: nn.Module, heads: MedusaHeads, ids: torch.Tensor, max_new_tokens: int,
-                         do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                         do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
                          top_p: float | None = None, generator: torch.Generator | None = None,
                          ) -> tuple[list[int], DraftCounts]:
     """Continue `ids` (1, T) by up to `max_new_tokens` tokens (exactly that many unless an end-of-text token, which
-    is kept, comes first), drafting with `heads`; greedy unless `do_sample` (then temperature / top_k / top_p as in
-    transformers, drawn from `generator`). Returns (new token ids, draft counts)."""
+    is kept, comes first), drafting with `heads`; greedy unless `do_sample` (then temperature / top_k / top_p as
+    model.generate resolves them, sampling_settings; drawn from `generator`). Returns (new token ids, draft counts)."""
     from transformers import DynamicCache
 
     decoder, lm_head, cache_arg = _decoder(model)
     eos = _eos_ids(model)
     heads = heads.to(dtype=lm_head.weight.dtype)
+    temperature, top_k, top_p = sampling_settings(model, temperature, top_k, top_p)
 
     def choose(logits: torch.Tensor) -> torch.Tensor:  # (n, V) -> (n,) greedy picks or samples
         if not do_sample:

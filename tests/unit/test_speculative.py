@@ -11,7 +11,15 @@ from scipy.stats import chisquare
 
 from export.generate import generate
 from export.medusa import MedusaHeads
-from export.speculative import DraftCounts, library_generate, rejection_step, speculative_generate, warp
+from export.speculative import (
+    SAMPLING_DEFAULTS,
+    DraftCounts,
+    library_generate,
+    rejection_step,
+    sampling_settings,
+    speculative_generate,
+    warp,
+)
 
 PROMPTS = ["def main(", "The license", "import os", "class Foo:", "Return the", "for i in range(", "# This module",
            "If the file"]
@@ -212,6 +220,28 @@ def test_sampling_end_to_end_second_token_distribution(tiny):
     support = marginal > 0
     assert float(seen[~support].sum()) == 0
     assert chisquare(seen[support].numpy(), (marginal[support] / marginal[support].sum() * draws).numpy()).pvalue > 1e-3
+
+
+def test_sampling_without_top_k_keeps_plain_samplings_top_50(tiny):
+    """model.generate samples from the top 50 tokens unless told otherwise (transformers' default), so speculative
+    sampling must too: with no top_k given, every token it emits (the first, and the drafted-and-verified second) is
+    among the model's top 50 there (the tiny model's distribution is close to uniform over 384 tokens: without the
+    default, 40 draws land outside the top 50 almost surely)."""
+    from transformers import GenerationConfig
+
+    assert SAMPLING_DEFAULTS == {k: GenerationConfig._get_default_generation_params()[k] for k in SAMPLING_DEFAULTS}
+    model, tok = tiny
+    assert sampling_settings(model) == (1.0, 50, None)
+    assert sampling_settings(model, 0.7, 0, 0.9) == (0.7, None, 0.9)  # top_k 0: none, as in transformers
+    ids = tok(PROMPTS[6], return_tensors="pt").input_ids
+    heads = random_heads(model.config.hidden_size, 5, scale=0.02)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        first_top = set(model(input_ids=ids).logits[0, -1].topk(50).indices.tolist())
+        for _ in range(40):
+            out, _ = speculative_generate(model, heads, ids, 2, do_sample=True, generator=gen)
+            second = model(input_ids=torch.cat([ids, torch.tensor([out[:1]])], 1)).logits[0, -1]
+            assert out[0] in first_top and out[1] in set(second.topk(50).indices.tolist()), out
 
 
 def test_ngram_and_draft_model_equal_plain_greedy(tiny, tiny_llama):
