@@ -100,19 +100,29 @@ def rejection_step(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
     return k, int(torch.multinomial(p[k], 1, generator=generator))
 
 
-def _rowwise_attention(original: Callable[..., Any]) -> Callable[..., Any]:
+def _rowwise_attention(original: Callable[..., Any], prompt_len: int | None) -> Callable[..., Any]:
     """An attention function that gives each query of a forward over new tokens behind a cache (q > 1 queries, more
     keys than queries: a verification) the output `original` gives it alone, as a one-token decoding step: query i
     attends through `original` to the first L - q + 1 + i keys (contiguous, as the cache holds them), with no mask
-    unless its mask row hides something. Prefill (as many keys as queries) and one-token steps go to `original`."""
+    unless its mask row hides something. One-token steps and a prefill of at most `prompt_len` tokens go to
+    `original`; a longer prefill (the prompt and the first drafts in one forward, as transformers' assisted
+    generation runs it) computes its first `prompt_len` queries as a prefill of the prompt alone would (a causal
+    kernel's blocks depend on the length: a 204-query forward's first 200 rows differ from a 200-query one's) and
+    the rest one by one."""
 
     def attend(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
         q, length = query.shape[2], key.shape[2]  # query (B, heads, q, D), key / value (B, kv heads, L, D)
-        if q == 1 or length == q:
+        if q == 1 or (length == q and (prompt_len is None or q <= prompt_len)):
             return original(module, query, key, value, attention_mask, **kwargs)
-        rows = []
-        for i in range(q):
+        rows, first = [], 0
+        if length == q:  # a prefill longer than the prompt
+            first = cast(int, prompt_len)
+            rows.append(original(module, query[:, :, :first], key[:, :, :first].contiguous(),
+                                 value[:, :, :first].contiguous(),
+                                 None if attention_mask is None else attention_mask[..., :first, :first],
+                                 **kwargs)[0])  # (B, prompt_len, heads, D)
+        for i in range(first, q):
             seen = length - q + 1 + i
             mask = None if attention_mask is None else attention_mask[..., i:i + 1, :seen]
             if mask is not None and bool(mask.all() if mask.dtype == torch.bool else (mask == 0).all()):
@@ -125,14 +135,15 @@ def _rowwise_attention(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @contextmanager
-def exact_verification(model: nn.Module) -> Iterator[None]:
+def exact_verification(model: nn.Module, prompt_len: int | None = None) -> Iterator[None]:
     """Within: a forward over several new tokens behind a KV cache computes every row as a one-token forward (plain
-    decoding's) does: attention query by query (_rowwise_attention) and the lm_head row by row. Plain greedy and
-    draft-and-verify then see the same logits bit for bit wherever the linears are row-invariant (torch's CPU int4
-    kernel is; float32 matmuls are not, docs/speculative.md). Without it, a 4-bit model's verification rounded
-    differently from decoding (transformers' SDPA packs a lone query's GQA heads, several queries take another path;
-    1e-7 there, amplified by the int4 kernel's bfloat16 inputs to 0.2 in the logits) and a near-tie flipped. The
-    attention implementation and the lm_head are restored on exit."""
+    decoding's) does: attention query by query (_rowwise_attention) and the lm_head row by row; a first forward
+    longer than `prompt_len` (prompt and drafts at once) computes the prompt's rows as plain decoding's prefill.
+    Plain greedy and draft-and-verify then see the same logits bit for bit wherever the linears are row-invariant
+    (torch's CPU int4 kernel is; float32 matmuls are not, docs/speculative.md). Without it, a 4-bit model's
+    verification rounded differently from decoding (transformers' SDPA packs a lone query's GQA heads, several
+    queries take another path; 1e-7 there, amplified by the int4 kernel's bfloat16 inputs to 0.2 in the logits) and
+    a near-tie flipped. The attention implementation and the lm_head are restored on exit."""
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -141,7 +152,7 @@ def exact_verification(model: nn.Module) -> Iterator[None]:
     rowwise = f"rowwise_{before}"
     swap = before in ALL_ATTENTION_FUNCTIONS.valid_keys()  # "eager" is the model's own function: left as it is
     if swap:
-        AttentionInterface.register(rowwise, _rowwise_attention(ALL_ATTENTION_FUNCTIONS[before]))
+        AttentionInterface.register(rowwise, _rowwise_attention(ALL_ATTENTION_FUNCTIONS[before], prompt_len))
     lm_head = causal.get_output_embeddings()
     whole = lm_head.forward
 
@@ -259,7 +270,7 @@ def library_generate(model: nn.Module, tokenizer: Any, ids: torch.Tensor, max_ne
                              else {"assistant_model": draft})
     handle = model.register_forward_pre_hook(note, with_kwargs=True)
     try:
-        with exact_verification(model):  # the verifying forwards round as plain decoding's one-token forwards
+        with exact_verification(model, int(ids.shape[1])):  # verifying forwards round as plain decoding's
             gen = generate(model, tokenizer, ids, max_new_tokens, pad_token_id, **extra, **sampling)
     finally:
         handle.remove()
