@@ -182,7 +182,10 @@ def _decoder(model: nn.Module) -> tuple[Any, Any, str]:
 
 
 def _eos_ids(model: nn.Module) -> set[int]:
-    eos = getattr(model.config, "eos_token_id", None)  # int, list or None
+    """The end-of-text ids model.generate stops at: its generation_config's (which may list several, as Llama 3's
+    does), else its config's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # int, list or None
+    eos = getattr(model.config, "eos_token_id", None) if eos is None else eos
     return set() if eos is None else {int(e) for e in (eos if isinstance(eos, list) else [eos])}
 
 

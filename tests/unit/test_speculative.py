@@ -139,6 +139,22 @@ def test_end_of_text_inside_an_accepted_draft(tiny, tiny_llama):
     assert counts.steps == 1 and counts.accepted == 4  # the draft was accepted whole, then cut at the end of text
 
 
+def test_the_end_of_text_ids_are_generates_own(tiny, tiny_llama):
+    """A model whose generation_config lists a second end-of-text id beside its config's (as Llama 3's does): plain
+    greedy stops at it, and so does draft-and-verify."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = tiny
+    ids, want = greedy(model, tok, PROMPTS[3])
+    stop = next(i for i in range(1, 5) if want[i] not in want[:i])
+    eos_model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    eos_model.generation_config.eos_token_id = [eos_model.config.eos_token_id, want[stop]]
+    _, plain = greedy(eos_model, tok, PROMPTS[3])
+    assert plain == want[:stop + 1] and eos_model.config.eos_token_id != want[stop]
+    got, _ = speculative_generate(eos_model, oracle_heads(eos_model, want, ids.shape[1]), ids, NEW_TOKENS)
+    assert got == plain
+
+
 def test_cache_rollback_gives_a_fresh_forwards_logits(tiny):
     """Crop the cache back past three refused tokens, feed a different token: its logits equal those of a full
     forward over the kept sequence without a cache."""
