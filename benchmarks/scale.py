@@ -43,25 +43,35 @@ PASSES = {
 }
 
 
-def shapes() -> list[tuple[int, int]]:
-    """(layers, hidden) of every row: the depth sweep, then the width sweep (its first point is the depth sweep's)."""
-    return [(n, WIDTH) for n in DEPTHS] + [(DEPTH, h) for h in WIDTHS if (DEPTH, h) != (DEPTH, WIDTH)]
+# named shapes beyond the sweeps, run only when asked for (--rows): one block of a real model's widths, for the
+# per-block figures of docs/scale.md; (layers, hidden, intermediate, heads, kv_heads, head_dim)
+BLOCKS = {"llama3-8b-block": (1, 4096, 14336, 32, 8, 128)}
 
 
-def model_folder(layers: int, hidden: int) -> Path:
+def shapes() -> dict[str, tuple[int, int, int, int, int, int]]:
+    """Shape label -> (layers, hidden, intermediate, heads, kv_heads, head_dim): the depth sweep, then the width sweep
+    (its first point is the depth sweep's)."""
+    sweep = [(n, WIDTH) for n in DEPTHS] + [(DEPTH, h) for h in WIDTHS if (DEPTH, h) != (DEPTH, WIDTH)]
+    return {f"L{n}-H{h}": (n, h, 3 * h, h // HEAD_DIM, h // (2 * HEAD_DIM), HEAD_DIM) for n, h in sweep}
+
+
+def model_folder(label: str, shape: tuple[int, int, int, int, int, int]) -> Path:
     """The synthetic checkpoint of this shape, written once (in a child process) and reused."""
-    folder = CACHE / "models" / f"L{layers}-H{hidden}"
+    folder = CACHE / "models" / label
     if not (folder / "config.json").exists():
+        layers, hidden, intermediate, heads, kv_heads, head_dim = shape
         cmd = [sys.executable, "-m", "compress.models.synthetic", "--layers", str(layers), "--hidden", str(hidden),
-               "--intermediate", str(3 * hidden), "--heads", str(hidden // HEAD_DIM),
-               "--kv-heads", str(hidden // (2 * HEAD_DIM)), "--head-dim", str(HEAD_DIM), str(folder)]
+               "--intermediate", str(intermediate), "--heads", str(heads), "--kv-heads", str(kv_heads),
+               "--head-dim", str(head_dim), str(folder)]
         subprocess.run(cmd, check=True, cwd=ROOT)
     return folder
 
 
-def run_row(method: str, layers: int, hidden: int, execution: str | None, threads: int) -> dict:
-    """One `compress run` of `method` on the (layers, hidden) model in a fresh process; its row."""
-    folder = model_folder(layers, hidden)
+def run_row(method: str, label: str, shape: tuple[int, int, int, int, int, int], execution: str | None,
+            threads: int) -> dict:
+    """One `compress run` of `method` on the model of `shape` in a fresh process; its row."""
+    folder = model_folder(label, shape)
+    layers, hidden = shape[:2]
     recipe = {"name": f"scale-{method}", "model": str(folder), "seed": 0, "calibration": CALIB,
               "passes": [PASSES[method]], "evaluate": EVALUATE, **({"execution": execution} if execution else {})}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
@@ -71,7 +81,7 @@ def run_row(method: str, layers: int, hidden: int, execution: str | None, thread
         proc = subprocess.run([str(Path(sys.executable).parent / "compress"), "run", str(path), "--out", f"{tmp}/art"],
                               capture_output=True, text=True, env=env, cwd=ROOT)
         if proc.returncode != 0 or not (Path(tmp) / "art" / "report.json").exists():
-            raise SystemExit(f"{method} L{layers} H{hidden} failed:\n{proc.stderr[-3000:]}")
+            raise SystemExit(f"{method} {label} failed:\n{proc.stderr[-3000:]}")
         report = json.loads((Path(tmp) / "art" / "report.json").read_text())
     config = json.loads((folder / "config.json").read_text())
     params = report["params"]["dense"]
@@ -82,7 +92,7 @@ def run_row(method: str, layers: int, hidden: int, execution: str | None, thread
             "execution": report.get("execution", "memory"), "peak MB": report["peak_memory_mb"],
             "peak / fp32": round(report["peak_memory_mb"] / (params * 4 / 2**20), 2),
             "seconds": report["seconds"], "pass s": round(passes, 1),
-            "load s": phases.get("loading the model", 0.0)}
+            "load s": phases.get("loading the model", phases.get("opening the model (streamed)", 0.0))}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -123,16 +133,16 @@ def main() -> None:
         return
     cache_file = CACHE / "rows.json"
     cached = {} if args.fresh or not cache_file.exists() else json.loads(cache_file.read_text())
-    labels = [f"{m}/L{n}-H{h}" for m in PASSES for n, h in shapes()]
+    named = {**shapes(), **BLOCKS}
+    labels = [f"{m}/{s}" for m in PASSES for s in shapes()]
     wanted = labels if args.rows == ["all"] else args.rows
-    if unknown := sorted(set(wanted) - set(labels)):
-        raise SystemExit(f"unknown rows {unknown}; rows: {labels}")
+    if unknown := sorted(w for w in wanted if w.partition("/")[::2] not in {(m, s) for m in PASSES for s in named}):
+        raise SystemExit(f"unknown rows {unknown}; rows: {labels} and {[f'gptq-w4/{b}' for b in BLOCKS]}")
     for label in wanted:
         key = f"{label}/{args.execution or 'default'}/t{args.threads}"
         if key not in cached:
             method, shape = label.split("/")
-            layers, hidden = (int(p[1:]) for p in shape.split("-"))
-            cached[key] = run_row(method, layers, hidden, args.execution, args.threads)
+            cached[key] = run_row(method, shape, named[shape], args.execution, args.threads)
             CACHE.mkdir(parents=True, exist_ok=True)
             cache_file.write_text(json.dumps(cached, indent=1))
         print(json.dumps(cached[key]), flush=True)
