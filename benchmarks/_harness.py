@@ -93,6 +93,23 @@ def run_each(script: str, labels: list[str], args, extra_env: dict | None = None
     return rows
 
 
+def row_cache(folder: Path, base_key: dict, fresh: bool = False):
+    """measured(key, make): the row `make()` measured for the settings `base_key | key`, kept in folder/rows.json
+    so that an interrupted benchmark resumes (`fresh` forgets what is there)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cache_file = folder / "rows.json"
+    cached = {} if fresh or not cache_file.exists() else json.loads(cache_file.read_text())
+
+    def measured(key: dict, make) -> dict:
+        k = json.dumps({**base_key, **key}, sort_keys=True)
+        if k not in cached:
+            cached[k] = make()
+            cache_file.write_text(json.dumps(cached, indent=1))
+        return cached[k]
+
+    return measured
+
+
 def write_results(out: Path, title: str, script: str, meta: dict, rows: list[dict]) -> None:
     """Print the table and write OUT.json (meta + rows) and OUT.md (title, the command, meta, table, and the
     hand-written "## Reading" section of the OUT.md already there, kept)."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import time
@@ -50,7 +49,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from _harness import quantized_bits
+    from _harness import quantized_bits, row_cache
+
     from compress.models import load_model, resolve_model
     from compress.passes import PassContext, make_pass
     from compress.pipeline import EvalSets, _texts
@@ -65,17 +65,8 @@ def main() -> None:
                                                 "evaluate": {"max_windows": args.max_windows, "extra": ["news"],
                                                              "prompts": []}})
     sets = EvalSets.build(eval_recipe, tok)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    cache_file = CACHE / "rows.json"
-    cached = {} if args.fresh or not cache_file.exists() else json.loads(cache_file.read_text())
     base_key = {"model": base.model, "seed": base.seed, "eval": args.max_windows, "texts": sorted(sets.windows)}
-
-    def measured(key: dict, make) -> dict:
-        k = json.dumps({**base_key, **key}, sort_keys=True)
-        if k not in cached:
-            cached[k] = make()
-            cache_file.write_text(json.dumps(cached, indent=1))
-        return cached[k]
+    measured = row_cache(CACHE, base_key, args.fresh)
 
     def ppl(m) -> dict:
         return {f"ppl {n}": round(v, 2) for n, v in sets.perplexities(m, 8, label="eval").items()}

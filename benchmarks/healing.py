@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import time
@@ -38,6 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
+    from _harness import row_cache
 
     torch.set_num_threads(args.threads)
     from calibration.teacher import teacher_targets
@@ -51,18 +51,9 @@ def main() -> None:
     flap = next(p for p in recipe.passes if isinstance(p, FlapConfig))
     model, tok = load_model(resolve_model(recipe.model))
     calib, sets, corpus = _texts(recipe, model, tok, print)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    cache_file = CACHE / "rows.json"
-    cached = {} if args.fresh or not cache_file.exists() else json.loads(cache_file.read_text())
     inputs = {k: v for k, v in recipe.to_dict().items() if k in ("model", "seed", "calibration", "evaluate")}
     base_key = {"recipe": inputs, "calibration": list(calib.shape), "eval": args.max_windows}
-
-    def measured(key: dict, make) -> dict:
-        k = json.dumps({**base_key, **key}, sort_keys=True)
-        if k not in cached:
-            cached[k] = make()
-            cache_file.write_text(json.dumps(cached, indent=1))
-        return cached[k]
+    measured = row_cache(CACHE, base_key, args.fresh)
 
     def ppl(m) -> dict:
         return {f"ppl {n}": round(v, 2) for n, v in sets.perplexities(m, recipe.calibration.batch_size,

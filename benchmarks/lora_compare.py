@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=32, help="evaluation windows per text")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    from _harness import default_setup
+    from _harness import default_setup, row_cache
 
     from calibration.teacher import teacher_targets
     from compress.passes import PassContext, make_pass
@@ -52,17 +51,8 @@ def main() -> None:
     from compress.recipe import load_recipe
 
     recipe, model, calib, sets = default_setup(args.windows, args.max_windows, args.threads)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    cache_file = CACHE / "rows.json"
-    cached = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     base_key = {"calibration": list(calib.shape), "eval": args.max_windows}
-
-    def measured(key: dict, make) -> dict:
-        k = json.dumps({**base_key, **key}, sort_keys=True)
-        if k not in cached:
-            cached[k] = make()
-            cache_file.write_text(json.dumps(cached, indent=1))
-        return cached[k]
+    measured = row_cache(CACHE, base_key, False)
 
     def ppl(m) -> dict:
         return {f"ppl {n}": round(v, 2) for n, v in sets.perplexities(m, 8, label="eval").items()}
