@@ -14,8 +14,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from compress import distributed
 from compress.device import CPU, move, to_device
-from compress.errors import CompressError
+from compress.errors import CompressError, InputError
 
 
 @dataclass
@@ -27,8 +28,14 @@ class LinearStats:
     total_sq: torch.Tensor | None = None  # (in,) sum of x^2
     xtx: torch.Tensor | None = None  # (in, in) sum of x x^T in float32, only when asked for
     want_xtx: bool = False
+    keep_parts: bool = False  # data-parallel: each batch's sums kept apart in `parts`, for `combined`
+    parts: list[LinearStats] = field(default_factory=list)
 
     def add(self, x: torch.Tensor) -> None:
+        if self.keep_parts:
+            self.parts.append(part := LinearStats(want_xtx=self.want_xtx))
+            part.add(x)
+            return
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, in)
         if self.total is None or self.total_sq is None:
             self.total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
@@ -41,6 +48,18 @@ class LinearStats:
                 self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
             x32 = x.float()
             self.xtx += x32.T @ x32
+
+    def combined(self, n_batches: int, what: str) -> LinearStats:
+        """Data-parallel (compress.distributed): the sums over all ranks' batches, this rank's kept per batch in
+        `parts`, added in one process's batch order, so bit for bit the sums one process makes, on every rank."""
+        first = self.parts[0]
+        sums = {key: [getattr(p, key) for p in self.parts] for key in ("total", "total_sq", "xtx")}
+        out = LinearStats(n=distributed.sum_ints(sum(p.n for p in self.parts), what), want_xtx=self.want_xtx)
+        out.total, out.total_sq, out.xtx = (
+            None if getattr(first, key) is None
+            else distributed.sum_in_batch_order(sums[key], n_batches, getattr(first, key), f"{what}: {key}")
+            for key in ("total", "total_sq", "xtx"))
+        return out
 
     def to_(self, device: torch.device) -> LinearStats:
         """Move the sums to `device` in place (what a pass keeps after the block it was collected on); returns self."""
@@ -169,6 +188,7 @@ def for_each_block(
     want_xtx: bool = False,
     desc: str = "blocks",
     device: torch.device = CPU,
+    data_parallel: bool = False,
 ) -> None:
     """For each block i: collect input stats of the linears `watch(i, block)` names while running the block, then call
     `visit(i, block, inputs, outputs, stats)`. If visit returns True it changed the block, and the block is run again
@@ -180,8 +200,20 @@ def for_each_block(
     too, so whatever a pass keeps from a block is on the CPU.
 
     A streamed model (one carrying a Streamed source under STREAM_ATTR) has its parameters on the meta device: its
-    embeddings are materialized for the capture and each block for its turn, released after."""
+    embeddings are materialized for the capture and each block for its turn, released after.
+
+    data_parallel: under torch.distributed (compress.distributed), each rank runs its share of the batches (the same
+    batch boundaries as one process) and `visit` sees only those inputs and outputs, but stats summed over all the
+    batches in one process's order; without a process group it changes nothing."""
     stream: Streamed | None = getattr(model, STREAM_ATTR, None)
+    n_batches = -(-input_ids.shape[0] // batch_size)
+    parallel = data_parallel and distributed.active()
+    if parallel:
+        if n_batches < distributed.world_size():
+            raise InputError(f"calibration: {n_batches} batches of {batch_size} windows for "
+                             f"{distributed.world_size()} processes; each needs one (more windows, a smaller "
+                             "calibration.batch_size or fewer processes)")
+        input_ids = torch.cat([input_ids[b * batch_size : (b + 1) * batch_size] for b in distributed.share(n_batches)])
     with stream.embedding() if stream else nullcontext():
         inputs = capture_block_inputs(model, layers, input_ids, batch_size)
     inputs.hidden = to_device(inputs.hidden, device)
@@ -190,18 +222,19 @@ def for_each_block(
             block = layers[i]
             move(block, device)
             try:
-                _visit_block(i, block, inputs, visit, watch, want_xtx, device)
+                _visit_block(i, block, inputs, visit, watch, want_xtx, device, n_batches if parallel else 0)
             finally:
                 move(block, CPU)
     del inputs
 
 
 def _visit_block(i: int, block: nn.Module, inputs: BlockInputs, visit: Visit, watch: Watch | None, want_xtx: bool,
-                 device: torch.device) -> None:
-    """One step of for_each_block, with the block on `device`: run it watching its linears, visit, pass on."""
+                 device: torch.device, n_batches: int) -> None:
+    """One step of for_each_block, with the block on `device`: run it watching its linears, visit, pass on.
+    n_batches: the batches of all ranks together when data-parallel (the stats are combined over them), else 0."""
     kwargs = to_device(inputs.kwargs[i], device)
     watched = watch(i, block) if watch else {}
-    stats = {name: LinearStats(want_xtx=want_xtx) for name in watched}
+    stats = {name: LinearStats(want_xtx=want_xtx, keep_parts=n_batches > 0) for name in watched}
     handles = [
         lin.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
         for name, lin in watched.items()
@@ -211,6 +244,8 @@ def _visit_block(i: int, block: nn.Module, inputs: BlockInputs, visit: Visit, wa
     finally:
         for h in handles:
             h.remove()
+    if n_batches:
+        stats = {name: s.combined(n_batches, f"block {i}: {name} input sums") for name, s in stats.items()}
     changed = visit(i, block, inputs.hidden, outputs, stats)
     for s in stats.values():
         s.to_(CPU)

@@ -98,11 +98,18 @@ def cli() -> None:
 @_json
 @_errors
 def run(recipe, recipe_option, out, overwrite, resume, overrides, as_json) -> None:
-    """Run a recipe: load, calibrate, apply passes, evaluate, export, reload and compare."""
+    """Run a recipe: load, calibrate, apply passes, evaluate, export, reload and compare. Under
+    `torchrun --nproc-per-node N` the processes share the work (compress.distributed); rank 0 logs and writes."""
+    from compress import distributed
+
     recipe = _one_recipe(recipe, recipe_option)
-    log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
-    result = api.run(recipe, out=out, overwrite=overwrite, overrides=overrides, log=log, resume=resume)
-    _emit(result, as_json)
+    with distributed.session():
+        main = distributed.is_main()
+        log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
+        result = api.run(recipe, out=out, overwrite=overwrite, overrides=overrides,
+                         log=log if main else lambda _m: None, resume=resume)
+    if main:
+        _emit(result, as_json)
 
 
 @cli.command()
@@ -176,3 +183,7 @@ def generate(artifact, prompt, max_new_tokens, chat, do_sample, temperature, top
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":  # `python -m compress.cli`, `torchrun -m compress.cli run ...`
+    main()

@@ -18,8 +18,8 @@ import export
 from calibration.budget import check_fits
 from calibration.sources import chat_renderer, draw_windows, eval_windows, load_corpus
 from calibration.teacher import teacher_targets
+from compress import distributed, journal
 from compress import evaluate as ev
-from compress import journal
 from compress.device import CPU, describe, on_device
 from compress.device import resolve as resolve_device
 from compress.errors import CompressError, InputError
@@ -170,6 +170,9 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     from compress.models import streaming
 
     if streaming.wants_stream(recipe):  # execution: stream (or auto, for a model larger than memory)
+        if distributed.active():
+            raise InputError(f"execution: stream does not run over torch.distributed yet ({distributed.world_size()} "
+                             "processes); run one process, or set execution: memory")
         return streaming.run(recipe, out if out is not None else Path("artifacts") / recipe.name, overwrite, log,
                              resume)
     t0, phase = time.perf_counter(), Phases(log)
@@ -178,7 +181,8 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     out = Path(out) if out is not None else Path("artifacts") / recipe.name
     device = resolve_device(recipe.device)
     with _refused_as_input(), phase("checking the output folder and the model files"):
-        export.check_out(out, overwrite, log)  # before any work, so nothing is computed only to be refused
+        # before any work, so nothing is computed only to be refused; rank 0 alone writes (and cleans up) --out
+        distributed.on_main(lambda: export.check_out(out, overwrite, log), "checking the output folder")
         source = resolve_model(recipe.model)
         export.check_source(out, source.path)
     with phase("loading the model"):
@@ -189,15 +193,18 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
         calib, eval_sets, corpus_name = _texts(recipe, model, tokenizer, log)
     log(f"model {source.identity}: {len(llama.blocks(model))} blocks; calibration {tuple(calib.shape)} tokens "
         f"from {corpus_name}; computing on {describe(device)}")
-    with phase("hashing the model files"):
-        source_sha = {p.name: export.sha256_file(p) for p in sorted(source.path.glob("*.safetensors"))}
-        journal_file = _start_journal(recipe, source, source_sha, out, calib, resume, log)
-    with phase("evaluating the dense model"):
-        dense = _Measured.of(model, eval_sets, device, "dense")
+    with phase("hashing the model files"):  # rank 0 alone: the journal and the report are its to write
+        source_sha, journal_file = distributed.on_main(lambda: _hashes_and_journal(recipe, source, out, calib, resume,
+                                                                                   log), "starting the journal")
+    if distributed.is_main():  # the other ranks go on to the passes, where they are needed
+        with phase("evaluating the dense model"):
+            dense = _Measured.of(model, eval_sets, device, "dense")
 
     plan = Plan.of(model)
     reports = _run_passes(recipe, model, calib, plan, device, log, phase)
     _check_plan(plan, model)
+    if not distributed.is_main():  # rank 0 evaluates, writes and checks the artifact
+        return RunResult(out, {"rank": distributed.rank(), "world_size": distributed.world_size()})
 
     settings = _export_settings(recipe, source)
     _round_to_export(model, plan, settings)
@@ -261,6 +268,13 @@ def _texts(recipe: Recipe, model, tokenizer, log) -> tuple[torch.Tensor, EvalSet
         if note not in notes:  # said above
             log(f"note: {note}")
     return calib, eval_sets, cal.describe() if len(windows) > 1 else corpus.name
+
+
+def _hashes_and_journal(recipe: Recipe, source: ModelSource, out: Path, calib: torch.Tensor, resume: bool,
+                        log) -> tuple[dict[str, str], Path]:
+    """The model files' sha256 and the started journal (_start_journal)."""
+    source_sha = {p.name: export.sha256_file(p) for p in sorted(source.path.glob("*.safetensors"))}
+    return source_sha, _start_journal(recipe, source, source_sha, out, calib, resume, log)
 
 
 def _start_journal(recipe: Recipe, source: ModelSource, source_sha: dict[str, str], out: Path,
@@ -380,6 +394,8 @@ def _report(recipe: Recipe, source: ModelSource, source_sha: dict[str, str], rep
         "generations": [{"prompt": p, "dense": d, "compressed": c} for p, d, c in
                         zip(recipe.evaluate.prompts, dense.continuations, comp.continuations, strict=False)],
         "device": describe(device),
+        # processes that computed the run (torchrun); absent for one, so one process's report (golden bytes) is as was
+        **({"world_size": distributed.world_size()} if distributed.active() else {}),
         "params": {"dense": dense.params, "compressed": comp.params},
         "decoder_params": {"dense": dense.decoder, "compressed": comp.decoder,
                            "removed": round(1 - comp.decoder / dense.decoder, 4)},

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from calibration.capture import for_each_block
+from compress import distributed
 from compress.errors import InputError
 from compress.models import llama
 from compress.ops.gptq import Quantized, gptq_quantize
@@ -110,17 +111,22 @@ class QuantizePass:
 
         rows: dict[int, dict] = {}
 
-        def quantize_one(name: str, xtx: torch.Tensor | None, n: int) -> None:
-            i, _short, lin = modules[name]
-            spec = specs[name]
-            W = lin.weight.data
+        def solve(name: str, xtx: torch.Tensor | None, n: int) -> Quantized:
+            spec, W = specs[name], modules[name][2].weight.data
             check_finite(name, W, xtx)
             if xtx is None:
                 codes, scale, zero = rtn(W, spec)
                 g = W.shape[1] if spec.group_size == -1 else spec.group_size
-                q = Quantized(codes, scale, zero, (torch.arange(W.shape[1], device=W.device) // g).to(torch.int32))
-            else:
-                q = gptq_quantize(W, 2.0 / n * xtx, spec)
+                return Quantized(codes, scale, zero, (torch.arange(W.shape[1], device=W.device) // g).to(torch.int32))
+            return gptq_quantize(W, 2.0 / n * xtx, spec)
+
+        def quantize_one(name: str, xtx: torch.Tensor | None, n: int, q: Quantized | None = None) -> None:
+            """Quantize module `name` (with `q` when it was solved already, e.g. on another rank) and record it."""
+            i, _short, lin = modules[name]
+            spec = specs[name]
+            W = lin.weight.data
+            if q is None:
+                q = solve(name, xtx, n)
             Wq = q.dequantize().to(W.dtype)
             err = _relative_error(W, Wq, xtx)
             if ctx.originals is not None:  # a later correction fits W - Wq
@@ -151,14 +157,17 @@ class QuantizePass:
                 return reps
 
             def visit(i, _block, _inputs, _outputs, stats):
-                for name, (li, short, _lin) in modules.items():
-                    if li == i:
-                        s = stats[shared_input_name(name, short)]
-                        quantize_one(name, s.xtx, s.n)
+                here = {name: stats[shared_input_name(name, short)] for name, (li, short, _lin) in modules.items()
+                        if li == i}
+                # the solves are independent: under torch.distributed each rank solves a share, all receive them all
+                solved = distributed.spread(list(here), lambda name: solve(name, here[name].xtx, here[name].n),
+                                            f"gptq: layer {i} solves")
+                for (name, s), q in zip(here.items(), solved, strict=True):
+                    quantize_one(name, s.xtx, s.n, q)
                 return True  # the block changed: recompute its outputs for the next block
 
             for_each_block(model, llama.blocks(model), ctx.calibration, visit, watch, batch_size=ctx.batch_size,
-                           want_xtx=True, desc="gptq: blocks", device=ctx.device)
+                           want_xtx=True, desc="gptq: blocks", device=ctx.device, data_parallel=True)
         for row in rows.values():
             row["rel err mean"] = round(row["rel err mean"] / row["modules"], 6)
             row["rel err max"] = round(row["rel err max"], 6)
