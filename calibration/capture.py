@@ -189,6 +189,7 @@ def for_each_block(
     desc: str = "blocks",
     device: torch.device = CPU,
     data_parallel: bool = False,
+    finish: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> None:
     """For each block i: collect input stats of the linears `watch(i, block)` names while running the block, then call
     `visit(i, block, inputs, outputs, stats)`. If visit returns True it changed the block, and the block is run again
@@ -204,7 +205,10 @@ def for_each_block(
 
     data_parallel: under torch.distributed (compress.distributed), each rank runs its share of the batches (the same
     batch boundaries as one process) and `visit` sees only those inputs and outputs, but stats summed over all the
-    batches in one process's order; without a process group it changes nothing."""
+    batches in one process's order; without a process group it changes nothing.
+
+    finish: called last with the last block's outputs (per batch (B, T, H), on `device`; this rank's batches when
+    data-parallel), as the last visit left them: what the final norm and the lm_head read."""
     stream: Streamed | None = getattr(model, STREAM_ATTR, None)
     n_batches = -(-input_ids.shape[0] // batch_size)
     parallel = data_parallel and distributed.active()
@@ -225,6 +229,8 @@ def for_each_block(
                 _visit_block(i, block, inputs, visit, watch, want_xtx, device, n_batches if parallel else 0)
             finally:
                 move(block, CPU)
+    if finish is not None:
+        finish(inputs.hidden)
     del inputs
 
 

@@ -347,7 +347,8 @@ def _round_to_export(model, plan: Plan, settings: export.ExportSettings) -> None
             p.copy_(p.to(settings.dtype))
         for name, q in plan.quantized.items():
             q.scale = q.scale.to(settings.scale_dtype)
-            named[name][2].weight.copy_(q.dequantize(settings.dequantized_dtype))
+            linear = named[name][2] if name in named else model.get_submodule(name)  # the lm_head
+            linear.weight.copy_(q.dequantize(settings.dequantized_dtype))
         round_adapters(model, settings.adapter_dtype)  # as the artifact stores the low-rank corrections
         for a in plan.adapters.values():
             a.A, a.B = a.A.to(settings.adapter_dtype).float(), a.B.to(settings.adapter_dtype).float()

@@ -9,7 +9,16 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Protocol, get_args, runtime_checkable
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from compress.errors import RecipeError
 from compress.patterns import Pattern
@@ -318,6 +327,22 @@ class QuantOverride(_Strict):
     sym: bool | None = None
 
 
+class LmHeadQuant(_Strict):
+    """The output projection (vocab, hidden) quantized too (GPTQModel's `lm_head: true`): by GPTQ on the final norm's
+    outputs or by rounding, as the pass does the decoder; a head tied to the embeddings is untied (they stay)."""
+
+    bits: Literal[2, 3, 4, 8] = 8  # what the kernels run: 2-4 bits in int4 lanes, 8 bits dequantized once
+    group_size: int = Field(64, le=MAX_WIDTH, description="input columns per scale; -1 for one scale per row")
+    sym: bool = True
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError("group_size is a positive number of input columns, or -1")
+        return v
+
+
 class _QuantBase(_Strict):
     role: ClassVar[Role] = "quantize"
     bits: Literal[2, 3, 4, 8] | MixedBits = 4
@@ -331,7 +356,16 @@ class _QuantBase(_Strict):
     targets: list[Pattern] = Field([r"\.(self_attn|mlp)\."], max_length=MAX_ITEMS)
     ignore: list[Pattern] = Field([], max_length=MAX_ITEMS)
     overrides: list[QuantOverride] = Field([], max_length=MAX_ITEMS)
+    lm_head: LmHeadQuant | None = None  # None: the output projection stays as it is
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_serializer(mode="wrap")
+    def _lm_head_only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """No `lm_head` key when it is not quantized: recipes (and artifacts' recipe.yaml) read as before."""
+        data = handler(self)
+        if data.get("lm_head") is None:
+            data.pop("lm_head", None)
+        return data
 
     @model_validator(mode="after")
     def _reachable(self) -> _QuantBase:
@@ -542,6 +576,9 @@ class Recipe(_Strict):
                                  f"calibration.windows is {self.calibration.windows}")
             if isinstance(p, MedusaConfig):
                 _medusa_fits(p, i, self.calibration)
+                if quantized := [j for j, q in enumerate(self.passes[:i]) if getattr(q, "lm_head", None)]:
+                    raise ValueError(f"passes.{quantized[0]}.lm_head: passes.{i} (medusa) trains heads that share "
+                                     "a plain lm_head; leave the lm_head unquantized (lm_head: null)")
         return self
 
     @model_validator(mode="after")
@@ -558,6 +595,11 @@ class Recipe(_Strict):
             if p.ignore or p.targets != type(p).model_fields["targets"].default:
                 raise ValueError(f"export.quant_format: gptq quantizes every decoder projection; passes.{i} "
                                  "narrows targets or ignore (use compressed-tensors)")
+            head = p.lm_head
+            if head is not None and (head.bits, head.group_size, head.sym) != (p.bits, p.group_size, p.sym):
+                raise ValueError(f"passes.{i}.lm_head: the GPTQ format quantizes the lm_head with the model's one "
+                                 f"scheme ({p.bits} bits, group_size {p.group_size}, sym {p.sym}); give it the same "
+                                 "or use export.quant_format: compressed-tensors")
         return self
 
     def to_dict(self) -> dict[str, Any]:

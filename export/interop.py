@@ -12,6 +12,8 @@ import torch
 from export.format import ATTN, MLP, PRUNED_ARCHITECTURE, PRUNED_MODEL_TYPE, stock_bias
 from export.packing import pack
 
+LM_HEAD = "lm_head"  # the output projection: outside the decoder blocks, named exactly in a config's targets
+
 
 def _bias_flags(model_type: str, needed: set[str]) -> dict | None:
     """Stock config flags whose bias set covers `needed`, or None when this model type cannot express it."""
@@ -60,33 +62,42 @@ def compressed_tensors_config(schemes: dict[str, dict]) -> tuple[dict | None, st
                       "compressed-tensors 0.20 (a known upstream gap, llm-compressor#1618); symmetric schemes do")
     groups: dict[tuple, list[str]] = {}
     for name, s in schemes.items():
-        groups.setdefault((s["bits"], s["group_size"], s["sym"]), []).append(name)
-    config_groups = {}
-    for k, ((bits, group, sym), names) in enumerate(sorted(groups.items())):
-        config_groups[f"group_{k}"] = {
-            "targets": _layer_regex(names),
-            "weights": {"num_bits": bits, "type": "int", "symmetric": sym,
-                        "strategy": "channel" if group == -1 else "group",
-                        "group_size": None if group == -1 else group, "dynamic": False, "actorder": None,
-                        "observer": "minmax"},
-            "input_activations": None, "output_activations": None,
-        }
+        if name != LM_HEAD:
+            groups.setdefault((s["bits"], s["group_size"], s["sym"]), []).append(name)
+    config_groups = {f"group_{k}": _config_group(_layer_regex(names), *scheme)
+                     for k, (scheme, names) in enumerate(sorted(groups.items()))}
+    if (head := schemes.get(LM_HEAD)) is not None:  # a group of its own, after the decoder's; nothing left to ignore
+        config_groups[f"group_{len(groups)}"] = _config_group([LM_HEAD], head["bits"], head["group_size"], head["sym"])
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-            "config_groups": config_groups, "ignore": ["lm_head"], "kv_cache_scheme": None}, None
+            "config_groups": config_groups, "ignore": [] if head is not None else [LM_HEAD],
+            "kv_cache_scheme": None}, None
+
+
+def _config_group(targets: list[str], bits: int, group: int, sym: bool) -> dict:
+    """One compressed-tensors config group: integer weights of `bits`, per group of `group` columns (-1: channel)."""
+    return {
+        "targets": targets,
+        "weights": {"num_bits": bits, "type": "int", "symmetric": sym,
+                    "strategy": "channel" if group == -1 else "group", "group_size": None if group == -1 else group,
+                    "dynamic": False, "actorder": None, "observer": "minmax"},
+        "input_activations": None, "output_activations": None,
+    }
 
 
 def gptq_config(schemes: dict[str, dict], n_projections: int) -> tuple[dict | None, str | None]:
-    """GPTQ-format quantization_config (one symmetric width for every decoder projection), or (None, why)."""
+    """GPTQ-format quantization_config (one symmetric width for every decoder projection, and for the lm_head when it
+    is quantized: `lm_head: true`, as GPTQModel and vLLM read it), or (None, why)."""
     kinds = {(s["bits"], s["group_size"], s["sym"], s["ordered"]) for s in schemes.values()}
     if len(kinds) != 1:
         return None, "the GPTQ format stores one width and group size for the whole model"
     (bits, group, sym, ordered), = kinds
     if not sym:
         return None, "the GPTQ (v1) format stores zero - 1, which loses a zero point of 0: symmetric only"
-    if len(schemes) != n_projections:
-        return None, f"the GPTQ format quantizes every decoder projection; {len(schemes)} of {n_projections} are"
+    decoder = len(schemes) - (LM_HEAD in schemes)
+    if decoder != n_projections:
+        return None, f"the GPTQ format quantizes every decoder projection; {decoder} of {n_projections} are"
     return {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": not ordered, "sym": True,
-            "checkpoint_format": "gptq", "format": "gptq", "pack_dtype": "int32", "lm_head": False,
+            "checkpoint_format": "gptq", "format": "gptq", "pack_dtype": "int32", "lm_head": LM_HEAD in schemes,
             "true_sequential": True}, None
 
 
@@ -130,6 +141,8 @@ def artifact_config(base: dict, layers: list[dict], quant: dict[str, dict] | Non
     config = copy.deepcopy(base)
     for key in ("quantization_config", "auto_map", "_name_or_path", "transformers_version"):
         config.pop(key, None)
+    if quant and LM_HEAD in quant:  # a quantized head is its own weight; the embeddings are stored as they are
+        config["tie_word_embeddings"] = False
     model_type = config["model_type"]
     widths = {(layer["num_attention_heads"], layer["num_key_value_heads"], layer["head_dim"],
                layer["intermediate_size"]) for layer in layers}

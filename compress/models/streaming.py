@@ -252,6 +252,9 @@ def check_streamable(recipe: Recipe) -> None:
         if not isinstance(cfg, GptqConfig) or isinstance(cfg.bits, MixedBits):
             raise RecipeError(f"passes.{i}: pass {cfg.pass_!r} does not stream yet; a streamed run takes gptq passes "
                               "at fixed bits (use the in-memory run for this recipe)")
+        if cfg.lm_head is not None:
+            raise RecipeError(f"passes.{i}.lm_head: a streamed run does not quantize the lm_head yet (use the "
+                              "in-memory run for this recipe)")
 
 
 def wants_stream(recipe: Recipe) -> bool:

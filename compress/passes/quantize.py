@@ -17,6 +17,7 @@ from compress.ops.gptq import Quantized, gptq_quantize
 from compress.ops.importance import lim_score, zd_score
 from compress.ops.quant import rtn
 from compress.passes.base import Earlier, Original, PassContext, check_finite
+from compress.passes.quantize_head import HeadInputs, check_head, quantize_head
 from compress.passes.quantize_search import searched_quantize
 from compress.passes.targets import (
     Modules,
@@ -78,6 +79,7 @@ class QuantizePass:
         """Targets, pins and budget, group sizes and fused groups on the dense widths and on the widths that the
         earlier passes of role prune leave."""
         check_before_passes(model, self.config, where, [(p, w) for p, w in earlier if isinstance(p, Prunes)])
+        check_head(model, self.config, where)
 
     def run(self, model: nn.Module, ctx: PassContext) -> PassReport:
         t0 = time.perf_counter()
@@ -110,6 +112,8 @@ class QuantizePass:
         check_fused_share(specs, modules, where)
 
         rows: dict[int, dict] = {}
+        head_inputs = (HeadInputs(model, -(-ctx.calibration.shape[0] // ctx.batch_size))
+                       if cfg.lm_head is not None and self.method == "gptq" else None)  # after the last block
 
         def solve(name: str, xtx: torch.Tensor | None, n: int) -> Quantized:
             spec, W = specs[name], modules[name][2].weight.data
@@ -167,11 +171,14 @@ class QuantizePass:
                 return True  # the block changed: recompute its outputs for the next block
 
             for_each_block(model, llama.blocks(model), ctx.calibration, visit, watch, batch_size=ctx.batch_size,
-                           want_xtx=True, desc="gptq: blocks", device=ctx.device, data_parallel=True)
+                           want_xtx=True, desc="gptq: blocks", device=ctx.device, data_parallel=True,
+                           finish=head_inputs)
         for row in rows.values():
             row["rel err mean"] = round(row["rel err mean"] / row["modules"], 6)
             row["rel err max"] = round(row["rel err max"], 6)
         report.rows = [rows[i] for i in sorted(rows)]
+        if cfg.lm_head is not None:  # GPTQ: on what the quantized blocks hand the final norm
+            quantize_head(model, cfg, None if head_inputs is None else head_inputs.stats, ctx, report)
         total = sum(lin.weight.numel() for (_, _, lin) in modules.values())
         report.summary.update({
             "method": self.method, "modules": len(modules),
