@@ -331,7 +331,7 @@ class LmHeadQuant(_Strict):
     """The output projection (vocab, hidden) quantized too (GPTQModel's `lm_head: true`): by GPTQ on the final norm's
     outputs or by rounding, as the pass does the decoder; a head tied to the embeddings is untied (they stay)."""
 
-    bits: Literal[2, 3, 4, 8] = 8  # what the kernels run: 2-4 bits in int4 lanes, 8 bits dequantized once
+    bits: Literal[2, 3, 4, 8]  # what the kernels run: 2-4 bits in int4 lanes, 8 bits dequantized once
     group_size: int = Field(64, le=MAX_WIDTH, description="input columns per scale; -1 for one scale per row")
     sym: bool = True
 
