@@ -12,11 +12,11 @@ from typing import Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from compress import distributed
 from compress.device import CPU, move, to_device
 from compress.errors import CompressError, InputError
+from compress.progress import tqdm
 
 
 @dataclass

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from compress.device import CPU, on_device
 from compress.ops.distill import top_k_targets
+from compress.progress import tqdm
 
 
 @dataclass

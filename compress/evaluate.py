@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+
+from compress.progress import tqdm
 
 if TYPE_CHECKING:
     from transformers import GenerationMixin
@@ -35,17 +36,34 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, des
 
 
 @torch.no_grad()
-def greedy_continuations(model: nn.Module, tokenizer, prompts: list[str], new_tokens: int) -> list[str]:
+def greedy_continuations(model: nn.Module, tokenizer, prompts: list[str], new_tokens: int,
+                         desc: str | None = None) -> list[str]:
     """The greedy continuation (exactly `new_tokens` tokens, decoded, special tokens kept out) of each prompt, one
-    prompt at a time (no padding), computed where the model is."""
+    prompt at a time (no padding), computed where the model is; `desc` names a progress bar over the new tokens
+    (none without it)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class TokenBar(BaseStreamer):  # generate() hands a streamer the prompt first, then each new token
+        def __init__(self) -> None:
+            self.prompt_seen = False
+
+        def put(self, value: torch.Tensor) -> None:
+            if self.prompt_seen:
+                bar.update(1)
+            self.prompt_seen = True
+
+        def end(self) -> None:
+            self.prompt_seen = False
+
     generate = cast("GenerationMixin", model).generate  # a transformers causal LM
     device = next(model.parameters()).device
     out = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)  # (1, T)
-        tokens = generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                          pad_token_id=pad_token_id(model))
-        out.append(tokenizer.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True))
+    with tqdm(total=len(prompts) * new_tokens, desc=desc, unit="token", disable=desc is None, leave=False) as bar:
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)  # (1, T)
+            tokens = generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              pad_token_id=pad_token_id(model), streamer=TokenBar())
+            out.append(tokenizer.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True))
     return out
 
 

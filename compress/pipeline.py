@@ -112,12 +112,14 @@ class EvalSets:
         sets.prompts, sets.new_tokens, sets.tokenizer = list(e.prompts), e.new_tokens, tokenizer
         return sets
 
-    def continuations(self, model, device: torch.device = CPU) -> list[str]:
-        """Greedy continuations of evaluate.prompts, computed on `device`."""
+    def continuations(self, model, device: torch.device = CPU, label: str | None = None) -> list[str]:
+        """Greedy continuations of evaluate.prompts, computed on `device`; `label` names the model on a progress
+        bar (none without it)."""
         if not self.prompts:
             return []
         with on_device(model, device):
-            return ev.greedy_continuations(model, self.tokenizer, self.prompts, self.new_tokens)
+            return ev.greedy_continuations(model, self.tokenizer, self.prompts, self.new_tokens,
+                                           label and f"{label}: greedy continuations")
 
     def perplexities(self, model, batch_size: int, device: torch.device = CPU, label: str | None = None
                      ) -> dict[str, float]:
@@ -375,7 +377,7 @@ class _Measured:
     @classmethod
     def of(cls, model, eval_sets: EvalSets, device: torch.device, label: str) -> _Measured:
         return cls(eval_sets.perplexities(model, EVAL_BATCH, device, label), ev.count_parameters(model),
-                   decoder_params(model), eval_sets.continuations(model, device))
+                   decoder_params(model), eval_sets.continuations(model, device, label))
 
 
 def _report(recipe: Recipe, source: ModelSource, source_sha: dict[str, str], reports: list[PassReport],

@@ -13,7 +13,6 @@ from typing import cast
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from calibration.teacher import TeacherTargets
 from compress.device import on_device
@@ -21,6 +20,7 @@ from compress.errors import CompressError, InputError
 from compress.ops.distill import top_k_kl
 from compress.passes.base import Earlier, PassContext
 from compress.passes.targets import select_modules
+from compress.progress import tqdm
 from compress.recipe import HELD_IN_WINDOWS, LoraConfig, RankBudget, TrainConfig, _QuantBase
 from compress.report import PassReport
 from export.lowrank import adapters, unwrap, wrap

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from calibration.teacher import TeacherTargets
 from compress.device import CPU, on_device
@@ -24,6 +23,7 @@ from compress.ops.distill import top_k_targets
 from compress.ops.medusa import head_hits, head_kl, teacher_rows, untrained_hits
 from compress.passes.base import Earlier, PassContext
 from compress.plan import DrafterHeads
+from compress.progress import tqdm
 from compress.recipe import MedusaConfig, MedusaTrainConfig
 from compress.report import PassReport
 from export.medusa import MedusaHeads

@@ -21,10 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from compress.atomic import write_text_atomic
 from compress.errors import CompressError, InputError
+from compress.progress import tqdm
 from compress.search.base import Allocation, Fitness, Unit, check_budget, total
 from compress.search.variants import fingerprint
 
