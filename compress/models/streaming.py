@@ -41,6 +41,7 @@ from compress.device import CPU, move
 from compress.errors import InputError
 from compress.models import llama
 from compress.models.checks import checkpoint_tensors
+from compress.models.stream_fit import check_fits
 from export.records import QuantRecord
 
 if TYPE_CHECKING:
@@ -308,6 +309,9 @@ def run(recipe: Recipe, out: str | Path, overwrite: bool = False, log: Callable[
 
         streamed = StreamedModel.open(source.path)
         model = streamed.model
+        if device.type == "cpu":  # before any weight is read; on an accelerator the block's terms are on it
+            c = recipe.calibration
+            check_fits(model, c.windows, c.seq_len, c.batch_size, str(source.path))
         check_finite(((name, streamed.read(name)) for name in streamed.files), str(source.path))  # one at a time
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=recipe.trust_remote_code)
         pl._check_passes_fit(recipe, model)
