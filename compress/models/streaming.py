@@ -11,9 +11,11 @@ their maximum since open.
 
 `run(recipe, out)` is `compress run` for `execution: stream` (pipeline.run dispatches to it): GPTQ at fixed bits
 through the engine, perplexities through the engine with the head applied per batch, the artifact written module by
-module from the source and the plan (`as_exported`, `module_tensors`). Not streamed yet: pruning passes, searches and
-round-to-nearest (refused by name), greedy continuations (skipped, recorded), --resume (refused); the plan's packed
-records stay in memory until export (about 0.56 bytes per quantized weight at 4 bits, groups of 128).
+module from the source and the plan (`as_exported`, `module_tensors`). Each finished block's packed records leave the
+plan for a spill file next to the output, and the reload check reads the written artifact block by block
+(compress.models.stream_export), so nothing held grows with depth. A model that cannot fit even one block at a time
+is refused before work (compress.models.stream_fit). Not streamed yet: pruning passes, searches and round-to-nearest
+(refused by name), greedy continuations (skipped, recorded), --resume (refused).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import itertools
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -65,8 +68,101 @@ class Exported:
     quantized: Mapping[str, QuantRecord]  # module name -> its record
 
 
+class BlockSource:
+    """A skeleton model (parameters on meta) whose modules a subclass materializes for their turn (`load`): what the
+    block engine calls (calibration.capture.Streamed), and the forwards built on it, one block in memory at a time."""
+
+    model: PreTrainedModel
+    on_block_done: list[BlockDone]
+
+    def load(self, module: nn.Module) -> None:
+        """Materialize every parameter and buffer of `module` (a submodule of the model)."""
+        raise NotImplementedError
+
+    def release(self, module: nn.Module) -> None:
+        """Put `module`'s parameters and buffers back on the meta device, freeing their memory."""
+        module.to(device="meta")
+
+    @contextmanager
+    def loaded(self, *modules: nn.Module) -> Iterator[None]:
+        """`modules` materialized inside the block, released after (also on an error)."""
+        with ExitStack() as stack:
+            for module in modules:
+                stack.callback(self.release, module)
+                self.load(module)
+            yield
+
+    # what the block engine calls (calibration.capture.Streamed)
+    def embedding(self) -> AbstractContextManager[None]:
+        """The input embeddings, materialized while block 0's inputs are captured."""
+        return self.loaded(self.model.get_input_embeddings())
+
+    @contextmanager
+    def block(self, i: int) -> Iterator[nn.Module]:
+        """Block i materialized for its turn; on a normal exit the on_block_done callbacks see it, then it is freed
+        and the freed heap handed back to the system (give_back_freed)."""
+        block = llama.blocks(self.model)[i]
+        with self.loaded(block):
+            yield block
+            for done in self.on_block_done:
+                done(i, block)
+        give_back_freed()
+
+    def final_hidden(self, input_ids: torch.Tensor, batch_size: int, device: torch.device = CPU
+                     ) -> list[torch.Tensor]:
+        """The last block's outputs per batch (B, T, H), on `device`, for windows `input_ids` (N, T), through the block
+        engine (each block computed on `device`)."""
+        layers = llama.blocks(self.model)
+        last: list[torch.Tensor] = []
+
+        def keep_last(i: int, _block, _inputs, outputs: list[torch.Tensor], _stats) -> None:
+            if i == len(layers) - 1:
+                last.extend(outputs)
+
+        for_each_block(self.model, layers, input_ids, keep_last, batch_size=batch_size, desc="streamed forward",
+                       device=device)
+        return last
+
+    @contextmanager
+    def _head(self, device: torch.device) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+        """The final norm and lm_head materialized on `device`: hidden (B, T, H) -> logits (B, T, vocab) float32."""
+        lm = llama.as_causal_lm(self.model)
+        with self.loaded(lm.model.norm, lm.lm_head):
+            move(lm.model.norm, device)
+            move(lm.lm_head, device)
+            yield lambda hidden: lm.lm_head(lm.model.norm(hidden)).float()
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, batch_size: int, device: torch.device = CPU) -> torch.Tensor:
+        """Logits (N, T, vocab) float32 on the CPU of windows `input_ids` (N, T), the model never materialized whole."""
+        hidden = self.final_hidden(input_ids, batch_size, device)
+        with self._head(device) as head:
+            return torch.cat([head(h).cpu() for h in hidden])
+
+    @torch.no_grad()
+    def perplexity(self, windows: torch.Tensor, batch_size: int, device: torch.device = CPU) -> float:
+        """exp(mean next-token NLL) over windows (N, T), as compress.evaluate.perplexity computes it (each window on
+        its own), with logits made `batch_size` windows at a time after the last block."""
+        hidden = torch.cat(self.final_hidden(windows, batch_size, device))  # (N, T, H)
+        nll, count = 0.0, 0
+        with self._head(device) as head:
+            for start in range(0, windows.shape[0], batch_size):
+                ids = windows[start : start + batch_size].to(device)
+                logits = head(hidden[start : start + batch_size])  # (B, T, vocab)
+                nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+                count += ids[:, 1:].numel()
+        return math.exp(nll / count)
+
+    def _prefix(self, module: nn.Module) -> str:
+        for name, candidate in self.model.named_modules():
+            if candidate is module:
+                return f"{name}." if name else ""
+        raise ValueError("StreamedModel: the module is not part of this model")
+
+
+
 @dataclass
-class StreamedModel:
+class StreamedModel(BlockSource):
     """A skeleton model (parameters on meta) over memory-mapped safetensors; see the module docstring."""
 
     model: PreTrainedModel
@@ -119,8 +215,13 @@ class StreamedModel:
         """From now on materialize what the artifact stores: `quantized` (the plan's records, their scales rounded to
         settings.scale_dtype here, in place, as the in-memory path rounds them) and every other tensor rounded
         through settings.dtype."""
-        for record in quantized.values():
-            record.scale = record.scale.to(settings.scale_dtype)
+        from compress.models.stream_export import SpilledRecords
+
+        if isinstance(quantized, SpilledRecords):  # rounded as each record is read back
+            quantized.scale_dtype = settings.scale_dtype
+        else:
+            for record in quantized.values():
+                record.scale = record.scale.to(settings.scale_dtype)
         self.exported = Exported(settings.dtype, settings.dequantized_dtype, quantized)
 
     def module_tensors(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
@@ -133,51 +234,6 @@ class StreamedModel:
 
         for module, group in itertools.groupby(names, key=module_of):
             yield module, {name: self.read(name) for name in group}
-
-    def final_hidden(self, input_ids: torch.Tensor, batch_size: int, device: torch.device = CPU
-                     ) -> list[torch.Tensor]:
-        """The last block's outputs per batch (B, T, H), on `device`, for windows `input_ids` (N, T), through the block
-        engine (each block computed on `device`)."""
-        layers = llama.blocks(self.model)
-        last: list[torch.Tensor] = []
-
-        def keep_last(i: int, _block, _inputs, outputs: list[torch.Tensor], _stats) -> None:
-            if i == len(layers) - 1:
-                last.extend(outputs)
-
-        for_each_block(self.model, layers, input_ids, keep_last, batch_size=batch_size, desc="streamed forward",
-                       device=device)
-        return last
-
-    @contextmanager
-    def _head(self, device: torch.device) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
-        """The final norm and lm_head materialized on `device`: hidden (B, T, H) -> logits (B, T, vocab) float32."""
-        lm = llama.as_causal_lm(self.model)
-        with self.loaded(lm.model.norm, lm.lm_head):
-            move(lm.model.norm, device)
-            move(lm.lm_head, device)
-            yield lambda hidden: lm.lm_head(lm.model.norm(hidden)).float()
-
-    @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, batch_size: int, device: torch.device = CPU) -> torch.Tensor:
-        """Logits (N, T, vocab) float32 on the CPU of windows `input_ids` (N, T), the model never materialized whole."""
-        hidden = self.final_hidden(input_ids, batch_size, device)
-        with self._head(device) as head:
-            return torch.cat([head(h).cpu() for h in hidden])
-
-    @torch.no_grad()
-    def perplexity(self, windows: torch.Tensor, batch_size: int, device: torch.device = CPU) -> float:
-        """exp(mean next-token NLL) over windows (N, T), as compress.evaluate.perplexity computes it (each window on
-        its own), with logits made `batch_size` windows at a time after the last block."""
-        hidden = torch.cat(self.final_hidden(windows, batch_size, device))  # (N, T, H)
-        nll, count = 0.0, 0
-        with self._head(device) as head:
-            for start in range(0, windows.shape[0], batch_size):
-                ids = windows[start : start + batch_size].to(device)
-                logits = head(hidden[start : start + batch_size])  # (B, T, vocab)
-                nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-                count += ids[:, 1:].numel()
-        return math.exp(nll / count)
 
     def load(self, module: nn.Module) -> None:
         """Materialize every parameter of `module` (a submodule of the model) from the checkpoint."""
@@ -202,38 +258,6 @@ class StreamedModel:
                 self.resident_bytes -= param.numel() * param.element_size()
             setattr(holder, leaf, nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))
 
-    @contextmanager
-    def loaded(self, *modules: nn.Module) -> Iterator[None]:
-        """`modules` materialized inside the block, released after (also on an error)."""
-        with ExitStack() as stack:
-            for module in modules:
-                stack.callback(self.release, module)
-                self.load(module)
-            yield
-
-    # what the block engine calls (calibration.capture.Streamed)
-    def embedding(self) -> AbstractContextManager[None]:
-        """The input embeddings, materialized while block 0's inputs are captured."""
-        return self.loaded(self.model.get_input_embeddings())
-
-    @contextmanager
-    def block(self, i: int) -> Iterator[nn.Module]:
-        """Block i materialized for its turn; on a normal exit the on_block_done callbacks see it, then it is freed
-        and the freed heap handed back to the system (give_back_freed)."""
-        block = llama.blocks(self.model)[i]
-        with self.loaded(block):
-            yield block
-            for done in self.on_block_done:
-                done(i, block)
-        give_back_freed()
-
-    def _prefix(self, module: nn.Module) -> str:
-        for name, candidate in self.model.named_modules():
-            if candidate is module:
-                return f"{name}." if name else ""
-        raise ValueError("StreamedModel: the module is not part of this model")
-
-
 def give_back_freed() -> None:
     """Return freed heap memory to the system (glibc's malloc_trim; a no-op elsewhere). Without it a streamed run's
     resident memory grows with depth although no tensor outlives its block: each block's freed buffers stay in the
@@ -253,6 +277,8 @@ def check_streamable(recipe: Recipe) -> None:
         if not isinstance(cfg, GptqConfig) or isinstance(cfg.bits, MixedBits):
             raise RecipeError(f"passes.{i}: pass {cfg.pass_!r} does not stream yet; a streamed run takes gptq passes "
                               "at fixed bits (use the in-memory run for this recipe)")
+        if i > 0:  # the records of finished blocks leave the plan, so a second pass could not see them
+            raise RecipeError(f"passes.{i}: a streamed run takes one gptq pass (use the in-memory run for this recipe)")
         if cfg.lm_head is not None:
             raise RecipeError(f"passes.{i}.lm_head: a streamed run does not quantize the lm_head yet (use the "
                               "in-memory run for this recipe)")
@@ -279,10 +305,17 @@ def run(recipe: Recipe, out: str | Path, overwrite: bool = False, log: Callable[
         resume: bool = False) -> RunResult:
     """`compress run` with the model never materialized whole: the skeleton is opened over the source's safetensors,
     GPTQ runs block by block through the engine, dense and compressed perplexities are computed through it, and the
-    artifact is written module by module from the memory-mapped source and the plan. The report says
-    execution: stream. The written artifact is reloaded (export.load: packed codes, not float weights) and its
-    logits compared with the streamed model's, as the in-memory run does.
+    artifact is written module by module from the memory-mapped source and the plan (its records spilled to disk as
+    blocks finish). The report says execution: stream. The written artifact is read back block by block
+    (ArtifactBlocks: packed codes, as export.load builds them) and its logits compared with the streamed model's, as
+    the in-memory run does. Raises InputError (exit 2) before any work when one block cannot fit (check_fits).
     Not yet: evaluate.prompts (continuations are skipped and recorded), --resume, a recipe field choosing this path."""
+    with ExitStack() as stack:  # holds the spill folder of the records, removed at the end
+        return _run(recipe, Path(out), overwrite, log, resume, stack)
+
+
+def _run(recipe: Recipe, out: Path, overwrite: bool, log: Callable[[str], None], resume: bool,
+         stack: ExitStack) -> RunResult:
     import export
     from compress import pipeline as pl
     from compress.device import describe
@@ -290,6 +323,7 @@ def run(recipe: Recipe, out: str | Path, overwrite: bool = False, log: Callable[
     from compress.errors import CompressError
     from compress.models import resolve_model
     from compress.models.checks import check_finite
+    from compress.models.stream_export import ArtifactBlocks, SpilledPlan, SpilledRecords
     from compress.plan import Plan
     from compress.report import RunResult, model_card
 
@@ -298,7 +332,7 @@ def run(recipe: Recipe, out: str | Path, overwrite: bool = False, log: Callable[
     t0, phase = time.perf_counter(), pl.Phases(log)
     pl.reset_peak_memory()
     resident_at_start = pl.resident_memory_mb()
-    out, device = Path(out), resolve_device(recipe.device)
+    device = resolve_device(recipe.device)
     check_streamable(recipe)
     with pl._refused_as_input(), phase("checking the output folder and the model files"):
         export.check_out(out, overwrite, log)
@@ -330,10 +364,14 @@ def run(recipe: Recipe, out: str | Path, overwrite: bool = False, log: Callable[
 
     dense = measured("dense")
     plan = Plan.of(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spill = stack.enter_context(tempfile.TemporaryDirectory(prefix=f".{out.name}.records-", dir=out.parent))
+    records = SpilledRecords(Path(spill))  # each finished block's records leave the heap for this folder
+    streamed.on_block_done.append(records.on_block_done(plan))
     reports = pl._run_passes(recipe, model, calib, plan, device, log, phase)
     pl._check_plan(plan, model)
     settings = pl._export_settings(recipe, source)
-    streamed.as_exported(plan.quantized, settings)
+    streamed.as_exported(records, settings)
     comp = measured("compressed")
     report = pl._report(recipe, source, source_sha, reports, dense, comp, device)
     report["execution"] = "stream"
@@ -344,8 +382,7 @@ def run(recipe: Recipe, out: str | Path, overwrite: bool = False, log: Callable[
         with phase("reloading the artifact and comparing logits (streamed)"):
             ids = calib[:2]
             want = streamed.logits(ids, recipe.calibration.batch_size, device)  # (2, T, vocab)
-            with torch.no_grad():
-                got = export.load(folder, dtype=torch.float32)(input_ids=ids, use_cache=False).logits
+            got = ArtifactBlocks(folder).logits(ids, recipe.calibration.batch_size, device)  # block by block
             diff = float((want - got).abs().max())
         if not diff < pl.LOGIT_TOLERANCE:
             raise CompressError(f"reloaded artifact differs from the streamed model: max |logit diff| {diff:.3e} "
@@ -361,7 +398,8 @@ def run(recipe: Recipe, out: str | Path, overwrite: bool = False, log: Callable[
                                    recipe_yaml=recipe.to_yaml(), seed=recipe.seed)
     try:
         with phase("writing the artifact"):
-            notes = export.write(out, streamed.module_tensors(), plan, report, provenance, settings, check=check,
+            notes = export.write(out, streamed.module_tensors(), SpilledPlan(plan, records), report, provenance,
+                                 settings, check=check,
                                  card=lambda rep: model_card(recipe, source.identity, rep), overwrite=overwrite)
     except (export.ArtifactExistsError, export.UnwritableError) as err:
         raise InputError(str(err)) from None
