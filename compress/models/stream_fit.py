@@ -7,8 +7,9 @@ input statistics X^T X (one per shared input: q/k/v, o, gate/up, down), the GPTQ
 7 (in, in) matrices and 4 copies of W, measured), the calibration activations (the block's inputs and outputs for
 every window), the per-batch intermediates (MLP activations, a float64 copy of down_proj's input, attention scores),
 and what the process itself holds now (anonymous resident memory: file-backed library pages are shared and
-reclaimable, so they are not counted). The embeddings (and the head with a batch's logits) are materialized alone,
-before block 0 and after the last, so the peak is the larger of the two phases.
+reclaimable, so they are not counted). The embeddings, and after the last block the head with its logits (float32;
+the reload check holds the streamed model's and the artifact's logits of 2 windows and one batch in flight), are
+materialized alone, so the peak is the larger of the two phases.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from compress.models import llama
 FLOAT = 4  # bytes per element in the compute dtype (float32)
 SOLVE_HH, SOLVE_W = 7, 4  # the GPTQ solve's working set: (in, in) matrices and (out, in) copies (docs/scale.md)
 LIMIT_ENV = "COMPRESS_MEMORY_MB"  # a limit the environment sets on a run (MB), below the machine's and the cgroup's
+LOGIT_COPIES = 3  # the reload check: the streamed model's logits, the artifact's, one batch of them in flight
 NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2^63 - 1
 
 
@@ -37,7 +39,7 @@ class BlockNeed:
     solve: int  # the GPTQ solve of its widest linear
     activations: int  # the block's inputs and outputs for all calibration windows
     batch: int  # per-batch intermediates
-    ends: int  # embeddings, or the head with one batch's logits (materialized alone)
+    ends: int  # the embeddings, or the head with its logits (materialized alone)
     process: int  # what the process holds now
 
     @property
@@ -45,9 +47,11 @@ class BlockNeed:
         return self.process + self.activations + max(self.block + self.statistics + self.solve + self.batch, self.ends)
 
 
-def block_need(model: nn.Module, windows: int, seq_len: int, batch_size: int, process: int = 0) -> BlockNeed:
+def block_need(model: nn.Module, windows: int, seq_len: int, batch_size: int, logit_tokens: int,
+               process: int = 0) -> BlockNeed:
     """The need of a streamed GPTQ run of `model` (a skeleton: only shapes are read) on `windows` x `seq_len` tokens
-    in batches of `batch_size`; the largest block counts."""
+    in batches of `batch_size`, with logits of `logit_tokens` tokens held at once (LOGIT_COPIES times); the largest
+    block counts."""
     blocks = llama.blocks(model)
     lm = llama.as_causal_lm(model)
     vocab, hidden = lm.lm_head.weight.shape  # (vocab, hidden), on meta
@@ -65,7 +69,7 @@ def block_need(model: nn.Module, windows: int, seq_len: int, batch_size: int, pr
         solve=FLOAT * solve,
         activations=2 * FLOAT * windows * seq_len * hidden,
         batch=2 * FLOAT * tokens * inter + 3 * FLOAT * tokens * inter + FLOAT * batch_size * heads * seq_len**2,
-        ends=FLOAT * vocab * hidden * 2 + FLOAT * tokens * vocab,
+        ends=FLOAT * vocab * hidden + LOGIT_COPIES * FLOAT * logit_tokens * vocab,
         process=process,
     )
 
@@ -130,10 +134,11 @@ def memory_limit() -> tuple[int, str]:
     return min(limits, default=(NO_LIMIT, "no limit known"))
 
 
-def check_fits(model: nn.Module, windows: int, seq_len: int, batch_size: int, where: str) -> BlockNeed:
+def check_fits(model: nn.Module, windows: int, seq_len: int, batch_size: int, logit_tokens: int,
+               where: str) -> BlockNeed:
     """Refuse (InputError naming the numbers and what to change) a streamed run of `model` that cannot fit in the
     memory limit even one block at a time; returns the need when it fits."""
-    need = block_need(model, windows, seq_len, batch_size, process_bytes())
+    need = block_need(model, windows, seq_len, batch_size, logit_tokens, process_bytes())
     limit, source = memory_limit()
     if need.total <= limit:
         return need
@@ -141,13 +146,14 @@ def check_fits(model: nn.Module, windows: int, seq_len: int, batch_size: int, wh
     def mb(n: int) -> str:
         return f"{n / 2**20:.0f} MB"
 
-    least = block_need(model, 1, 8, 1, need.process).total  # one window of the shortest calibration
-    advice = ("use fewer calibration windows (calibration.windows), a shorter calibration.seq_len or a smaller "
-              "calibration.batch_size")
+    least = block_need(model, 1, 8, 1, 8, need.process).total  # one window of the shortest calibration
+    advice = ("use fewer calibration windows (calibration.windows), a shorter calibration.seq_len (or "
+              "evaluate.seq_len) or a smaller calibration.batch_size")
     if least > limit:
         advice = "no calibration fits: the block itself is too large here; run where more memory is available"
     raise InputError(
         f"{where}: a streamed run needs about {mb(need.total)} ({mb(need.block)} one block in float32, "
         f"{mb(need.statistics)} input statistics, {mb(need.solve)} GPTQ solve, {mb(need.activations)} activations of "
-        f"{windows} x {seq_len} calibration tokens, {mb(need.batch)} per batch of {batch_size}, {mb(need.process)} "
-        f"this process), more than the {mb(limit)} available ({source}); {advice}")
+        f"{windows} x {seq_len} calibration tokens, {mb(need.batch)} per batch of {batch_size}, {mb(need.ends)} "
+        f"embeddings or head and logits, {mb(need.process)} this process), more than the {mb(limit)} available "
+        f"({source}); {advice}")
