@@ -9,7 +9,8 @@ every window), the per-batch intermediates (MLP activations, a float64 copy of d
 and what the process itself holds now (anonymous resident memory: file-backed library pages are shared and
 reclaimable, so they are not counted). The embeddings, and after the last block the head with its logits (float32;
 the reload check holds the streamed model's and the artifact's logits of 2 windows and one batch in flight), are
-materialized alone, so the peak is the larger of the two phases.
+materialized alone; the export then holds one shard of the artifact (export.shard_size_mb, at most 2 bytes per
+parameter) and one module in float32: the peak is the largest of the three phases.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ FLOAT = 4  # bytes per element in the compute dtype (float32)
 SOLVE_HH, SOLVE_W = 7, 4  # the GPTQ solve's working set: (in, in) matrices and (out, in) copies (docs/scale.md)
 LIMIT_ENV = "COMPRESS_MEMORY_MB"  # a limit the environment sets on a run (MB), below the machine's and the cgroup's
 LOGIT_COPIES = 3  # the reload check: the streamed model's logits, the artifact's, one batch of them in flight
+EXPORT_BYTES = 2  # per parameter in the artifact, at most (a 16-bit export; packed linears take less)
 NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2^63 - 1
 
 
@@ -40,18 +42,20 @@ class BlockNeed:
     activations: int  # the block's inputs and outputs for all calibration windows
     batch: int  # per-batch intermediates
     ends: int  # the embeddings, or the head with its logits (materialized alone)
+    shard: int  # the export's shard buffer, with the embeddings read in float32 beside it
     process: int  # what the process holds now
 
     @property
     def total(self) -> int:
-        return self.process + self.activations + max(self.block + self.statistics + self.solve + self.batch, self.ends)
+        blocks = self.block + self.statistics + self.solve + self.batch
+        return self.process + self.activations + max(blocks, self.ends, self.shard)
 
 
 def block_need(model: nn.Module, windows: int, seq_len: int, batch_size: int, logit_tokens: int,
-               process: int = 0) -> BlockNeed:
+               shard_bytes: int = 0, process: int = 0) -> BlockNeed:
     """The need of a streamed GPTQ run of `model` (a skeleton: only shapes are read) on `windows` x `seq_len` tokens
-    in batches of `batch_size`, with logits of `logit_tokens` tokens held at once (LOGIT_COPIES times); the largest
-    block counts."""
+    in batches of `batch_size`, with logits of `logit_tokens` tokens held at once (LOGIT_COPIES times) and shards of
+    at most `shard_bytes`; the largest block counts."""
     blocks = llama.blocks(model)
     lm = llama.as_causal_lm(model)
     vocab, hidden = lm.lm_head.weight.shape  # (vocab, hidden), on meta
@@ -70,6 +74,7 @@ def block_need(model: nn.Module, windows: int, seq_len: int, batch_size: int, lo
         activations=2 * FLOAT * windows * seq_len * hidden,
         batch=2 * FLOAT * tokens * inter + 3 * FLOAT * tokens * inter + FLOAT * batch_size * heads * seq_len**2,
         ends=FLOAT * vocab * hidden + LOGIT_COPIES * FLOAT * logit_tokens * vocab,
+        shard=min(shard_bytes, EXPORT_BYTES * sum(p.numel() for p in model.parameters())) + FLOAT * vocab * hidden,
         process=process,
     )
 
@@ -134,11 +139,11 @@ def memory_limit() -> tuple[int, str]:
     return min(limits, default=(NO_LIMIT, "no limit known"))
 
 
-def check_fits(model: nn.Module, windows: int, seq_len: int, batch_size: int, logit_tokens: int,
+def check_fits(model: nn.Module, windows: int, seq_len: int, batch_size: int, logit_tokens: int, shard_bytes: int,
                where: str) -> BlockNeed:
     """Refuse (InputError naming the numbers and what to change) a streamed run of `model` that cannot fit in the
     memory limit even one block at a time; returns the need when it fits."""
-    need = block_need(model, windows, seq_len, batch_size, logit_tokens, process_bytes())
+    need = block_need(model, windows, seq_len, batch_size, logit_tokens, shard_bytes, process_bytes())
     limit, source = memory_limit()
     if need.total <= limit:
         return need
@@ -146,14 +151,14 @@ def check_fits(model: nn.Module, windows: int, seq_len: int, batch_size: int, lo
     def mb(n: int) -> str:
         return f"{n / 2**20:.0f} MB"
 
-    least = block_need(model, 1, 8, 1, 8, need.process).total  # one window of the shortest calibration
+    least = block_need(model, 1, 8, 1, 8, 1, need.process).total  # one short window, the smallest shards
     advice = ("use fewer calibration windows (calibration.windows), a shorter calibration.seq_len (or "
-              "evaluate.seq_len) or a smaller calibration.batch_size")
+              "evaluate.seq_len), a smaller calibration.batch_size or export.shard_size_mb")
     if least > limit:
         advice = "no calibration fits: the block itself is too large here; run where more memory is available"
     raise InputError(
         f"{where}: a streamed run needs about {mb(need.total)} ({mb(need.block)} one block in float32, "
         f"{mb(need.statistics)} input statistics, {mb(need.solve)} GPTQ solve, {mb(need.activations)} activations of "
         f"{windows} x {seq_len} calibration tokens, {mb(need.batch)} per batch of {batch_size}, {mb(need.ends)} "
-        f"embeddings or head and logits, {mb(need.process)} this process), more than the {mb(limit)} available "
-        f"({source}); {advice}")
+        f"embeddings or head and logits, {mb(need.shard)} writing a shard, {mb(need.process)} this process), more "
+        f"than the {mb(limit)} available ({source}); {advice}")

@@ -346,7 +346,8 @@ def _run(recipe: Recipe, out: Path, overwrite: bool, log: Callable[[str], None],
         if device.type == "cpu":  # before any weight is read; on an accelerator the block's terms are on it
             c = recipe.calibration  # logits: the reload check's 2 windows, or a batch of evaluation windows
             logit_tokens = max(2 * c.seq_len, pl.EVAL_BATCH * recipe.evaluate.seq_len)
-            check_fits(model, c.windows, c.seq_len, c.batch_size, logit_tokens, str(source.path))
+            shard = int(recipe.export.shard_size_mb * 2**20)
+            check_fits(model, c.windows, c.seq_len, c.batch_size, logit_tokens, shard, str(source.path))
         check_finite(((name, streamed.read(name)) for name in streamed.files), str(source.path))  # one at a time
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=recipe.trust_remote_code)
         pl._check_passes_fit(recipe, model)

@@ -26,36 +26,37 @@ def folder(tmp_path_factory) -> Path:
 
 def test_block_need_terms(folder):
     need = stream_fit.block_need(StreamedModel.open(folder).model, windows=4, seq_len=32, batch_size=2, logit_tokens=64,
-                                   process=5)
+                                   shard_bytes=2**20, process=5)
     params = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64  # q, k and v, o, gate/up/down, two norms
     assert need.block == 4 * params == 147968
     assert need.statistics == 4 * (2 * 64**2 + 64**2 + 128**2)  # q/k/v and gate/up (in 64), o (64), down (128)
     assert need.solve == 4 * (7 * 128**2 + 4 * 64 * 128)  # down_proj: in 128 is the widest
     assert need.activations == 2 * 4 * 4 * 32 * 64
     assert need.ends == 4 * VOCAB * 64 + 3 * 4 * 64 * VOCAB  # the head (or embeddings), three sets of logits
-    assert need.total == 5 + need.activations + need.ends  # the embeddings outweigh this tiny block
+    assert need.shard == 2**20 + 4 * VOCAB * 64  # a 1 MB shard (the model's 3.2M parameters would take 6.3 MB)
+    assert need.total == 5 + need.activations + need.ends  # the head's logits outweigh this tiny block
 
 
 def test_refusal_names_the_numbers_and_the_fix(folder, monkeypatch):
     model = StreamedModel.open(folder).model
     monkeypatch.setattr(stream_fit, "process_bytes", lambda: 0)
-    need = stream_fit.block_need(model, 4, 32, 2, 64)
-    least = stream_fit.block_need(model, 1, 8, 1, 8)
+    need = stream_fit.block_need(model, 4, 32, 2, 64, 2**20)
+    least = stream_fit.block_need(model, 1, 8, 1, 8, 1)
     assert least.total < 30 * 2**20 < need.total  # a limit between: fewer windows or shorter windows would fit
     monkeypatch.setenv(stream_fit.LIMIT_ENV, "30")
     with pytest.raises(InputError) as err:
-        stream_fit.check_fits(model, 4, 32, 2, 64, "m")
+        stream_fit.check_fits(model, 4, 32, 2, 64, 2**20, "m")
     assert str(err.value) == (
         f"m: a streamed run needs about {need.total / 2**20:.0f} MB (0 MB one block in float32, 0 MB input "
         "statistics, 1 MB GPTQ solve, 0 MB activations of 4 x 32 calibration tokens, 0 MB per batch of 2, 48 MB "
-        "embeddings or head and logits, 0 MB this process), more than the 30 MB available (COMPRESS_MEMORY_MB=30); "
-        "use fewer calibration windows (calibration.windows), a shorter calibration.seq_len (or evaluate.seq_len) or "
-        "a smaller calibration.batch_size")
+        "embeddings or head and logits, 13 MB writing a shard, 0 MB this process), more than the 30 MB available "
+        "(COMPRESS_MEMORY_MB=30); use fewer calibration windows (calibration.windows), a shorter calibration.seq_len "
+        "(or evaluate.seq_len), a smaller calibration.batch_size or export.shard_size_mb")
     monkeypatch.setenv(stream_fit.LIMIT_ENV, "10")
     with pytest.raises(InputError, match="10 MB available .*no calibration fits: the block itself is too large"):
-        stream_fit.check_fits(model, 4, 32, 2, 64, "m")
+        stream_fit.check_fits(model, 4, 32, 2, 64, 2**20, "m")
     monkeypatch.setenv(stream_fit.LIMIT_ENV, "60")
-    assert stream_fit.check_fits(model, 4, 32, 2, 64, "m") == need  # fits: the need is returned
+    assert stream_fit.check_fits(model, 4, 32, 2, 64, 2**20, "m") == need  # fits: the need is returned
 
 
 def test_cli_refuses_before_work(folder, tmp_path, monkeypatch):
