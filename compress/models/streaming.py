@@ -196,9 +196,10 @@ class StreamedModel(BlockSource):
         setattr(model, STREAM_ATTR, streamed)
         return streamed
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, compute: bool = True) -> torch.Tensor:
         """Tensor `name` read from its memory-mapped shard, in the compute dtype (a tied name reads its source); after
-        as_exported, the tensor as the artifact stores it (a quantized weight rebuilt from its record)."""
+        as_exported, the tensor as the artifact stores it (a quantized weight rebuilt from its record), left in the
+        export dtype when not `compute`."""
         module, _, leaf = name.rpartition(".")
         if self.exported is not None and leaf == "weight" and module in self.exported.quantized:
             return self.exported.quantized[module].dequantize(self.exported.dequantized_dtype).to(self.dtype)
@@ -209,6 +210,8 @@ class StreamedModel(BlockSource):
             value = shard.get_tensor(source)  # a copy, owned by the tensor
         if self.exported is not None:
             value = value.to(self.exported.dtype)
+            if not compute:
+                return value
         return value.to(self.dtype)
 
     def as_exported(self, quantized: Mapping[str, QuantRecord], settings: ExportSettings) -> None:
@@ -226,14 +229,15 @@ class StreamedModel(BlockSource):
 
     def module_tensors(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         """The model's tensors module by module in state-dict order, (module name, {tensor name: tensor}), each read
-        when its turn comes (export.write's input; one module in memory at a time)."""
+        when its turn comes (export.write's input; one module in memory at a time, in the export dtype after
+        as_exported: the float32 copy would only be rounded back)."""
         names = list(self.model.state_dict())  # meta tensors: names only, no memory
 
         def module_of(name: str) -> str:
             return name.rpartition(".")[0]
 
         for module, group in itertools.groupby(names, key=module_of):
-            yield module, {name: self.read(name) for name in group}
+            yield module, {name: self.read(name, compute=False) for name in group}
 
     def load(self, module: nn.Module) -> None:
         """Materialize every parameter of `module` (a submodule of the model) from the checkpoint."""
