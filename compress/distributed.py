@@ -138,6 +138,17 @@ def spread(items: Sequence[T], solve: Callable[[T], R], what: str) -> list[R]:
     return [_unwrap(_broadcast(mine.get(k), k % world, f"{what} (item {k})")) for k in range(len(items))]
 
 
+class SpreadExecutor:
+    """A search's executor (compress.search.executor.Executor) over the ranks: `spread`, so every rank gets every
+    candidate's score, each computed by one rank on its own copy of the model; in order, as one process scores them."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        return spread(items, fn, self.what)
+
+
 def share(n_batches: int) -> range:
     """The batch indices this rank runs, of batches 0..n_batches-1: every world_size-th from its rank (round robin,
     so that step j of every rank together covers batches j*world .. j*world + world - 1, in order)."""

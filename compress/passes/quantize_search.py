@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calibration.capture import for_each_block
+from compress import distributed
 from compress.errors import CompressError, InputError
 from compress.models import llama
 from compress.ops.gptq import gptq_quantize
@@ -125,7 +126,7 @@ def searched_quantize(model: nn.Module, ctx: PassContext, cfg: GptqConfig, modul
     with supernet:  # the model is dense again after the variants, the errors and the search
         if not reused:
             for_each_block(model, blocks, ctx.calibration, visit, watch, batch_size=ctx.batch_size, want_xtx=True,
-                           desc="knapsack: variants", device=ctx.device)
+                           desc="knapsack: variants", device=ctx.device, data_parallel=True)
             supernet.restore_dense()
 
         # 2. errors: KL with one unit quantized at a time
@@ -195,5 +196,6 @@ def _evolve(model: nn.Module, ctx: PassContext, mixed: MixedBits, unit_list: lis
     evo = mixed.evolution
     score = StagedKL(model, ctx.calibration, evo.stage_windows, ctx.batch_size, ctx.device)  # the model is dense here
     identity = {"variants": key, "stage_windows": evo.stage_windows, "error_windows": mixed.error_windows}
-    return evolve_saved(unit_list, start.budget, supernet_fitness(unit_list, supernet, score), start.choice,
+    fitness = supernet_fitness(unit_list, supernet, score, distributed.SpreadExecutor("evolution: candidates"))
+    return evolve_saved(unit_list, start.budget, fitness, start.choice,
                         EvolutionSettings.from_config(evo, ctx.seed), db.folder, identity)

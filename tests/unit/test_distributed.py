@@ -123,6 +123,29 @@ def test_resume_without_an_interrupted_run_is_refused_on_every_rank(setup):
     assert res.stderr.count("error: --resume: no unfinished run of") == 2, res.stderr[-3000:]
 
 
+def test_evolution_search_in_two_processes_writes_the_bytes_of_one(setup):
+    """llama-w3-evo's search, small: variants calibrated data-parallel, candidates scored on both ranks."""
+    root, recipe, env = setup
+    evo = yaml.safe_load(recipe.read_text())
+    evo["name"] = "evo"
+    evo["passes"][0]["bits"] = {"average": 3.0, "choices": [2, 3, 4], "allocator": "evolution", "error_windows": 2,
+                                "evolution": {"generations": 3, "offspring": 3, "survivors": [2],
+                                              "stage_windows": [1, 2]}}
+    (path := root / "evo.yaml").write_text(yaml.safe_dump(evo))
+    reports = {}
+    for procs in (1, 2):  # each with its own run state, so neither reuses the other's variants or search state
+        out = root / f"evo{procs}"
+        res = _compress(["run", "--recipe", str(path), "--out", str(out)],
+                        {**env, "COMPRESS_RUNS": str(root / f"runs-evo{procs}")}, root, procs=procs)
+        assert res.returncode == 0, res.stderr[-3000:]
+        reports[procs] = json.loads((out / "report.json").read_text())["passes"][0]["summary"]
+    assert _weights_sha(root / "evo2") == _weights_sha(root / "evo1")
+    assert reports[2]["variants_reused"] is False
+    one, two = reports[1]["evolution"], reports[2]["evolution"]
+    assert two["kl_by_generation"] == one["kl_by_generation"] and len(one["kl_by_generation"]) == 4
+    assert two["evaluations"] == one["evaluations"] and reports[2]["unit_bits"] == reports[1]["unit_bits"]
+
+
 def _die_at_block() -> None:
     """The kill test's hook: rank RANK leaves with exit code 3 when the block engine reaches block BLOCK."""
     import calibration.capture as capture
