@@ -8,7 +8,6 @@ import math
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from calibration.capture import for_each_block
 from compress import distributed
@@ -26,6 +25,7 @@ from compress.passes.targets import (
     shared_input_name,
     spec_for,
 )
+from compress.progress import tqdm
 from compress.recipe import GptqConfig, MixedBits
 from compress.report import PassReport
 from compress.search.base import Allocation, Option, Unit
