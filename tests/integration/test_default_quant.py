@@ -33,7 +33,9 @@ def test_w4_quality_size_and_stock_loading(w4_run):
     # a 135M model loses ~20% perplexity at 4 bits, group 64 (docs/results/quant_compare.md); ceilings with margin
     quality = {q["text"]: q for q in rep["quality"]}
     assert quality["pydoc-heldout"]["compressed ppl"] < 1.4 * quality["pydoc-heldout"]["dense ppl"]
-    assert quality["licenses"]["compressed ppl"] < 2.5 * quality["licenses"]["dense ppl"]
+    assert quality["licenses-heldout"]["compressed ppl"] < 2.5 * quality["licenses-heldout"]["dense ppl"]
+    # news is never calibrated on: the mixture and MSE scales keep it near RTN's 1.37x (docs/results/calib_robust.md)
+    assert quality["news"]["compressed ppl"] < 1.6 * quality["news"]["dense ppl"]
     assert rep["weights_bytes"]["compressed"] < 0.45 * rep["weights_bytes"]["dense"]
     cfg = json.loads((w4_run.artifact / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
