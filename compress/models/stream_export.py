@@ -20,7 +20,7 @@ from torch import nn
 
 from calibration.capture import STREAM_ATTR
 from compress.errors import CompressError
-from compress.models.streaming import BlockDone, BlockSource
+from compress.models.streaming import BlockDone, BlockSource, owned
 from compress.plan import Plan
 from export.records import BlockWidths, QuantRecord
 
@@ -65,7 +65,7 @@ class SpilledRecords(Mapping[str, QuantRecord]):
     def __getitem__(self, name: str) -> QuantRecord:
         bits, group_size, sym, shape = self.schemes[name]
         with safe_open(self.files[name], framework="pt") as f:
-            parts = {part: f.get_tensor(f"{name}.{part}") for part in PARTS}
+            parts = {part: owned(f.get_tensor(f"{name}.{part}")) for part in PARTS}
         if self.scale_dtype is not None:
             parts["scale"] = parts["scale"].to(self.scale_dtype)
         return QuantRecord(bits, group_size, sym, shape, **parts)
@@ -142,7 +142,7 @@ class ArtifactBlocks(BlockSource):
         for name in names:
             source = self.tied.get(name, name)
             with safe_open(self.files[source], framework="pt") as shard:
-                state[name.removeprefix(prefix)] = shard.get_tensor(source)
+                state[name.removeprefix(prefix)] = owned(shard.get_tensor(source))
         for name, scheme in self.schemes.items():
             if name.startswith(prefix):
                 gptq_to_packed(state, name.removeprefix(prefix), scheme)
