@@ -28,6 +28,7 @@ from compress.models.checks import check_export_dtype
 from compress.models.default import runs_dir
 from compress.passes import PassContext, make_pass
 from compress.plan import Plan, widths_of
+from compress.progress import status_lines
 from compress.recipe import LoraConfig, Recipe
 from compress.report import PassReport, RunResult, model_card
 from compress.search.variants import fingerprint
@@ -145,7 +146,8 @@ class Phases:
         self._running[name] = time.perf_counter()
         self._done.setdefault(name, 0.0)
         try:
-            yield
+            with status_lines(name, self.log):  # a line every few seconds while the phase shows no bar
+                yield
         finally:
             self._done[name] += time.perf_counter() - self._running.pop(name)
 

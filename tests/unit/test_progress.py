@@ -85,3 +85,22 @@ def test_a_disabled_bar_starts_no_thread():
     before = _heartbeats()
     bar = tqdm(range(3), disable=True, heartbeat=0.01)
     assert _heartbeats() == before and list(bar) == [0, 1, 2]
+
+
+def test_a_phase_without_a_bar_speaks_every_few_seconds_and_only_the_innermost():
+    from compress.progress import status_lines
+
+    lines: list[str] = []
+    with status_lines("writing", lines.append, every=0.05):
+        with status_lines("reloading", lines.append, every=0.05):
+            time.sleep(0.4)
+        inner = list(lines)
+        with tqdm(total=1, disable=False, file=io.StringIO(), heartbeat=0):  # an open bar speaks for itself
+            time.sleep(0.3)
+        during_bar = lines[len(inner):]
+    assert len(inner) >= 3 and all(line.startswith("reloading: ") and line.endswith(" s") for line in inner)
+    assert during_bar == []
+    assert lines[-1].startswith("writing: ") or lines == inner  # the outer one may speak once the bar is closed
+    quiet = len(lines)
+    time.sleep(0.2)
+    assert len(lines) == quiet  # nothing after the block
