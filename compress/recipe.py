@@ -10,6 +10,7 @@ from typing import Annotated, Any, ClassVar, Literal, Protocol, get_args, runtim
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -327,27 +328,28 @@ class QuantOverride(_Strict):
     sym: bool | None = None
 
 
+def _group_size(v: int) -> int:
+    if v != -1 and v < 1:
+        raise ValueError("group_size is a positive number of input columns, or -1")
+    return v
+
+
+GroupSize = Annotated[int, Field(le=MAX_WIDTH), AfterValidator(_group_size)]  # columns per scale, or -1 (per row)
+
+
 class LmHeadQuant(_Strict):
     """The output projection (vocab, hidden) quantized too (GPTQModel's `lm_head: true`): by GPTQ on the final norm's
     outputs or by rounding, as the pass does the decoder; a head tied to the embeddings is untied (they stay)."""
 
     bits: Literal[2, 3, 4, 8]  # what the kernels run: 2-4 bits in int4 lanes, 8 bits dequantized once
-    group_size: int = Field(64, le=MAX_WIDTH, description="input columns per scale; -1 for one scale per row")
+    group_size: GroupSize = Field(64, description="input columns per scale; -1 for one scale per row")
     sym: bool = True
-
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, v: int) -> int:
-        if v != -1 and v < 1:
-            raise ValueError("group_size is a positive number of input columns, or -1")
-        return v
 
 
 class _QuantBase(_Strict):
     role: ClassVar[Role] = "quantize"
     bits: Literal[2, 3, 4, 8] | MixedBits = 4
-    group_size: int = Field(128, le=MAX_WIDTH,
-                            description="input columns per scale; -1 for one scale per output row")
+    group_size: GroupSize = Field(128, description="input columns per scale; -1 for one scale per output row")
     sym: bool = True
     # minmax: each group's scale spans its range; mse: the range shrunk to minimize the group's rounding error
     # (compress.ops.quant.grid), which clips outliers
@@ -377,13 +379,6 @@ class _QuantBase(_Strict):
                 raise ValueError(f"bits.average {self.bits.average} cannot be met with choices "
                                  f"{sorted(set(self.bits.choices))}: it must lie in [{lo}, {hi}]")
         return self
-
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, v: int) -> int:
-        if v != -1 and v < 1:
-            raise ValueError("group_size is a positive number of input columns, or -1")
-        return v
 
 
 class GptqConfig(_QuantBase):

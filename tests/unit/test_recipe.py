@@ -130,3 +130,16 @@ def test_recipe_order_comes_from_roles():
         "prune", "prune", "quantize"]
     with pytest.raises(RecipeError, match=r"passes\.2: flap prunes weights that passes\.1 already quantized"):
         load_recipe({"name": "x", "passes": [flap, gptq, flap]})
+
+
+def test_group_size_is_positive_or_minus_one_for_the_decoder_and_the_lm_head():
+    import pytest as _pytest
+
+    from compress.errors import RecipeError
+    from compress.recipe import load_recipe
+
+    for spec, where in [({"group_size": 0}, "passes.0.group_size"),
+                        ({"lm_head": {"bits": 8, "group_size": -5}}, "passes.0.lm_head.group_size")]:
+        with _pytest.raises(RecipeError, match=rf"{where}: group_size is a positive number of input columns, or -1"):
+            load_recipe({"name": "x", "passes": [{"pass": "gptq", **spec}]})
+    assert load_recipe({"name": "x", "passes": [{"pass": "gptq", "group_size": -1}]}).passes[0].group_size == -1
