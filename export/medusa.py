@@ -8,6 +8,7 @@ is these tensors plus its config."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,8 +38,8 @@ class ResidualBlock(nn.Module):
 class MedusaHeads(nn.Module):
     """K drafter heads over final hidden states.
 
-    forward(hidden (..., H), lm_head: (H -> V) module) -> logits (..., K, V): at the hidden state of position t, head
-    k (0-based) guesses the token at position t + k + 2; the model's own lm_head guesses t + 1."""
+    forward(hidden (..., H), lm_head: (H -> V) module or function) -> logits (..., K, V): at the hidden state of
+    position t, head k (0-based) guesses the token at position t + k + 2; the model's own lm_head guesses t + 1."""
 
     def __init__(self, hidden_size: int, num_heads: int = 4, num_layers: int = 1) -> None:
         super().__init__()
@@ -53,7 +54,7 @@ class MedusaHeads(nn.Module):
         """(..., H) -> (..., K, H): each head's input to the shared lm_head."""
         return torch.stack([block(hidden) for block in self.blocks], dim=-2)
 
-    def forward(self, hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, lm_head: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         return lm_head(self.hidden(hidden))
 
 

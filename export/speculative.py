@@ -134,8 +134,29 @@ def _rowwise_attention(original: Callable[..., Any], prompt_len: int | None) -> 
     return attend
 
 
+FLOAT32_UNIT_ROUNDOFF = 2.0 ** -24
+
+
+def certified_argmax(logits: torch.Tensor, states: torch.Tensor, weight: torch.Tensor,
+                     row_norm: float | None = None) -> torch.Tensor:
+    """Which rows of a float32 product `logits` (..., n, V) = states (..., n, H) @ weight (V, H)^T have the argmax
+    that any other float32 evaluation of the same row (the one-row product plain decoding runs, another blocking or
+    summation order) must also give: (..., n) bool. Each computed logit is within gamma_H * ||w_v|| * ||h|| of the
+    exact dot product (gamma_H = H u / (1 - H u), u = 2^-24; Higham, Accuracy and Stability of Numerical
+    Algorithms, 2002, section 3.1, with Cauchy-Schwarz), so two evaluations differ by at most twice that, and a row
+    whose top logit leads the next by more than 4 gamma_H max_v ||w_v|| ||h|| keeps its argmax in both (unique).
+    `row_norm`: max_v ||w_v|| when known. Rows with a non-finite value are not certified."""
+    h = states.shape[-1]
+    gamma = h * FLOAT32_UNIT_ROUNDOFF / (1 - h * FLOAT32_UNIT_ROUNDOFF)
+    norm = float(weight.float().norm(dim=1).max()) if row_norm is None else row_norm
+    top = logits.topk(2, dim=-1).values  # (..., n, 2)
+    bound = 4 * gamma * norm * states.float().norm(dim=-1)  # (..., n)
+    return torch.isfinite(top).all(-1) & (top[..., 0] - top[..., 1] > bound)
+
+
 @contextmanager
-def exact_verification(model: nn.Module, prompt_len: int | None = None) -> Iterator[None]:
+def exact_verification(model: nn.Module, prompt_len: int | None = None,
+                       greedy: bool = False) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
     """Within: a forward over several new tokens behind a KV cache computes every row as a one-token forward (plain
     decoding's) does: attention query by query (_rowwise_attention) and the lm_head row by row; a first forward
     longer than `prompt_len` (prompt and drafts at once) computes the prompt's rows as plain decoding's prefill.
@@ -143,7 +164,11 @@ def exact_verification(model: nn.Module, prompt_len: int | None = None) -> Itera
     (torch's CPU int4 kernel is; float32 matmuls are not, docs/speculative.md). Without it, a 4-bit model's
     verification rounded differently from decoding (transformers' SDPA packs a lone query's GQA heads, several
     queries take another path; 1e-7 there, amplified by the int4 kernel's bfloat16 inputs to 0.2 in the logits) and
-    a near-tie flipped. The attention implementation and the lm_head are restored on exit."""
+    a near-tie flipped. With `greedy`, where only each row's argmax matters, a float32 lm_head without bias reads its
+    weight once for all rows and recomputes alone only the rows whose argmax certified_argmax cannot vouch for (a
+    near-tie; reading a 113 MB lm_head once per row cost as much as the rest of a step). Yields the lm_head's own
+    forward, unpatched, for drafting (no exactness needed there). The attention implementation and the lm_head are
+    restored on exit."""
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -156,16 +181,29 @@ def exact_verification(model: nn.Module, prompt_len: int | None = None) -> Itera
     lm_head = causal.get_output_embeddings()
     whole = lm_head.forward
 
-    def by_row(states: torch.Tensor) -> torch.Tensor:  # (..., n, H) -> (..., n, V), one (..., 1, H) row at a time
+    weight: torch.Tensor = getattr(lm_head, "weight", torch.empty(0))
+    once = greedy and type(lm_head) is nn.Linear and lm_head.bias is None and weight.dtype == torch.float32
+    row_norm = float(weight.detach().norm(dim=1).max()) if once else None
+
+    def alone(states: torch.Tensor, i: int) -> torch.Tensor:  # (..., n, H) -> (..., 1, V): row i as decoding runs it
+        return whole(states[..., i:i + 1, :])
+
+    def by_row(states: torch.Tensor) -> torch.Tensor:  # (..., n, H) -> (..., n, V), as n one-row products would
         if states.dim() < 2 or states.shape[-2] == 1:
             return whole(states)
-        return torch.cat([whole(states[..., i:i + 1, :]) for i in range(states.shape[-2])], dim=-2)
+        if not (once and states.dtype == torch.float32):
+            return torch.cat([alone(states, i) for i in range(states.shape[-2])], dim=-2)
+        logits = whole(states)  # (..., n, V): the weight read once
+        sure = certified_argmax(logits, states, weight, row_norm).reshape(-1, states.shape[-2]).all(0)  # (n,)
+        for i in (~sure).nonzero().flatten().tolist():
+            logits[..., i:i + 1, :] = alone(states, i)
+        return logits
 
     if swap:
         causal.set_attn_implementation(rowwise)
     lm_head.forward = by_row
     try:
-        yield
+        yield whole
     finally:
         del lm_head.forward
         if swap:
@@ -210,22 +248,24 @@ def speculative_generate(model: nn.Module, heads: MedusaHeads, ids: torch.Tensor
         return torch.multinomial(warp(logits, temperature, top_k, top_p), 1, generator=generator)[:, 0]
 
     cache = DynamicCache(config=cast(Any, model).config)
-    with exact_verification(model):
-        return _draft_and_verify(decoder, lm_head, cache_arg, cache, heads, ids, max_new_tokens, eos, choose,
-                                 (temperature, top_k, top_p) if do_sample else None, generator)
+    with exact_verification(model, greedy=not do_sample) as draft_lm_head:
+        return _draft_and_verify(decoder, lm_head, draft_lm_head, cache_arg, cache, heads, ids, max_new_tokens, eos,
+                                 choose, (temperature, top_k, top_p) if do_sample else None, generator)
 
 
-def _draft_and_verify(decoder: Any, lm_head: Any, cache_arg: str, cache: Any, heads: MedusaHeads, ids: torch.Tensor,
-                      max_new_tokens: int, eos: set[int], choose: Callable[[torch.Tensor], torch.Tensor],
+def _draft_and_verify(decoder: Any, lm_head: Any, draft_lm_head: Callable[[torch.Tensor], torch.Tensor],
+                      cache_arg: str, cache: Any, heads: MedusaHeads, ids: torch.Tensor, max_new_tokens: int,
+                      eos: set[int], choose: Callable[[torch.Tensor], torch.Tensor],
                       warping: tuple[float, int | None, float | None] | None, generator: torch.Generator | None,
                       ) -> tuple[list[int], DraftCounts]:
-    """speculative_generate's loop (inside exact_verification); `warping` (temperature, top_k, top_p) when sampling."""
+    """speculative_generate's loop (inside exact_verification); `warping` (temperature, top_k, top_p) when sampling;
+    `draft_lm_head` the lm_head as the heads use it (one product for all of them, not verification's)."""
     hidden = decoder(input_ids=ids, use_cache=True, **{cache_arg: cache}).last_hidden_state[0, -1:]  # (1, H)
     out = [int(choose(lm_head(hidden[None])[0])[0])]  # lm_head reads (1, 1, H) as in plain decoding
     steps = drafted = accepted = 0
     while len(out) < max_new_tokens and out[-1] not in eos:
         k = min(heads.num_heads, max_new_tokens - len(out) - 1)  # the step adds at most k + 1 tokens
-        head_logits = heads(hidden[0], lm_head)[:k]  # (k, V): head i guesses the token i + 1 after out[-1]
+        head_logits = heads(hidden[0], draft_lm_head)[:k]  # (k, V): head i guesses the token i + 1 after out[-1]
         q = None if warping is None else warp(head_logits, *warping)
         drafts = choose(head_logits)  # (k,)
         step_ids = torch.tensor([[out[-1], *drafts.tolist()]])  # (1, 1 + k)
@@ -273,7 +313,7 @@ def library_generate(model: nn.Module, tokenizer: Any, ids: torch.Tensor, max_ne
                              else {"assistant_model": draft})
     handle = model.register_forward_pre_hook(note, with_kwargs=True)
     try:
-        with exact_verification(model, int(ids.shape[1])):  # verifying forwards round as plain decoding's
+        with exact_verification(model, int(ids.shape[1]), greedy=not sampling.get("do_sample")):  # as decoding rounds
             gen = generate(model, tokenizer, ids, max_new_tokens, pad_token_id, **extra, **sampling)
     finally:
         handle.remove()
