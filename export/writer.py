@@ -100,6 +100,19 @@ def _unshared(shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: t.clone() if owners[t.untyped_storage().data_ptr()] > 1 else t for k, t in shard.items()}
 
 
+def _flush_and_drop(path: Path) -> None:
+    """Write a finished file's pages to disk and drop them from the page cache: under a memory cgroup the pages of the
+    shards written so far are charged to the run until written back, and an artifact larger than the limit was
+    OOM-killed while writing (docs/scale.md). The file is read back only by `compress verify`, from disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def _sync_folder(folder: Path) -> None:
     """Flush a folder's entries (a rename in it) to disk."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -153,6 +166,7 @@ class ArtifactWriter:
         def close() -> None:
             part = self.tmp / f"weights-{len(parts)}{PART_SUFFIX}"
             save_file(_unshared(shard), part, metadata={"format": "pt"})
+            _flush_and_drop(part)
             parts.append((part, {k: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
                                  for k, t in shard.items()}))
             shard.clear()
