@@ -1,15 +1,23 @@
-"""`compress` command line: parses, calls compress.api, prints. Exit codes: 0 ok, 2 bad usage or input, 1 failure."""
+"""`compress` command line: parses, calls compress.api, prints. Exit codes: 0 ok, 2 bad usage or input, 1 failure.
+
+compress.api (torch, transformers: seconds to import) is imported when a command runs, not when the module loads, so
+that `compress --help` and a command's `--help` answer at once and a run's first line is not held back by imports
+of code it has not reached."""
 
 from __future__ import annotations
 
 import functools
 import json
 import sys
+from types import ModuleType
 
 import click
 
-from compress import api
-from compress.errors import ArtifactError, CompressError, InputError
+
+def _api() -> ModuleType:
+    from compress import api
+
+    return api
 
 
 def _errors(fn):
@@ -17,8 +25,10 @@ def _errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from compress.errors import ArtifactError, CompressError, InputError
+
         try:
-            with api.command_line():  # errors name our flags, not the Python arguments
+            with _api().command_line():  # errors name our flags, not the Python arguments
                 return fn(*args, **kwargs)
         except (InputError, ArtifactError) as err:
             click.echo(f"error: {err}", err=True)
@@ -106,7 +116,7 @@ def run(recipe, recipe_option, out, overwrite, resume, overrides, as_json) -> No
     with distributed.session():
         main = distributed.is_main()
         log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
-        result = api.run(recipe, out=out, overwrite=overwrite, overrides=overrides,
+        result = _api().run(recipe, out=out, overwrite=overwrite, overrides=overrides,
                          log=log if main else lambda _m: None, resume=resume)
     if main:
         _emit(result, as_json)
@@ -120,7 +130,7 @@ def run(recipe, recipe_option, out, overwrite, resume, overrides, as_json) -> No
 def validate(recipe, recipe_option, overrides, as_json) -> None:
     """Check a recipe and its local paths without reading any weights or text."""
     recipe = _one_recipe(recipe, recipe_option)
-    r = api.validate(recipe, overrides=overrides)
+    r = _api().validate(recipe, overrides=overrides)
     click.echo(json.dumps(r.to_dict(), indent=2) if as_json else f"{recipe}: OK\n{r.to_yaml()}")
 
 
@@ -131,7 +141,7 @@ def validate(recipe, recipe_option, overrides, as_json) -> None:
 @_errors
 def eval_(artifact, max_windows, as_json) -> None:
     """Dense source vs artifact: held-out perplexity, parameters, size on disk, CPU tokens/s."""
-    _emit(api.eval(artifact, max_windows=max_windows), as_json)
+    _emit(_api().eval(artifact, max_windows=max_windows), as_json)
 
 
 @cli.command()
@@ -140,7 +150,7 @@ def eval_(artifact, max_windows, as_json) -> None:
 @_errors
 def inspect(artifact, as_json) -> None:
     """Show what an artifact holds, layer by layer."""
-    _emit(api.inspect(artifact), as_json)
+    _emit(_api().inspect(artifact), as_json)
 
 
 @cli.command()
@@ -149,7 +159,7 @@ def inspect(artifact, as_json) -> None:
 @_errors
 def verify(artifact, as_json) -> None:
     """Check every file and tensor of an artifact against its manifest (exit 2 if any problem)."""
-    result = api.verify(artifact)
+    result = _api().verify(artifact)
     _emit(result, as_json)
     if not result.ok:
         sys.exit(2)
@@ -176,7 +186,7 @@ def verify(artifact, as_json) -> None:
 def generate(artifact, prompt, max_new_tokens, chat, do_sample, temperature, top_k, top_p, seed, kernel, draft,
              as_json) -> None:
     """Continue a prompt with an artifact (or a dense source model) on CPU; prints the text and tokens per second."""
-    _emit(api.generate(artifact, prompt, max_new_tokens=max_new_tokens, chat=chat, do_sample=do_sample,
+    _emit(_api().generate(artifact, prompt, max_new_tokens=max_new_tokens, chat=chat, do_sample=do_sample,
                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, kernel=kernel, draft=draft),
           as_json)
 
