@@ -47,3 +47,13 @@ def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, **over) ->
     model.save_pretrained(folder, safe_serialization=True)
     make_tokenizer().save_pretrained(folder)
     return Path(folder)
+
+
+def verification_case(model, generator: torch.Generator, prompt_len: int, k: int):
+    """A prompt (1, prompt_len) and k next tokens (1, k) drawn from the model's vocabulary, and two empty
+    DynamicCaches: one for a k-token verifying forward, one for plain decoding's one-token forwards."""
+    from transformers import DynamicCache
+
+    prompt = torch.randint(1, model.config.vocab_size, (1, prompt_len), generator=generator)
+    step = torch.randint(1, model.config.vocab_size, (1, k), generator=generator)
+    return prompt, step, DynamicCache(config=model.config), DynamicCache(config=model.config)

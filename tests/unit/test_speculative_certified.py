@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from export.speculative import certified_argmax, exact_verification
-from tests.tiny import make_tiny_model
+from tests.tiny import make_tiny_model, verification_case
 
 
 def test_a_certified_row_has_the_exact_products_argmax():
@@ -50,15 +50,11 @@ def dense(tmp_path_factory):
 
 @torch.no_grad()
 def test_greedy_verification_picks_what_decoding_picks(dense):
-    from transformers import DynamicCache
-
     model = dense
     assert type(model.get_output_embeddings()) is nn.Linear and model.get_output_embeddings().bias is None
     gen = torch.Generator().manual_seed(0)
     for prompt_len, k in [(20, 5), (9, 3), (33, 4)]:
-        prompt = torch.randint(1, model.config.vocab_size, (1, prompt_len), generator=gen)
-        step = torch.randint(1, model.config.vocab_size, (1, k), generator=gen)
-        batched, single = DynamicCache(config=model.config), DynamicCache(config=model.config)
+        prompt, step, batched, single = verification_case(model, gen, prompt_len, k)
         model(input_ids=prompt, cache=single, use_cache=True)
         with exact_verification(model, greedy=True) as draft_lm_head:
             model(input_ids=prompt, cache=batched, use_cache=True)

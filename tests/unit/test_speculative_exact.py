@@ -19,7 +19,7 @@ from compress import api
 from export.generate import generate
 from export.medusa import MedusaHeads
 from export.speculative import exact_verification, library_generate, speculative_generate
-from tests.tiny import make_tiny_model
+from tests.tiny import make_tiny_model, verification_case
 
 # SmolLM2's attention layout (head_dim 64, 3 query heads per key/value head), narrow and shallow
 SHAPE = dict(hidden_size=192, num_attention_heads=3, num_key_value_heads=1, head_dim=64, intermediate_size=256,
@@ -69,14 +69,10 @@ def same_rows(a: dict[str, list[torch.Tensor]], b: dict[str, list[torch.Tensor]]
 
 @torch.no_grad()
 def test_a_k_token_forward_equals_k_one_token_forwards_bit_for_bit(int4):
-    from transformers import DynamicCache
-
     model, _ = int4
     gen = torch.Generator().manual_seed(0)
     for prompt_len, k in [(20, 5), (37, 3), (9, 2)]:
-        prompt = torch.randint(1, model.config.vocab_size, (1, prompt_len), generator=gen)
-        step = torch.randint(1, model.config.vocab_size, (1, k), generator=gen)
-        batched, single = DynamicCache(config=model.config), DynamicCache(config=model.config)
+        prompt, step, batched, single = verification_case(model, gen, prompt_len, k)
         model(input_ids=prompt, cache=single, use_cache=True)
         with exact_verification(model):
             model(input_ids=prompt, cache=batched, use_cache=True)
