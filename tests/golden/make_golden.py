@@ -1,5 +1,7 @@
 """The golden artifacts: two tiny artifacts written by the real pipeline (`compress.api.run`), committed, and checked
-byte for byte by tests/unit/test_golden.py, so that a change of what lands on disk is a deliberate act.
+byte for byte by tests/unit/test_golden.py, so that a change of what lands on disk is a deliberate act. Byte for byte
+holds on the kind of CPU that wrote them (machine.json); another kind rounds a last bit differently in a few places
+(see test_golden.py).
 
     python -m tests.golden.make_golden      # rewrite tests/golden/{mixed,gptq}/ and expected_logits.safetensors
 
@@ -28,6 +30,7 @@ from safetensors.torch import load_file, save_file
 GOLDEN = Path(__file__).parent
 SOURCE = "tiny-golden-source"  # the source model's folder, relative to the working folder of the run
 LOGITS = "expected_logits.safetensors"
+MACHINE = "machine.json"  # the kind of CPU arithmetic the committed artifacts were written with (machine())
 SEED = 0
 # the fixed input the expected logits are computed on: (1, 12) token ids below the tiny vocabulary
 INPUT_IDS = torch.tensor([[0, 5, 17, 42, 99, 150, 201, 256, 300, 333, 7, 64]], dtype=torch.int64)
@@ -124,6 +127,23 @@ def build(work: Path) -> dict[str, Path]:
     return out
 
 
+def machine() -> dict[str, str]:
+    """What decides the last bits of the pipeline's float arithmetic on a CPU: the vector width torch's kernels and
+    MKL dispatch to (AVX2 vs AVX512 reduce sums in other orders) and the vendor (MKL takes other paths on AMD)."""
+    vendor = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                vendor = line.split(":", 1)[1].strip()
+                break
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "vendor": vendor}
+
+
+def written_on() -> dict[str, str]:
+    """machine() of the machine that wrote the committed artifacts."""
+    return json.loads((GOLDEN / MACHINE).read_text())
+
+
 def logits(artifact: Path) -> torch.Tensor:
     """(1, T, vocab) fp32 logits of the artifact, loaded with export.load, on INPUT_IDS."""
     import export
@@ -145,6 +165,7 @@ def main() -> None:
             shutil.rmtree(GOLDEN / name, ignore_errors=True)
             shutil.copytree(folder, GOLDEN / name)
     save_file({name: logits(GOLDEN / name).contiguous() for name in RECIPES}, GOLDEN / LOGITS)
+    (GOLDEN / MACHINE).write_text(json.dumps(machine(), indent=2) + "\n")
     size = sum(p.stat().st_size for p in GOLDEN.rglob("*") if p.is_file())
     print(f"wrote {', '.join(str(GOLDEN / n) for n in RECIPES)} and {GOLDEN / LOGITS}: {size / 1024:.0f} KiB in all")
 
