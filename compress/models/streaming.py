@@ -13,9 +13,19 @@ their maximum since open.
 through the engine, perplexities through the engine with the head applied per batch, the artifact written module by
 module from the source and the plan (`as_exported`, `module_tensors`). Each finished block's packed records leave the
 plan for a spill file next to the output, and the reload check reads the written artifact block by block
-(compress.models.stream_export), so nothing held grows with depth. A model that cannot fit even one block at a time
-is refused before work (compress.models.stream_fit). Not streamed yet: pruning passes, searches and round-to-nearest
-(refused by name), greedy continuations (skipped, recorded), --resume (refused).
+(compress.models.stream_export), so nothing held grows with depth.
+
+Pruning (FLAP, uniform or adaptive, with its bias compensation; Wanda-sp), alone or before GPTQ: the pass collects its
+statistics and scores each block through the engine (one pass of the dense model), chooses the widths over all layers as
+in memory, and cuts each block through `prune_block`, which on a streamed model is `StreamedModel.cut`: the surgery is
+applied to the skeleton at once (its pruned shapes and new biases, on meta) and replayed on the checkpoint's dense
+tensors each time the block is read again, for the engine, the evaluation or the export (`cut_tensor`). The surgery
+holds only which groups and channels stay and per-channel means; recomputing a compensation bias is one matrix-vector
+product, so nothing is spilled. Same code, same float32 inputs: the same bytes as in memory.
+
+A model that cannot fit even one block at a time is refused before work (compress.models.stream_fit). Not streamed
+yet: the other pruning passes (cfsp, tyr), searches, round-to-nearest and a quantized lm_head (refused by name),
+greedy continuations (skipped, recorded), --resume (refused).
 """
 
 from __future__ import annotations
@@ -410,12 +420,13 @@ def wants_stream(recipe: Recipe) -> bool:
 def run(recipe: Recipe, out: str | Path, overwrite: bool = False, log: Callable[[str], None] = print,
         resume: bool = False) -> RunResult:
     """`compress run` with the model never materialized whole: the skeleton is opened over the source's safetensors,
-    GPTQ runs block by block through the engine, dense and compressed perplexities are computed through it, and the
-    artifact is written module by module from the memory-mapped source and the plan (its records spilled to disk as
-    blocks finish). The report says execution: stream. The written artifact is read back block by block
-    (ArtifactBlocks: packed codes, as export.load builds them) and its logits compared with the streamed model's, as
-    the in-memory run does. Raises InputError (exit 2) before any work when one block cannot fit (check_fits).
-    Not yet: evaluate.prompts (continuations are skipped and recorded), --resume, a recipe field choosing this path."""
+    pruning (FLAP, Wanda-sp: each block cut as it is read) and GPTQ run block by block through the engine, dense and
+    compressed perplexities are computed through it, and the artifact is written module by module from the memory-mapped
+    source and the plan (its records spilled to disk as blocks finish). The report says execution: stream. The written
+    artifact is read back block by block (ArtifactBlocks: packed codes, as export.load builds them) and its logits
+    compared with the streamed model's, as the in-memory run does. Raises InputError (exit 2) before any work when one
+    block cannot fit (check_fits). Not yet: evaluate.prompts (continuations are skipped and recorded), --resume, a
+    recipe field choosing this path."""
     with ExitStack() as stack:  # holds the spill folder of the records, removed at the end
         return _run(recipe, Path(out), overwrite, log, resume, stack)
 
