@@ -13,14 +13,25 @@ their maximum since open.
 through the engine, perplexities through the engine with the head applied per batch, the artifact written module by
 module from the source and the plan (`as_exported`, `module_tensors`). Each finished block's packed records leave the
 plan for a spill file next to the output, and the reload check reads the written artifact block by block
-(compress.models.stream_export), so nothing held grows with depth. A model that cannot fit even one block at a time
-is refused before work (compress.models.stream_fit). Not streamed yet: pruning passes, searches and round-to-nearest
-(refused by name), greedy continuations (skipped, recorded), --resume (refused).
+(compress.models.stream_export), so nothing held grows with depth.
+
+Pruning (FLAP, uniform or adaptive, with its bias compensation; Wanda-sp), alone or before GPTQ: the pass collects its
+statistics and scores each block through the engine (one pass of the dense model), chooses the widths over all layers as
+in memory, and cuts each block through `prune_block`, which on a streamed model is `StreamedModel.cut`: the surgery is
+applied to the skeleton at once (its pruned shapes and new biases, on meta) and replayed on the checkpoint's dense
+tensors each time the block is read again, for the engine, the evaluation or the export (`cut_tensor`). The surgery
+holds only which groups and channels stay and per-channel means; recomputing a compensation bias is one matrix-vector
+product, so nothing is spilled. Same code, same float32 inputs: the same bytes as in memory.
+
+A model that cannot fit even one block at a time is refused before work (compress.models.stream_fit). Not streamed
+yet: the other pruning passes (cfsp, tyr), searches, round-to-nearest and a quantized lm_head (refused by name),
+greedy continuations (skipped, recorded), --resume (refused).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import itertools
 import math
@@ -32,7 +43,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +66,8 @@ if TYPE_CHECKING:
     from export import ExportSettings
 
 BlockDone = Callable[[int, nn.Module], None]
+T = TypeVar("T")
+Surgery = Callable[[nn.Module], object]  # in-place surgery on a materialized block (a pruning pass's cut)
 
 
 @dataclass(frozen=True)
@@ -174,6 +187,12 @@ class StreamedModel(BlockSource):
     exported: Exported | None = None  # set by as_exported: read() gives what the artifact stores
     resident_bytes: int = 0
     peak_bytes: int = 0
+    # pruned blocks (cut): block -> its skeleton as the checkpoint stores it (meta, no memory), the surgeries
+    # replayed on it in order, and its tensor names' prefix (model.layers.3.)
+    dense_blocks: dict[int, nn.Module] = field(default_factory=dict)
+    surgeries: dict[int, list[Surgery]] = field(default_factory=dict)
+    cut_prefixes: dict[str, int] = field(default_factory=dict)
+    pending: dict[str, torch.Tensor] = field(default_factory=dict)  # one cut block's tensors not read yet
 
     @classmethod
     def open(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> StreamedModel:
@@ -197,22 +216,86 @@ class StreamedModel(BlockSource):
         return streamed
 
     def read(self, name: str, compute: bool = True) -> torch.Tensor:
-        """Tensor `name` read from its memory-mapped shard, in the compute dtype (a tied name reads its source); after
-        as_exported, the tensor as the artifact stores it (a quantized weight rebuilt from its record), left in the
-        export dtype when not `compute`."""
+        """Tensor `name` read from its memory-mapped shard, in the compute dtype (a tied name reads its source; in a
+        pruned block, the tensor as the cuts leave it, cut_tensor); after as_exported, the tensor as the artifact
+        stores it (a quantized weight rebuilt from its record), left in the export dtype when not `compute`."""
         module, _, leaf = name.rpartition(".")
+        block = self._cut_block_of(name)
         if self.exported is not None and leaf == "weight" and module in self.exported.quantized:
+            if block is not None:
+                self.pending.pop(name, None)  # read from the record instead
             return self.exported.quantized[module].dequantize(self.exported.dequantized_dtype).to(self.dtype)
-        source = self.tied.get(name, name)
-        # opened per read (a header parse, microseconds): a mapping kept open would keep every page read so far
-        # resident (file-backed, but counted), growing with depth
-        with safe_open(self.files[source], framework="pt") as shard:
-            value = owned(shard.get_tensor(source))
+        if block is not None:  # in the compute dtype, as the in-memory pass leaves it
+            value = self.cut_tensor(block, name)
+        else:
+            source = self.tied.get(name, name)
+            # opened per read (a header parse, microseconds): a mapping kept open would keep every page read so far
+            # resident (file-backed, but counted), growing with depth
+            with safe_open(self.files[source], framework="pt") as shard:
+                value = owned(shard.get_tensor(source))
         if self.exported is not None:
             value = value.to(self.exported.dtype)
             if not compute:
                 return value
         return value.to(self.dtype)
+
+    def _read_source(self, name: str) -> torch.Tensor:
+        """Tensor `name` as the checkpoint stores it, in the compute dtype (no cut, no export rounding)."""
+        with safe_open(self.files[name], framework="pt") as shard:
+            return owned(shard.get_tensor(name)).to(self.dtype)
+
+    def _cut_block_of(self, name: str) -> int | None:
+        """The pruned block tensor `name` belongs to, or None."""
+        if not self.cut_prefixes:
+            return None
+        head, _, _ = name.rpartition(".")
+        while head:
+            if (block := self.cut_prefixes.get(f"{head}.")) is not None:
+                return block
+            head = head.rpartition(".")[0]
+        return None
+
+    def cut(self, i: int, surgery: Callable[[nn.Module], T]) -> T:
+        """Prune block i by `surgery` (in place on a materialized block, deterministic): applied now to the block as
+        it is (its skeleton takes the new shapes), and replayed on the checkpoint's tensors (after the earlier
+        surgeries) each time the block is read again; returns what `surgery` returns. Nothing of the cut block is
+        kept in memory: only what `surgery` holds (a pruning pass's indices and per-channel means)."""
+        block = llama.blocks(self.model)[i]
+        if i not in self.dense_blocks:
+            self.dense_blocks[i] = copy.deepcopy(block)  # parameters on meta: shapes only
+            self.cut_prefixes[self._prefix(block)] = i
+        start = self.resident_bytes
+        self.load(block)  # as the earlier surgeries left it
+        try:
+            result = surgery(block)
+        finally:
+            self.release(block)  # the surgery replaced the parameters load counted
+            self.resident_bytes = start
+            self.pending.clear()
+            give_back_freed()
+        self.surgeries.setdefault(i, []).append(surgery)
+        return result
+
+    def cut_tensor(self, i: int, name: str) -> torch.Tensor:
+        """Tensor `name` of pruned block i in the compute dtype: the block's dense tensors read from the checkpoint
+        and cut by its surgeries in order, all of them at once, then handed out one read each (`pending`: a block
+        read whole, as the engine and the export read it, is cut once per materialization)."""
+        if name not in self.pending:
+            self.pending = self._cut_state(i)
+        if name not in self.pending:
+            raise KeyError(f"{name}: not a tensor of pruned block {i}")
+        return self.pending.pop(name)
+
+    def _cut_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Every tensor of pruned block i (full names), cut from the checkpoint's."""
+        block = copy.deepcopy(self.dense_blocks[i])
+        prefix = next(p for p, b in self.cut_prefixes.items() if b == i)
+        start = self.resident_bytes
+        self._fill(block, prefix, self._read_source)  # counted while it lives: the dense block is the peak here
+        for surgery in self.surgeries.get(i, []):  # none yet while the first cut reads the block
+            surgery(block)
+        self.resident_bytes = start  # what is kept is counted when it is loaded
+        return {prefix + name: tensor for name, tensor in block.state_dict().items()}
 
     def as_exported(self, quantized: Mapping[str, QuantRecord], settings: ExportSettings) -> None:
         """From now on materialize what the artifact stores: `quantized` (the plan's records, their scales rounded to
@@ -241,14 +324,18 @@ class StreamedModel(BlockSource):
 
     def load(self, module: nn.Module) -> None:
         """Materialize every parameter of `module` (a submodule of the model) from the checkpoint."""
-        prefix = self._prefix(module)
+        self._fill(module, self._prefix(module), self.read)
+
+    def _fill(self, module: nn.Module, prefix: str, read: Callable[[str], torch.Tensor]) -> None:
+        """Give every parameter of `module` its value `read(prefix + name)`, checking shapes; counted as resident."""
         for name, param in list(module.named_parameters()):
             owner, _, leaf = name.rpartition(".")
             holder = module.get_submodule(owner) if owner else module
-            value = self.read(prefix + name)
+            value = read(prefix + name)
             if tuple(value.shape) != tuple(param.shape):
-                raise InputError(f"{self.files[self.tied.get(prefix + name, prefix + name)]}: tensor {prefix + name} "
-                                 f"has shape {list(value.shape)}, the model expects {list(param.shape)}")
+                where = self.files.get(self.tied.get(prefix + name, prefix + name), self.folder)
+                raise InputError(f"{where}: tensor {prefix + name} has shape {list(value.shape)}, the model expects "
+                                 f"{list(param.shape)}")
             setattr(holder, leaf, nn.Parameter(value, requires_grad=False))
             self.resident_bytes += value.numel() * value.element_size()
         self.peak_bytes = max(self.peak_bytes, self.resident_bytes)
@@ -278,18 +365,35 @@ def give_back_freed() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def prune_block(model: nn.Module, i: int, surgery: Callable[[nn.Module], T]) -> T:
+    """Apply `surgery` (in-place, deterministic, on a materialized block) to block i of `model` and return what it
+    returns: directly on an in-memory model; on a streamed one (StreamedModel.cut) to the skeleton now and to the
+    checkpoint's tensors each time the block is read again, so the block is never kept in memory."""
+    stream = getattr(model, STREAM_ATTR, None)
+    if stream is None:
+        return surgery(llama.blocks(model)[i])
+    if not isinstance(stream, StreamedModel):
+        raise TypeError(f"prune_block: a {type(stream).__name__} cannot be pruned (only a StreamedModel)")
+    return stream.cut(i, surgery)
+
+
 def check_streamable(recipe: Recipe) -> None:
-    """Refuse (RecipeError naming the pass) a recipe the streamed run cannot do yet: only GPTQ at fixed bits streams
-    (its passes read weights only through the block engine); pruning, searches and round-to-nearest read or change
-    weights outside it."""
+    """Refuse (RecipeError naming the pass) a recipe the streamed run cannot do yet. Streamed: FLAP and Wanda-sp
+    (statistics and scores through the block engine, each block cut as it is read: StreamedModel.cut), then at most
+    one GPTQ pass at fixed bits (its passes read weights only through the block engine). Not yet: the other pruning
+    passes, searches and round-to-nearest, which read or change weights outside it."""
     from compress.errors import RecipeError
-    from compress.recipe import GptqConfig, MixedBits
+    from compress.recipe import FlapConfig, GptqConfig, MixedBits, WandaSpConfig
 
     for i, cfg in enumerate(recipe.passes):
+        if isinstance(cfg, (FlapConfig, WandaSpConfig)):
+            continue
         if not isinstance(cfg, GptqConfig) or isinstance(cfg.bits, MixedBits):
-            raise RecipeError(f"passes.{i}: pass {cfg.pass_!r} does not stream yet; a streamed run takes gptq passes "
-                              "at fixed bits (use the in-memory run for this recipe)")
-        if i > 0:  # the records of finished blocks leave the plan, so a second pass could not see them
+            raise RecipeError(f"passes.{i}: pass {cfg.pass_!r} does not stream yet; a streamed run takes flap and "
+                              "wanda_sp passes, then one gptq pass at fixed bits (use the in-memory run for this "
+                              "recipe)")
+        if any(isinstance(p, GptqConfig) for p in recipe.passes[:i]):
+            # the records of finished blocks leave the plan, so a second pass could not see them
             raise RecipeError(f"passes.{i}: a streamed run takes one gptq pass (use the in-memory run for this recipe)")
         if cfg.lm_head is not None:
             raise RecipeError(f"passes.{i}.lm_head: a streamed run does not quantize the lm_head yet (use the "
@@ -316,12 +420,13 @@ def wants_stream(recipe: Recipe) -> bool:
 def run(recipe: Recipe, out: str | Path, overwrite: bool = False, log: Callable[[str], None] = print,
         resume: bool = False) -> RunResult:
     """`compress run` with the model never materialized whole: the skeleton is opened over the source's safetensors,
-    GPTQ runs block by block through the engine, dense and compressed perplexities are computed through it, and the
-    artifact is written module by module from the memory-mapped source and the plan (its records spilled to disk as
-    blocks finish). The report says execution: stream. The written artifact is read back block by block
-    (ArtifactBlocks: packed codes, as export.load builds them) and its logits compared with the streamed model's, as
-    the in-memory run does. Raises InputError (exit 2) before any work when one block cannot fit (check_fits).
-    Not yet: evaluate.prompts (continuations are skipped and recorded), --resume, a recipe field choosing this path."""
+    pruning (FLAP, Wanda-sp: each block cut as it is read) and GPTQ run block by block through the engine, dense and
+    compressed perplexities are computed through it, and the artifact is written module by module from the memory-mapped
+    source and the plan (its records spilled to disk as blocks finish). The report says execution: stream. The written
+    artifact is read back block by block (ArtifactBlocks: packed codes, as export.load builds them) and its logits
+    compared with the streamed model's, as the in-memory run does. Raises InputError (exit 2) before any work when one
+    block cannot fit (check_fits). Not yet: evaluate.prompts (continuations are skipped and recorded), --resume, a
+    recipe field choosing this path."""
     with ExitStack() as stack:  # holds the spill folder of the records, removed at the end
         return _run(recipe, Path(out), overwrite, log, resume, stack)
 
@@ -369,11 +474,11 @@ def _run(recipe: Recipe, out: Path, overwrite: bool, log: Callable[[str], None],
         f"tokens from {corpus_name}; computing on {describe(device)}")
     with phase("hashing the model files"):
         source_sha = {p.name: export.sha256_file(p) for p in sorted(source.path.glob("*.safetensors"))}
-    params = sum(p.numel() for n, p in model.named_parameters() if n not in streamed.tied)
 
     def measured(label: str) -> pl._Measured:
         with phase(f"evaluating the {label} model (streamed)"):
             ppl = {name: streamed.perplexity(w, pl.EVAL_BATCH, device) for name, w in eval_sets.windows.items()}
+        params = sum(p.numel() for n, p in model.named_parameters() if n not in streamed.tied)  # pruned: fewer
         return pl._Measured(ppl, params, pl.decoder_params(model), [])
 
     dense = measured("dense")

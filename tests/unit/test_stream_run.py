@@ -58,12 +58,12 @@ def test_streamed_run_writes_the_in_memory_runs_weights(model, tmp_path, monkeyp
 
 
 def test_refused_before_work(model, tmp_path):
-    flap = [{"pass": "flap", "target": 0.3, "structure": "uniform"}]
-    result = CliRunner().invoke(cli, ["run", str(_recipe(tmp_path, model, "stream", flap)), "--out",
-                                      str(tmp_path / "flap")])
+    cfsp = [{"pass": "cfsp", "target": 0.3}]
+    result = CliRunner().invoke(cli, ["run", str(_recipe(tmp_path, model, "stream", cfsp)), "--out",
+                                      str(tmp_path / "cfsp")])
     assert result.exit_code == 2
-    assert "passes.0: pass 'flap' does not stream yet" in result.output
-    assert not (tmp_path / "flap").exists()
+    assert "passes.0: pass 'cfsp' does not stream yet" in result.output
+    assert not (tmp_path / "cfsp").exists()
     result = CliRunner().invoke(cli, ["run", str(_recipe(tmp_path, model, "stream", GPTQ)), "--out",
                                       str(tmp_path / "resumed"), "--resume"])
     assert result.exit_code == 2 and "does not resume yet" in result.output
