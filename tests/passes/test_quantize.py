@@ -225,10 +225,15 @@ def test_mixed_widths_keep_the_average_bits_budget_and_fused_groups_share(quanti
             first = {"qkv": "self_attn.q_proj", "o": "self_attn.o_proj", "gate_up": "mlp.up_proj",
                      "down": "mlp.down_proj"}[kind]
             assert ran.plan.quantized[f"model.layers.{layer}.{first}"].bits == b
-    if label == "evolution":  # the search moved from the knapsack's start, to a better allocation
+    if label == "evolution":  # the search ran every generation from the knapsack's start and never got worse;
+        # whether an offspring beats that start on this tiny model depends on the CPU (measured: 1 or more accepted
+        # on an AMD AVX2 machine, none in 20 generations of 8 on an Intel AVX512 one), so improvement is asserted
+        # where the objective is fixed: tests/unit/test_evolution.py::test_the_search_improves_a_poor_start
         evo = ran.report.summary["evolution"]
-        assert evo["accepted"] >= 1 and evo["final_kl"] < evo["start_kl"]
-        assert len(evo["kl_by_generation"]) == GENERATIONS + 1
+        kl = evo["kl_by_generation"]
+        assert len(kl) == GENERATIONS + 1 and kl[0] == evo["start_kl"] and kl[-1] == evo["final_kl"]
+        assert all(b <= a for a, b in zip(kl, kl[1:], strict=False))
+        assert evo["evaluations"] > GENERATIONS
 
 
 PINS = {"pattern": r"\.down_proj$", "bits": 8}

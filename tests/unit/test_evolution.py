@@ -56,6 +56,20 @@ def test_never_over_budget_and_parent_never_worsens(raw, frac, seed):
     assert alloc.error == fits[-1] == _one_fitness(units)(alloc.choice, 1)
 
 
+def test_the_search_improves_a_poor_start():
+    """From the cheapest allocation (every unit at its lowest level) under a budget that allows more, the search
+    raises units and ends with a lower error than it started with (the pass tier cannot assert this: from the
+    knapsack's start on the tiny model, whether any offspring beats it depends on the CPU's last bits)."""
+    units, budget = _instance()
+    start = {u.name: 0 for u in units}
+    fitness = _one_fitness(units)
+    alloc = evolve(units, budget, _batch(lambda c, _stage: fitness(c, 1)), start,
+                   EvolutionSettings(generations=10, offspring=6, survivors=(2,), seed=0), **QUIET)
+    assert alloc.cost <= budget + 1e-9
+    assert alloc.error < fitness(start, 1)
+    assert alloc.details["history"][-1]["fitness"] < alloc.details["history"][0]["fitness"]
+
+
 def _instance():
     raw = [[(c * k, e / k) for k in (2, 3, 4, 8)] for c, e in [(10, 5.0), (10, 1.0), (30, 2.0), (30, 4.0), (20, 3.0)]]
     units = _units(raw)
