@@ -176,9 +176,9 @@ def verify(artifact, as_json) -> None:
 @click.option("--top-p", type=float, default=None, help="Nucleus sampling mass (with --do-sample).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling.")
 @click.option("--kernel", type=click.Choice(["auto", "cpu", "dense", "reference"]), default="auto",
-              show_default=True, help="Compute path of the quantized linears: cpu (torch's int4 kernel, bfloat16: fast, but greedy "
-              "choices can flip at near-ties), reference (the oracle: dequantizes at every call), dense (the "
-              "oracle's weights kept dequantized: the reference's tokens at a dense model's speed).")
+              show_default=True, help="Compute path of the quantized linears: cpu (torch's int4 kernel, bfloat16: "
+              "fast, but greedy choices can flip at near-ties), reference (the oracle: dequantizes at every call), "
+              "dense (the oracle's weights kept dequantized: the reference's tokens at a dense model's speed).")
 @click.option("--draft", default="none", show_default=True, help="Speculate: heads (the artifact's Medusa heads), "
               "ngram (prompt lookup), model:PATH (an artifact or model with the same tokenizer drafts) or none; "
               "greedy output is unchanged, --json adds drafted, accepted and mean_accepted_length.")
