@@ -14,7 +14,6 @@ from typing import Any, cast
 
 import pytest
 import torch
-import yaml
 from click.testing import CliRunner
 from safetensors import safe_open
 
@@ -25,6 +24,7 @@ from compress.models.synthetic import SyntheticLlama, write_synthetic
 from compress.passes import PassContext, make_pass
 from compress.plan import Plan
 from compress.recipe import FlapConfig
+from tests.unit.test_stream_run import _recipe
 
 SPEC = SyntheticLlama(layers=3, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, seed=4)
 GPTQ = {"pass": "gptq", "bits": 4, "group_size": 32, "act_order": True, "static_groups": True, "damp": 0.1}
@@ -36,16 +36,6 @@ RECIPES = {  # label: passes, and the export dtype (None: the source's, bfloat16
     "flap-then-gptq": ([{"pass": "flap", "target": 0.3, "round_to": 32}, GPTQ], None),
     "wanda_sp": ([{"pass": "wanda_sp", "target": 0.3}], None),
 }
-
-
-def _recipe(tmp: Path, model: Path, execution: str, passes: list[dict], export_dtype: str | None = None) -> Path:
-    data = {"name": "stream-flap", "model": str(model), "seed": 0, "execution": execution,
-            "calibration": {"source": "pydoc", "windows": 4, "seq_len": 32, "batch_size": 2}, "passes": passes,
-            "evaluate": {"seq_len": 32, "max_windows": 2, "extra": [], "prompts": []},
-            **({"export": {"dtype": export_dtype}} if export_dtype else {})}
-    path = tmp / f"recipe-{execution}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def _tensor_sha(folder: Path) -> dict[str, str]:

@@ -18,11 +18,13 @@ from compress.recipe import load_recipe
 SPEC = SyntheticLlama(layers=3, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, seed=4)
 
 
-def _recipe(tmp: Path, model: Path, execution: str | None, passes: list[dict]) -> Path:
+def _recipe(tmp: Path, model: Path, execution: str | None, passes: list[dict], export_dtype: str | None = None) -> Path:
+    """A small recipe over `model` (also used by test_stream_flap.py); `execution` None leaves the field unset."""
     data = {"name": "stream-run", "model": str(model), "seed": 0,
             "calibration": {"source": "pydoc", "windows": 4, "seq_len": 32, "batch_size": 2}, "passes": passes,
             "evaluate": {"seq_len": 32, "max_windows": 2, "extra": [], "prompts": []},
-            **({"execution": execution} if execution else {})}
+            **({"execution": execution} if execution else {}),
+            **({"export": {"dtype": export_dtype}} if export_dtype else {})}
     path = tmp / f"recipe-{execution}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
