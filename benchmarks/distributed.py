@@ -3,6 +3,7 @@ wall time, the GPTQ pass's time, rank 0's peak memory, and the weight files' sha
 
     python benchmarks/distributed.py          # llama-w4, the packaged default model: docs/results/distributed
     python benchmarks/distributed.py --recipe R --set evaluate.enabled=false --out /tmp/d   # another recipe
+    python benchmarks/distributed.py --keep ~/.cache/compress/decode_artifacts   # keep the 1 x 2 artifact as llama-w4
 
 Each configuration is one `compress run` of the recipe as shipped, started as a user would start it:
 `OMP_NUM_THREADS=T python -m compress.cli run ...` for one process, `OMP_NUM_THREADS=1 python -m torch.distributed.run
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,12 +59,21 @@ def main() -> None:
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "llama-w4.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "distributed"))
+    ap.add_argument("--keep", metavar="DIR", help="move the 1 process x 2 threads artifact to DIR/<recipe name> "
+                    "(decode_speed's and speculative's --artifacts) instead of deleting it")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-distributed-") as tmp:
         rows = []
         for label in CONFIGS:
             rows.append(run_config(label, args.recipe, args.overrides, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
+        if args.keep:
+            kept = Path(args.keep).expanduser() / Path(args.recipe).stem
+            if kept.exists():
+                raise SystemExit(f"--keep: {kept} exists; remove it first")
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(Path(tmp) / "1-process-x-2-threads", kept)
+            print(f"kept the 1 process x 2 threads artifact as {kept}", flush=True)
     base = next(r for r in rows if r["config"] == "1 process x 2 threads")
     for r in rows:
         r["speedup vs 1x2"] = round(base["wall s"] / r["wall s"], 2)

@@ -313,14 +313,23 @@ class StreamedModel(BlockSource):
     def module_tensors(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         """The model's tensors module by module in state-dict order, (module name, {tensor name: tensor}), each read
         when its turn comes (export.write's input; one module in memory at a time, in the export dtype after
-        as_exported: the float32 copy would only be rounded back)."""
-        names = list(self.model.state_dict())  # meta tensors: names only, no memory
+        as_exported: the float32 copy would only be rounded back). A quantized linear's weight comes as a meta tensor
+        of its shape: export.write stores the linear's record, never its weight, so rebuilding it would be wasted."""
+        state = self.model.state_dict()  # meta tensors: names and shapes only, no memory
+        quantized = self.exported.quantized if self.exported is not None else {}
 
         def module_of(name: str) -> str:
             return name.rpartition(".")[0]
 
-        for module, group in itertools.groupby(names, key=module_of):
-            yield module, {name: self.read(name, compute=False) for name in group}
+        def value(name: str) -> torch.Tensor:
+            module, _, leaf = name.rpartition(".")
+            if leaf == "weight" and module in quantized:
+                self.pending.pop(name, None)  # a cut block's copy goes, as read() drops it
+                return state[name]
+            return self.read(name, compute=False)
+
+        for module, group in itertools.groupby(state, key=module_of):
+            yield module, {name: value(name) for name in group}
 
     def load(self, module: nn.Module) -> None:
         """Materialize every parameter of `module` (a submodule of the model) from the checkpoint."""
