@@ -59,12 +59,14 @@ def main() -> None:
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "llama-w4.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "distributed"))
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), metavar="CONFIG",
+                    help=f"the rows to run (default: all of {list(CONFIGS)}); 1 process x 2 threads is the baseline")
     ap.add_argument("--keep", metavar="DIR", help="move the 1 process x 2 threads artifact to DIR/<recipe name> "
                     "(decode_speed's and speculative's --artifacts) instead of deleting it")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-distributed-") as tmp:
         rows = []
-        for label in CONFIGS:
+        for label in [c for c in CONFIGS if c in args.configs or c == "1 process x 2 threads"]:
             rows.append(run_config(label, args.recipe, args.overrides, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
         if args.keep:
@@ -78,7 +80,7 @@ def main() -> None:
     for r in rows:
         r["speedup vs 1x2"] = round(base["wall s"] / r["wall s"], 2)
         r["gptq speedup vs 1x2"] = round(base["gptq s"] / r["gptq s"], 2) if r["gptq s"] and base["gptq s"] else ""
-        r["bytes = 1x1"] = r["weights sha256"] == rows[0]["weights sha256"]
+        r["same bytes as 1 process"] = r["weights sha256"] == base["weights sha256"]
     meta = {"recipe": f"{Path(args.recipe).name}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""),
             "machine": f"{os.cpu_count()} cores, shared with other jobs (load average per row)",
             "speedup": "wall time of 1 process x 2 threads / this row's; gptq: the same for the GPTQ pass's phase",

@@ -30,6 +30,7 @@ from export.format import (
     Manifest,
     shard_name,
 )
+from export.heap import give_back_freed
 from export.target import TargetError, check_target, exchange, hold, links_outside, old_name, tmp_prefix
 
 VERSIONED_PACKAGES = ("compress-llm", "torch", "transformers", "safetensors")
@@ -170,6 +171,7 @@ class ArtifactWriter:
             parts.append((part, {k: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
                                  for k, t in shard.items()}))
             shard.clear()
+            give_back_freed()  # the shard's tensors, freed between small live objects (export/heap.py)
 
         for name, tensor in tensors:
             if name in names:
