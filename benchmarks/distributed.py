@@ -64,15 +64,15 @@ def main() -> None:
     ap.add_argument("--keep", metavar="DIR", help="move the 1 process x 2 threads artifact to DIR/<recipe name> "
                     "(decode_speed's and speculative's --artifacts) instead of deleting it")
     args = ap.parse_args()
+    kept = Path(args.keep).expanduser() / Path(args.recipe).stem if args.keep else None
+    if kept is not None and kept.exists():
+        raise SystemExit(f"--keep: {kept} exists; remove it first")
     with tempfile.TemporaryDirectory(prefix="bench-distributed-") as tmp:
         rows = []
         for label in [c for c in CONFIGS if c in args.configs or c == "1 process x 2 threads"]:
             rows.append(run_config(label, args.recipe, args.overrides, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
-        if args.keep:
-            kept = Path(args.keep).expanduser() / Path(args.recipe).stem
-            if kept.exists():
-                raise SystemExit(f"--keep: {kept} exists; remove it first")
+        if kept is not None:
             kept.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(Path(tmp) / "1-process-x-2-threads", kept)
             print(f"kept the 1 process x 2 threads artifact as {kept}", flush=True)

@@ -224,8 +224,6 @@ class StreamedModel(BlockSource):
         module, _, leaf = name.rpartition(".")
         block = self._cut_block_of(name)
         if self.exported is not None and leaf == "weight" and module in self.exported.quantized:
-            if block is not None:
-                self.pending.pop(name, None)  # read from the record instead
             return self.exported.quantized[module].dequantize(self.exported.dequantized_dtype).to(self.dtype)
         if block is not None:  # in the compute dtype, as the in-memory pass leaves it
             value = self.cut_tensor(block, name)
@@ -284,6 +282,10 @@ class StreamedModel(BlockSource):
         read whole, as the engine and the export read it, is cut once per materialization)."""
         if name not in self.pending:
             self.pending = self._cut_state(i)
+            if self.exported is not None:  # weights read() rebuilds from their records: not kept
+                for key in [k for k in self.pending if k.endswith(".weight")
+                            and k.removesuffix(".weight") in self.exported.quantized]:
+                    del self.pending[key]
         if name not in self.pending:
             raise KeyError(f"{name}: not a tensor of pruned block {i}")
         return self.pending.pop(name)
@@ -326,7 +328,6 @@ class StreamedModel(BlockSource):
         def value(name: str) -> torch.Tensor:
             module, _, leaf = name.rpartition(".")
             if leaf == "weight" and module in quantized:
-                self.pending.pop(name, None)  # a cut block's copy goes, as read() drops it
                 return state[name]
             return self.read(name, compute=False)
 
@@ -450,11 +451,11 @@ def _run(recipe: Recipe, out: Path, overwrite: bool, log: Callable[[str], None],
     if resume:
         raise InputError("--resume: a streamed run (execution: stream) does not resume yet; run it again")
     t0, phase = time.perf_counter(), pl.Phases(log)
-    mapped = map_large_allocations()  # freed tensors leave at once, not kept by a fragmented heap (export/heap.py)
     pl.reset_peak_memory()
     resident_at_start = pl.resident_memory_mb()
     device = resolve_device(recipe.device)
     check_streamable(recipe)
+    mapped = map_large_allocations()  # freed tensors leave at once, not kept by a fragmented heap (export/heap.py)
     with pl._refused_as_input(), phase("checking the output folder and the model files"):
         export.check_out(out, overwrite, log)
         source = resolve_model(recipe.model)

@@ -19,11 +19,14 @@ from safetensors import safe_open
 
 from compress.cli import cli
 from compress.models import llama, load_model, resolve_model
-from compress.models.streaming import StreamedModel
+from compress.models.streaming import Exported, StreamedModel
 from compress.models.synthetic import SyntheticLlama, write_synthetic
 from compress.passes import PassContext, make_pass
 from compress.plan import Plan
+from compress.ops.quant import QuantSpec, rtn
 from compress.recipe import FlapConfig
+from export.packing import pack
+from export.records import QuantRecord
 from tests.unit.test_stream_run import _recipe
 
 SPEC = SyntheticLlama(layers=3, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, seed=4)
@@ -144,3 +147,30 @@ def test_one_block_resident_and_each_block_cut_when_read(tmp_path, structure):
         assert all(torch.equal(states[i][k], v) for k, v in block.state_dict().items()), i
     assert streamed.resident_bytes == 0 and not streamed.pending
     assert streamed.peak_bytes == max(embeddings, dense_block)  # a block is cut from its dense tensors
+
+
+def test_a_cut_blocks_quantized_weights_are_read_from_their_records_not_kept(tmp_path):
+    """After as_exported, a pruned block's tensors are cut once per read of the block (`pending`); its quantized
+    weights come from their records, so the cut copies of those are not kept beside the export's shard."""
+    spec = SyntheticLlama(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, seed=1)
+    folder = write_synthetic(tmp_path / "m", spec, shard_mb=0.2)
+    ids = torch.randint(0, 49152, (4, 24), generator=torch.Generator().manual_seed(0))
+    streamed = StreamedModel.open(folder)
+    cfg = FlapConfig.model_validate({"pass": "flap", "target": 0.3, "structure": "uniform", "round_to": 32})
+    make_pass(cfg).run(streamed.model, PassContext(calibration=ids, plan=Plan.of(streamed.model), batch_size=2, seed=0))
+    quantized = [f"model.layers.0.{m}" for m in ("self_attn.q_proj", "mlp.down_proj")]
+    records = {}
+    for name in quantized:
+        W = streamed.read(f"{name}.weight")  # (out, in) as the cut leaves it
+        codes, scale, zero = rtn(W, QuantSpec(bits=4, group_size=32))
+        records[name] = QuantRecord(4, 32, True, (W.shape[0], W.shape[1]), packed=pack(codes, 4, 1), scale=scale,
+                                    zero=zero.round().to(torch.int32), g_idx=torch.arange(W.shape[1]) // 32)
+    streamed.pending = {}
+    streamed.exported = Exported(torch.bfloat16, torch.bfloat16, records)
+    streamed.read("model.layers.0.input_layernorm.weight")  # block 0 cut: its tensors pending
+    assert streamed.pending and not any(f"{name}.weight" in streamed.pending for name in quantized)
+    got = streamed.read(f"{quantized[0]}.weight")  # from the record
+    assert torch.equal(got, records[quantized[0]].dequantize(torch.bfloat16).float())
+    tensors = dict(streamed.module_tensors())
+    assert tensors[quantized[1]][f"{quantized[1]}.weight"].device.type == "meta"  # the writer stores the record
+    assert not streamed.pending  # every other tensor of the cut blocks handed out once
