@@ -53,7 +53,7 @@ from compress.device import CPU, move
 from compress.errors import InputError
 from compress.models import llama
 from compress.models.checks import checkpoint_tensors
-from compress.models.stream_fit import check_fits
+from compress.models.stream_fit import check_fits, memory_limit
 from export.heap import give_back_freed, map_large_allocations
 from export.records import QuantRecord
 
@@ -361,6 +361,13 @@ class StreamedModel(BlockSource):
                 self.resident_bytes -= param.numel() * param.element_size()
             setattr(holder, leaf, nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))
 
+# a run whose estimated need (stream_fit) is above this share of its memory limit maps its large allocations
+# (export/heap.map_large_allocations): a page fault per 4 KB of every tensor of 1 MB or more, time a run with room to
+# spare need not spend, against a heap that keeps freed tensors (a 168-layer model under a 700 MB limit was
+# OOM-killed without it; docs/scale.md)
+TIGHT = 0.5
+
+
 def owned(tensor: torch.Tensor) -> torch.Tensor:
     """A copy of a tensor read from safetensors that holds no file mapping: safetensors 0.8's get_tensor returns a
     lazy view of a mapping of the whole file, which stays mapped (and its touched pages resident) while the tensor
@@ -455,7 +462,7 @@ def _run(recipe: Recipe, out: Path, overwrite: bool, log: Callable[[str], None],
     resident_at_start = pl.resident_memory_mb()
     device = resolve_device(recipe.device)
     check_streamable(recipe)
-    mapped = map_large_allocations()  # freed tensors leave at once, not kept by a fragmented heap (export/heap.py)
+    mapped = False
     with pl._refused_as_input(), phase("checking the output folder and the model files"):
         export.check_out(out, overwrite, log)
         source = resolve_model(recipe.model)
@@ -469,7 +476,9 @@ def _run(recipe: Recipe, out: Path, overwrite: bool, log: Callable[[str], None],
             c = recipe.calibration  # logits: the reload check's 2 windows, or a batch of evaluation windows
             logit_tokens = max(2 * c.seq_len, pl.EVAL_BATCH * recipe.evaluate.seq_len)
             shard = int(recipe.export.shard_size_mb * 2**20)
-            check_fits(model, c.windows, c.seq_len, c.batch_size, logit_tokens, shard, str(source.path))
+            need = check_fits(model, c.windows, c.seq_len, c.batch_size, logit_tokens, shard, str(source.path))
+            if need.total > memory_limit()[0] * TIGHT:  # freed tensors must leave at once (export/heap.py)
+                mapped = map_large_allocations()
         check_finite(((name, streamed.read(name)) for name in streamed.files), str(source.path))  # one at a time
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=recipe.trust_remote_code)
         pl._check_passes_fit(recipe, model)
@@ -499,7 +508,7 @@ def _run(recipe: Recipe, out: Path, overwrite: bool, log: Callable[[str], None],
     comp = measured("compressed")
     report = pl._report(recipe, source, source_sha, reports, dense, comp, device)
     report["execution"] = "stream"
-    report["large_allocations_mapped"] = mapped  # False: not glibc, freed memory may stay with the process
+    report["large_allocations_mapped"] = mapped  # only when memory is tight (TIGHT), and on glibc
     if eval_sets.prompts:
         report["fallbacks"].append("execution stream: evaluate.prompts not continued (no streamed generation yet)")
 

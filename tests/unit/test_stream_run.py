@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +81,21 @@ def test_execution_field():
     assert load_recipe({**base, "execution": "auto"}).to_dict()["execution"] == "auto"
     with pytest.raises(Exception, match="execution"):
         load_recipe({**base, "execution": "disk"})
+
+
+def test_large_allocations_are_mapped_only_when_memory_is_tight(model, tmp_path):
+    """A run with room to spare leaves the allocator alone (mapping costs a page fault per 4 KB of every large
+    tensor); one whose estimated need is above TIGHT of its limit maps large allocations (export/heap.py). Each run in
+    its own process: the allocator setting is process-wide."""
+    script = ("import sys; from compress.models import streaming; streaming.TIGHT = float(sys.argv[1]); "
+              "from compress.cli import cli; cli(sys.argv[2:])")
+    env = {**os.environ, "COMPRESS_RUNS": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}
+    mapped = {}
+    for tight in (0.5, 0.0):  # 0.0: any need is tight
+        out = tmp_path / f"tight-{tight}"
+        res = subprocess.run([sys.executable, "-c", script, str(tight), "run",
+                              str(_recipe(tmp_path, model, "stream", GPTQ)), "--out", str(out)],
+                             capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[2])
+        assert res.returncode == 0, res.stderr[-3000:]
+        mapped[tight] = json.loads((out / "report.json").read_text())["large_allocations_mapped"]
+    assert mapped == {0.5: False, 0.0: platform.libc_ver()[0] == "glibc"}
